@@ -1,0 +1,52 @@
+"""Progressive schedules and their scaling to a layer-averaged ratio."""
+
+import pytest
+
+from vlmprune.core.schedule import (
+    Stage,
+    aim_stages,
+    keep_at_layer,
+    layer_average_keep,
+    scale_to_ratio,
+    stage_counts,
+    transprune_stages,
+)
+
+
+def test_transprune_paper_schedule_on_32_layers():
+    """576 tokens in layers 1-7, 504 in 8-9, 360 in 10-12, 72 after: ratio 1 - 13.125/32."""
+    stages = transprune_stages(32)
+    assert stages == [Stage(7, 0.875), Stage(9, 0.625), Stage(12, 0.125)]
+    assert 1 - layer_average_keep(stages, 32) == pytest.approx(1 - 13.125 / 32)
+    counts = stage_counts(scale_to_ratio(stages, 32, 1 - 13.125 / 32), 576)
+    assert counts == [(0, 576), (7, 504), (9, 360), (12, 72)]
+
+
+@pytest.mark.parametrize("layers", [4, 12, 32])
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 0.5, 0.75, 0.9, 0.95])
+@pytest.mark.parametrize("kind", ["transprune", "aim"])
+def test_scaled_schedules_meet_the_ratio(kind, ratio, layers):
+    """The scaled schedule's layer-averaged removed fraction equals the requested ratio."""
+    stages = transprune_stages(layers) if kind == "transprune" else aim_stages(layers, 0.4375)
+    scaled = scale_to_ratio(stages, layers, ratio)
+    assert 1 - layer_average_keep(scaled, layers) == pytest.approx(ratio, abs=1e-9)
+    keeps = [s.keep for s in scaled]
+    assert all(0 <= k <= 1 for k in keeps)
+    assert keeps == sorted(keeps, reverse=True)
+
+
+def test_ratio_zero_prunes_nothing_and_high_ratio_prunes_at_input():
+    stages = transprune_stages(32)
+    assert all(k == 576 for _, k in stage_counts(scale_to_ratio(stages, 32, 0.0), 576))
+    scaled = scale_to_ratio(stages, 32, 0.9)
+    assert scaled[0].layer == 0 and scaled[0].keep < 1
+    assert keep_at_layer(scaled, 0) == scaled[0].keep
+
+
+def test_aim_schedule_shape():
+    """AIM: merge stage at the input, 12.5 % steps of the merged count, nothing after layer 21."""
+    stages = aim_stages(32, 0.4375)
+    assert stages[0] == Stage(0, 0.4375)
+    assert stages[-1] == Stage(21, 0.0)
+    assert stage_counts(stages, 576)[0] == (0, 252)
+    assert stage_counts(stages, 576)[-1] == (21, 0)

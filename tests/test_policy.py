@@ -1,0 +1,97 @@
+"""Policy validation and the single kept-count function."""
+
+import pytest
+
+from vlmprune.methods import METHODS, require_support
+from vlmprune.policy import (
+    METHOD_NAMES,
+    RATIO_STEP,
+    AIMPolicy,
+    FasterVLMPolicy,
+    PolicyError,
+    bucket_ratio,
+    kept_count,
+    parse_policy,
+)
+
+
+@pytest.mark.parametrize("ratio,expected", [(0.0, 576), (0.75, 144), (0.9, 58), (0.95, 29)], ids=str)
+def test_fastervlm_counts_on_576(ratio, expected):
+    """FasterVLM's published counts on 576 tokens: 144 / 58 / 29 at 0.75 / 0.9 / 0.95."""
+    assert kept_count(576, ratio) == expected
+
+
+def test_kept_count_rounds_half_up_and_keeps_one():
+    """Round half up (also where binary floats land just below the half), never below one token."""
+    assert kept_count(10, 0.35) == 7  # 6.5 -> 7, although 10 * (1 - 0.35) < 6.5 in floats
+    assert kept_count(6, 0.25) == 5  # 4.5 -> 5
+    assert kept_count(4, 0.99) == 1
+    assert kept_count(1, 0.9) == 1
+    assert kept_count(0, 0.5) == 0
+
+
+@pytest.mark.parametrize("n", [1, 7, 64, 576, 2880])
+def test_kept_count_bounds_and_monotone(n):
+    """Counts stay in [1, n] and never grow with the ratio."""
+    prev = n
+    for step in range(0, 200):
+        ratio = step * RATIO_STEP
+        k = kept_count(n, ratio)
+        assert 1 <= k <= n
+        assert k <= prev
+        prev = k
+
+
+@pytest.mark.parametrize("bad", [-1, 3.5])
+def test_kept_count_rejects_bad_input(bad):
+    with pytest.raises(ValueError):
+        kept_count(10, bad) if bad > 1 else kept_count(bad, 0.5)
+
+
+def test_parse_defaults_and_every_method():
+    """Every method name parses to its own policy type with ratio 0 by default."""
+    assert parse_policy() == FasterVLMPolicy()
+    for name in METHOD_NAMES:
+        policy = parse_policy({"method": name, "ratio": "0.5"})
+        assert policy.method == name and policy.ratio == 0.5
+        assert isinstance(policy, METHODS[name].policy_type)
+
+
+@pytest.mark.parametrize(
+    "data,needle",
+    [
+        ({"method": "fastv"}, "unknown method 'fastv'"),
+        ({"ratio": 1.0}, "'ratio'"),
+        ({"ratio": -0.1}, "'ratio'"),
+        ({"ratio": "abc"}, "must be a number"),
+        ({"ratio": float("nan")}, "finite"),
+        ({"ratio": True}, "not a boolean"),
+        ({"method": "aim", "pagerank_iterations": 0}, "'pagerank_iterations'"),
+        ({"method": "random", "sigma": 1}, "unknown option 'sigma'"),
+        ({"method": "globalcom2", "temperature": 0}, "'temperature'"),
+    ],
+    ids=lambda x: str(x)[:30],
+)
+def test_invalid_policies_name_the_problem(data, needle):
+    """Bad policies raise PolicyError (a ValueError) whose message names the field or method."""
+    with pytest.raises(PolicyError, match=None) as info:
+        parse_policy(data)
+    assert needle in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_ratio_buckets_and_overrides():
+    """Ratios snap to the documented step; overrides apply on top of an existing policy."""
+    assert bucket_ratio(0.9012) == 0.9
+    assert bucket_ratio(0.9999) == 1 - RATIO_STEP
+    assert parse_policy({"ratio": 0.7512}).ratio == 0.75
+    base = AIMPolicy(ratio=0.5)
+    assert parse_policy(base, ratio=0.8) == AIMPolicy(ratio=0.8)
+
+
+def test_unsupported_method_model_pair_names_both():
+    """GlobalCom2 needs AnyRes: asking for it on LLaVA-1.5 names the method and the family."""
+    with pytest.raises(PolicyError) as info:
+        require_support("globalcom2", "llava")
+    assert "globalcom2" in str(info.value) and "llava" in str(info.value)
+    assert require_support("globalcom2", "llava_next").name == "globalcom2"

@@ -1,0 +1,1 @@
+"""Backends that gather signals from a real model and apply the core's decisions."""

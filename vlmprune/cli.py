@@ -1,0 +1,178 @@
+"""The ``vlmprune`` command line: list methods, print FLOPs tables, validate policies, run the demo.
+
+Imports are lazy (inside each subcommand), so ``vlmprune methods`` starts fast and never imports
+vLLM, transformers or torch. User errors print ``vlmprune: error: ...`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+MODEL_CHOICES = ("llava-1.5-7b", "llava-next-7b", "qwen2-vl-7b", "qwen2.5-vl-7b")
+FAMILY_CHOICES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+
+
+class UserError(Exception):
+    """Bad input from the user: reported on one line, exit status 2."""
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from vlmprune.methods import describe_methods
+
+    methods = describe_methods()
+    if args.json:
+        print(json.dumps(methods, indent=2, default=str))
+        return 0
+    rows = [("method", "stage", "models", "summary")]
+    rows += [(m["name"], m["stage"], ",".join(m["models"]), m["summary"]) for m in methods]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print("  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3])
+    return 0
+
+
+def _parse_ratios(text: str) -> list[float]:
+    ratios = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            value = float(part)
+        except ValueError:
+            raise UserError(f"--ratios: {part!r} is not a number (expected e.g. 0,0.75,0.9)") from None
+        if not 0.0 <= value < 1.0:
+            raise UserError(f"--ratios: ratio must be in [0, 1), got {value}")
+        ratios.append(value)
+    if not ratios:
+        raise UserError("--ratios: give at least one ratio")
+    return ratios
+
+
+def _cmd_flops(args: argparse.Namespace) -> int:
+    from vlmprune import flops
+
+    ratios = _parse_ratios(args.ratios)
+    if args.text_tokens < 0:
+        raise UserError(f"--text-tokens must be >= 0, got {args.text_tokens}")
+    models = [args.model] if args.model else ["llava-1.5-7b", "llava-next-7b"]
+    rows = flops.flops_rows(models, ratios, args.text_tokens)
+    papers = [p for p in flops.paper_rows() if p["model"] in models]
+    if args.json:
+        print(json.dumps({"rows": rows, "papers": papers}, indent=2))
+        return 0
+    grid = flops.convention_grid() if args.conventions else None
+    print(flops.render_markdown(rows, papers, grid))
+    return 0
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _cmd_policy(args: argparse.Namespace) -> int:
+    from vlmprune.policy import PolicyError, parse_policy
+
+    data: dict = {}
+    if args.json_policy:
+        try:
+            loaded = json.loads(args.json_policy)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"--json: not valid JSON ({exc.msg} at character {exc.pos})") from None
+        if not isinstance(loaded, dict):
+            raise UserError("--json: the policy must be a JSON object")
+        data.update(loaded)
+    if args.method is not None:
+        data["method"] = args.method
+    if args.ratio is not None:
+        data["ratio"] = args.ratio  # a string: the policy model validates and names the field
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set: expected KEY=VALUE, got {item!r}")
+        data[key.strip()] = _parse_value(value)
+    try:
+        policy = parse_policy(data)
+        if args.model:
+            from vlmprune.methods import require_support
+
+            require_support(policy.method, args.model)
+    except PolicyError as exc:
+        raise UserError(str(exc)) from None
+    print(policy.model_dump_json(indent=2))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("vlmprune.serve_demo") is None:
+        raise UserError("the demo server is not available in this installation (no module vlmprune.serve_demo)")
+    try:
+        module = importlib.import_module("vlmprune.serve_demo")
+    except ImportError as exc:
+        raise UserError(
+            f"the demo server needs a missing dependency ({exc}); install the extras: pip install 'vlmprune[server]'"
+        ) from None
+    sys.argv = ["vlmprune serve", *args.rest]
+    result = module.main()
+    return int(result or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlmprune", description="Per-request visual-token pruning and merging for VLMs served by vLLM."
+    )
+    parser.add_argument("--version", action="version", version="%(prog)s 0.1.0")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("methods", help="list the compression methods")
+    p.add_argument("--json", action="store_true", help="print a JSON list (name, stage, models, options, ...)")
+    p.set_defaults(func=_cmd_methods)
+
+    p = sub.add_parser("flops", help="analytic prefill TFLOPs table, beside the papers' figures")
+    p.add_argument("--model", choices=MODEL_CHOICES, help="one model (default: LLaVA-1.5-7B and LLaVA-NeXT-7B)")
+    p.add_argument("--ratios", default="0,0.75,0.9,0.95", help="comma-separated ratios (default: %(default)s)")
+    p.add_argument("--text-tokens", type=int, default=64, help="text tokens in the prompt (default: %(default)s)")
+    p.add_argument("--conventions", action="store_true", help="also print the baseline under every convention")
+    p.add_argument("--json", action="store_true", help="print JSON instead of markdown")
+    p.set_defaults(func=_cmd_flops)
+
+    p = sub.add_parser("policy", help="validate a policy and print it resolved (defaults filled in)")
+    p.add_argument("--method", help="method name (see `vlmprune methods`)")
+    p.add_argument("--ratio", help="fraction of visual tokens removed, in [0, 1)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
+    p.add_argument("--json", dest="json_policy", metavar="JSON", help="a whole policy as a JSON object")
+    p.add_argument("--model", choices=FAMILY_CHOICES, help="also check that the method applies to this family")
+    p.set_defaults(func=_cmd_policy)
+
+    p = sub.add_parser("serve", help="run the demo server (vlmprune.serve_demo)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the demo server")
+    p.set_defaults(func=_cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)  # argparse itself exits 2 on bad usage
+    if args.command == "serve":
+        args.rest = [*unknown, *args.rest]  # everything after `serve` belongs to the demo server
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"vlmprune: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # e.g. `vlmprune flops | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Progressive (in-LLM) pruning schedules and their scaling to a layer-averaged ratio.
+
+A schedule is a list of :class:`Stage`: after ``layer`` decoder layers have run (0 = at the LLM
+input), only a fraction ``keep`` of the image's *original* visual tokens stays in the sequence.
+Fractions never increase along the schedule.
+
+``ratio`` for progressive methods means the fraction of visual tokens removed averaged over all
+decoder layers, so equal ratios cost about equal LLM FLOPs across methods. The paper schedule
+has its own ratio (TransPrune on a 32-layer LLM: 1 - 13.125/32 = 0.59). To meet another ratio:
+- a lower ratio moves every stage's keep fraction toward 1 by the same share of its gap,
+  ``g + lam * (1 - g)``;
+- a higher ratio scales every stage's keep fraction down by the same factor, ``mu * g``, which
+  also starts pruning at the LLM input (stage 0) when the paper schedule does not.
+Both maps are linear in the layer average, so the solution is closed-form; integer counts then
+come from :func:`vlmprune.policy.kept_count`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vlmprune.policy import kept_count
+
+REFERENCE_LAYERS = 32  # depth the papers' layer indices refer to (Vicuna-7B / LLaMA-7B)
+
+
+@dataclass(frozen=True)
+class Stage:
+    layer: int
+    """Tokens are removed after this many decoder layers (0 = before the first layer)."""
+    keep: float
+    """Fraction of the original visual tokens kept from here on."""
+
+
+def layer_average_keep(stages: list[Stage], num_layers: int) -> float:
+    """Fraction of visual tokens present at each decoder layer's input, averaged over layers."""
+    total = 0.0
+    for layer in range(num_layers):
+        total += keep_at_layer(stages, layer)
+    return total / num_layers
+
+
+def keep_at_layer(stages: list[Stage], layer: int) -> float:
+    """Keep fraction seen by decoder layer ``layer`` (0-based)."""
+    keep = 1.0
+    for stage in stages:
+        if stage.layer <= layer:
+            keep = stage.keep
+    return keep
+
+
+def scale_to_ratio(stages: list[Stage], num_layers: int, ratio: float) -> list[Stage]:
+    """The schedule with the same shape whose layer-averaged removed fraction is ``ratio``."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    stages = _with_input_stage(stages)
+    target = 1.0 - ratio
+    current = layer_average_keep(stages, num_layers)
+    if target >= current:
+        lam = (target - current) / (1.0 - current) if current < 1.0 else 0.0
+        scaled = [Stage(s.layer, s.keep + lam * (1.0 - s.keep)) for s in stages]
+    else:
+        mu = target / current
+        scaled = [Stage(s.layer, s.keep * mu) for s in stages]
+    return scaled
+
+
+def stage_counts(stages: list[Stage], n_visual: int) -> list[tuple[int, int]]:
+    """Integer visual-token counts per stage, ``(layer, count)``; a zero fraction keeps none."""
+    out = []
+    for s in stages:
+        count = 0 if s.keep <= 0.0 else kept_count(n_visual, min(1.0, max(0.0, 1.0 - s.keep)))
+        out.append((s.layer, count))
+    return out
+
+
+def depth_scaled_layer(reference_layer: int, num_layers: int) -> int:
+    """Map a layer index given for a 32-layer LLM onto ``num_layers``, within [1, num_layers-1]."""
+    scaled = round(reference_layer * num_layers / REFERENCE_LAYERS)
+    return max(1, min(num_layers - 1, scaled)) if num_layers > 1 else 0
+
+
+def transprune_stages(num_layers: int) -> list[Stage]:
+    """TransPrune's paper schedule: after (1-based) layers 7/9/12 keep .875/.625/.125."""
+    return _merge_same_layer(
+        [Stage(depth_scaled_layer(layer, num_layers), keep) for layer, keep in ((7, 0.875), (9, 0.625), (12, 0.125))]
+    )
+
+
+def aim_stages(num_layers: int, merge_keep: float) -> list[Stage]:
+    """AIM's image schedule: merge to ``merge_keep`` before the LLM; from (1-based) layer 14 of a
+    32-layer LLM keep 12.5 % fewer of the merged tokens after each layer, none after layer 21."""
+    stages = [Stage(0, merge_keep)]
+    for step in range(1, 9):
+        stages.append(Stage(depth_scaled_layer(13 + step, num_layers), merge_keep * max(0.0, 1.0 - 0.125 * step)))
+    return _merge_same_layer(stages)
+
+
+def _with_input_stage(stages: list[Stage]) -> list[Stage]:
+    if stages and stages[0].layer == 0:
+        return list(stages)
+    return [Stage(0, 1.0), *stages]
+
+
+def _merge_same_layer(stages: list[Stage]) -> list[Stage]:
+    out: list[Stage] = []
+    for s in stages:
+        if out and out[-1].layer == s.layer:
+            out[-1] = Stage(s.layer, min(out[-1].keep, s.keep))
+        else:
+            out.append(s)
+    return out

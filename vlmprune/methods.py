@@ -1,0 +1,108 @@
+"""What each compression method is: where it acts, which model families it fits, its policy type.
+
+Capabilities are declared here once; backends check them through :func:`require_support`, so an
+unsupported method x model pair fails with one clear message everywhere (never a silent fallback).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from vlmprune.policy import (
+    AIMPolicy,
+    ExplainPolicy,
+    FasterVLMPolicy,
+    GlobalCom2Policy,
+    PolicyError,
+    PoolPolicy,
+    RandomPolicy,
+    TransPrunePolicy,
+)
+
+ModelFamily = Literal["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"]
+MODEL_FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+ALL_FAMILIES = MODEL_FAMILIES
+
+Stage = Literal["pre_llm", "llm_input", "in_llm"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    stage: Stage
+    """pre_llm: decided from vision-side signals; llm_input: instruction-aware, pruned at the LLM
+    input; in_llm: progressive inside the LLM (transformers backend; a shallow probe in vLLM)."""
+    models: tuple[str, ...]
+    policy_type: type
+    summary: str
+    paper: str
+
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec(
+            "fastervlm", "pre_llm", ALL_FAMILIES, FasterVLMPolicy,
+            "[CLS] attention of the penultimate ViT layer (Qwen: mean attention received, 2x2-pooled)",
+            "arXiv 2412.01818",
+        ),
+        MethodSpec(
+            "globalcom2", "pre_llm", ("llava_next",), GlobalCom2Policy,
+            "thumbnail [CLS] logits guide per-crop budgets; local + global scores inside crops (AnyRes)",
+            "arXiv 2501.05179",
+        ),
+        MethodSpec(
+            "aim", "in_llm", ALL_FAMILIES, AIMPolicy,
+            "ToMe bipartite merging before the LLM, then PageRank importance pruning inside it",
+            "arXiv 2412.03248",
+        ),
+        MethodSpec(
+            "transprune", "in_llm", ALL_FAMILIES, TransPrunePolicy,
+            "token transition variation + instruction-guided attention, pruned after layers 7/9/12",
+            "arXiv 2507.20630",
+        ),
+        MethodSpec(
+            "explain", "llm_input", ALL_FAMILIES, ExplainPolicy,
+            "a 1-D CNN maps layer-0 instruction->visual attention to learned relevance",
+            "arXiv 2506.01097",
+        ),
+        MethodSpec("random", "pre_llm", ALL_FAMILIES, RandomPolicy, "seeded uniform random subset (baseline)", "-"),
+        MethodSpec("pool", "pre_llm", ALL_FAMILIES, PoolPolicy, "spatial average pooling to the same count (baseline)", "-"),
+    )
+}
+
+
+def require_support(method: str, family: str) -> MethodSpec:
+    """The method's spec, or a :class:`PolicyError` naming both the method and the model family."""
+    spec = METHODS.get(method)
+    if spec is None:
+        raise PolicyError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
+    if family not in spec.models:
+        raise PolicyError(
+            f"method {method!r} does not apply to model family {family!r}; "
+            f"it supports: {', '.join(spec.models)}"
+        )
+    return spec
+
+
+def describe_methods() -> list[dict]:
+    """JSON-ready description of every method (``vlmprune methods --json``)."""
+    out = []
+    for spec in METHODS.values():
+        options = {
+            name: {"default": f.default, "description": (f.description or "")}
+            for name, f in spec.policy_type.model_fields.items()
+            if name not in ("method",)
+        }
+        out.append(
+            {
+                "name": spec.name,
+                "stage": spec.stage,
+                "models": list(spec.models),
+                "summary": spec.summary,
+                "paper": spec.paper,
+                "options": options,
+            }
+        )
+    return out
