@@ -275,6 +275,19 @@ def _qwen_save_load(tmp_path: Path, model, processor, model_cls, processor_cls):
     return model_cls.from_pretrained(out).eval(), processor_cls.from_pretrained(out)
 
 
+def _qwen_processor(processor_cls, tokenizer):
+    """A Qwen-VL processor with the tiny models' pixel budget, patch 14 and 2x2 merging."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    size = {"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS}
+    return processor_cls(
+        image_processor=Qwen2VLImageProcessor(size=size, patch_size=14, merge_size=2, temporal_patch_size=2),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(size=size, patch_size=14, merge_size=2, temporal_patch_size=2),
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+
+
 def build_qwen2_vl(tmp_path: Path, seed: int = 0):
     """Qwen2-VL in miniature: ViT 2 blocks x 32 (2 heads), patch 14, 2x2 merger; Qwen2 LM 4 layers x 64.
 
@@ -282,20 +295,12 @@ def build_qwen2_vl(tmp_path: Path, seed: int = 0):
     from transformers import (
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
         Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
     )
 
     tmp_path = Path(tmp_path)
     tokenizer = build_qwen_tokenizer(tmp_path / "tokenizer")
-    size = {"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS}
-    processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(size=size, patch_size=14, merge_size=2, temporal_patch_size=2),
-        tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(size=size, patch_size=14, merge_size=2, temporal_patch_size=2),
-        chat_template=QWEN_CHAT_TEMPLATE,
-    )
+    processor = _qwen_processor(Qwen2VLProcessor, tokenizer)
     config = Qwen2VLConfig(
         vision_config=dict(
             depth=2,
@@ -324,19 +329,11 @@ def build_qwen2_5_vl(tmp_path: Path, seed: int = 0):
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
         Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
     )
 
     tmp_path = Path(tmp_path)
     tokenizer = build_qwen_tokenizer(tmp_path / "tokenizer")
-    size = {"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS}
-    processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(size=size, patch_size=14, merge_size=2, temporal_patch_size=2),
-        tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(size=size, patch_size=14, merge_size=2, temporal_patch_size=2),
-        chat_template=QWEN_CHAT_TEMPLATE,
-    )
+    processor = _qwen_processor(Qwen2_5_VLProcessor, tokenizer)
     config = Qwen2_5_VLConfig(
         vision_config=dict(
             depth=3,
