@@ -427,14 +427,7 @@ def method_visual_per_layer(
     else:
         stages = schedule.aim_stages(num_layers, resolved.merge_keep)
     counts = schedule.stage_counts(schedule.scale_to_ratio(stages, num_layers, resolved.ratio), n_visual)
-    out = []
-    for layer in range(num_layers):
-        current = n_visual
-        for stage_layer, count in counts:
-            if stage_layer <= layer:
-                current = count
-        out.append(current)
-    return out
+    return schedule.counts_per_layer(counts, n_visual, num_layers)
 
 
 def cls_row_flops(vision: VisionGeometry, n_views: int = 1, layers: int = 1) -> float:

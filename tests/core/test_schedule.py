@@ -50,3 +50,12 @@ def test_aim_schedule_shape():
     assert stages[-1] == Stage(21, 0.0)
     assert stage_counts(stages, 576)[0] == (0, 252)
     assert stage_counts(stages, 576)[-1] == (21, 0)
+
+
+def test_counts_per_layer_follows_the_stages():
+    """Each layer sees the count of the last stage at or before it; layers before any stage see all."""
+    from vlmprune.core.schedule import counts_per_layer
+
+    assert counts_per_layer([(2, 5), (3, 1)], 9, 5) == [9, 9, 5, 1, 1]
+    assert counts_per_layer([(0, 4)], 9, 2) == [4, 4]
+    assert counts_per_layer([], 9, 2) == [9, 9]

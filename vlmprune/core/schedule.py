@@ -74,6 +74,18 @@ def stage_counts(stages: list[Stage], n_visual: int) -> list[tuple[int, int]]:
     return out
 
 
+def counts_per_layer(counts: list[tuple[int, int]], n_visual: int, num_layers: int) -> list[int]:
+    """Visual tokens entering each decoder layer, given ``(layer, count)`` stages (``n_visual`` before any)."""
+    out = []
+    for layer in range(num_layers):
+        current = n_visual
+        for stage_layer, count in counts:
+            if stage_layer <= layer:
+                current = count
+        out.append(current)
+    return out
+
+
 def depth_scaled_layer(reference_layer: int, num_layers: int) -> int:
     """Map a layer index given for a 32-layer LLM onto ``num_layers``, within [1, num_layers-1]."""
     scaled = round(reference_layer * num_layers / REFERENCE_LAYERS)
