@@ -127,8 +127,8 @@ def test_unknown_subcommand_is_an_argparse_error(capsys):
 
 
 def test_serve_demo_prunes_the_prompt(capsys, tmp_path):
-    """`serve` (demo mode) runs the reference backend: the prompt shrinks by the pruned tokens."""
-    assert main(["serve", "--ratios", "0,0.9", "--max-new-tokens", "2", "--model-dir", str(tmp_path)]) == 0
+    """`demo` runs the reference backend: the prompt shrinks by the pruned tokens."""
+    assert main(["demo", "--ratios", "0,0.9", "--max-new-tokens", "2", "--model-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "RANDOMLY INITIALISED" in out
     rows = [line.split() for line in out.splitlines() if line.strip().startswith(("0.000", "0.900"))]
@@ -141,6 +141,6 @@ def test_serve_demo_prunes_the_prompt(capsys, tmp_path):
 
 def test_serve_demo_rejects_unfit_method(capsys):
     """A method that does not fit the demo model exits 2 naming both."""
-    assert main(["serve", "--method", "globalcom2"]) == 2
+    assert main(["demo", "--method", "globalcom2"]) == 2
     err = capsys.readouterr().err
     assert "globalcom2" in err and "llava" in err

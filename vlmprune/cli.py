@@ -1,4 +1,4 @@
-"""The ``vlmprune`` command line: list methods, print FLOPs tables, validate policies, run the demo.
+"""The ``vlmprune`` command line: methods, FLOPs tables, policies, the gateway (serve), the demo.
 
 Imports are lazy (inside each subcommand), so ``vlmprune methods`` starts fast and never imports
 vLLM, transformers or torch. User errors print ``vlmprune: error: ...`` and exit with status 2.
@@ -7,6 +7,8 @@ vLLM, transformers or torch. User errors print ``vlmprune: error: ...`` and exit
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import sys
 from collections.abc import Sequence
@@ -108,20 +110,45 @@ def _cmd_policy(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import importlib
-    import importlib.util
-
-    if importlib.util.find_spec("vlmprune.serve_demo") is None:
-        raise UserError("the demo server is not available in this installation (no module vlmprune.serve_demo)")
-    try:
-        module = importlib.import_module("vlmprune.serve_demo")
-    except ImportError as exc:
+    """The real thing: vLLM with the plugin (or ``--upstream`` servers) behind the gateway."""
+    missing = [m for m in ("fastapi", "uvicorn", "httpx", "prometheus_client") if importlib.util.find_spec(m) is None]
+    if missing:
         raise UserError(
-            f"the demo server needs a missing dependency ({exc}); install the extras: pip install 'vlmprune[server]'"
-        ) from None
-    sys.argv = ["vlmprune serve", *args.rest]
+            f"the gateway needs {', '.join(missing)}; install the extras: pip install 'vlmprune[server]'"
+        )
+    from server.launcher import main as launch
+
+    return int(launch(list(args.rest)) or 0)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """The reference-backend demo that ``serve`` ran before the gateway existed."""
+    if importlib.util.find_spec("vlmprune.serve_demo") is None:
+        raise UserError("the demo is not available in this installation (no module vlmprune.serve_demo)")
+    module = importlib.import_module("vlmprune.serve_demo")
+    sys.argv = ["vlmprune demo", *args.rest]
     result = module.main()
     return int(result or 0)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    """Train a testbed model (vlmprune.testbed.train); argument checks live there."""
+    from vlmprune.testbed.train import run_cli
+
+    try:
+        return run_cli(args)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    """Accuracy of a testbed model under a policy (vlmprune.evaluate); argument checks live there."""
+    from vlmprune.evaluate import run_cli
+
+    try:
+        return run_cli(args)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,17 +179,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=FAMILY_CHOICES, help="also check that the method applies to this family")
     p.set_defaults(func=_cmd_policy)
 
-    p = sub.add_parser("serve", help="run the demo server (vlmprune.serve_demo)", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the demo server")
+    p = sub.add_parser("serve", help="start vLLM with the plugin and the OpenAI gateway (server.launcher)",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of `vlmprune serve --help`")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("demo", help="one request through the transformers reference backend (no vLLM)",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the demo")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("train", help="train a testbed model (seeded, resumable): `vlmprune train demo`")
+    p.add_argument("model", choices=("demo",), help="which testbed model")
+    p.add_argument("--out", help="output model folder (default: runs/MODEL); work files go to OUT.work")
+    p.add_argument("--work", help="folder for checkpoints and feature caches (default: OUT.work)")
+    p.add_argument("--steps", type=int, help="LM training steps (default: the recipe's)")
+    p.add_argument("--vit-steps", type=int, help="ViT pretraining steps (default: the recipe's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of everything (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="accuracy of a testbed model under a policy (last stdout line: JSON)")
+    p.add_argument("--model", default="demo", help="demo, demo-next or a model folder (default: %(default)s)")
+    p.add_argument("--backend", default="hf", help="hf (transformers reference backend) or vllm (default: %(default)s)")
+    p.add_argument("--method", default="fastervlm", help="method name (see `vlmprune methods`; default: %(default)s)")
+    p.add_argument("--ratio", default="0", help="fraction of visual tokens removed, in [0, 1) (default: %(default)s)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
+    p.add_argument("--samples", type=int, default=300, help="test samples, indices 0..N-1 (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of seeded methods (default: %(default)s)")
+    p.add_argument("--split", default="test", help="test, val or heldout (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="requests per prefill batch (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--json", action="store_true", help="print only the JSON line")
+    p.set_defaults(func=_cmd_eval)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)  # argparse itself exits 2 on bad usage
-    if args.command == "serve":
-        args.rest = [*unknown, *args.rest]  # everything after `serve` belongs to the demo server
+    if args.command in ("serve", "demo"):
+        args.rest = [*unknown, *args.rest]  # everything after the subcommand belongs to it
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:

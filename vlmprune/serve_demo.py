@@ -1,4 +1,6 @@
-"""``vlmprune serve`` until the gateway lands: one demo request through the reference backend.
+"""``vlmprune demo``: one demo request through the transformers reference backend (no vLLM).
+
+(This was ``vlmprune serve`` before the gateway landed; ``serve`` now starts vLLM and the gateway.)
 
 The OpenAI-compatible gateway (server/) and the trained ``demo`` model are later issues. Until
 then this runs the transformers reference backend on a tiny *randomly initialised* LLaVA built on
@@ -19,7 +21,7 @@ DEMO_PROMPT = "what colour is the small square in the top left ?"
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="vlmprune serve", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="vlmprune demo", description=__doc__.splitlines()[0])
     p.add_argument("--method", default="fastervlm", help="compression method (default: fastervlm)")
     p.add_argument("--ratios", default="0,0.5,0.9", help="comma-separated ratios (default: 0,0.5,0.9)")
     p.add_argument("--model-dir", default=None, help="where to build the tiny model (default: a temp dir)")
@@ -42,11 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         policies = [parse_policy({"method": args.method, "ratio": r}) for r in ratios]
         require_support(args.method, "llava")
     except (ValueError, PolicyError) as exc:
-        print(f"vlmprune serve: error: {exc}", file=sys.stderr)
+        print(f"vlmprune demo: error: {exc}", file=sys.stderr)
         return 2
 
     print(
-        "vlmprune serve: the OpenAI gateway and the trained demo model are not built yet; running the\n"
+        "vlmprune demo: no vLLM and no gateway here (that is `vlmprune serve`); running the\n"
         "transformers reference backend on one demo request with a tiny RANDOMLY INITIALISED LLaVA\n"
         "(answers are meaningless, token counts and FLOPs are real).",
         flush=True,

@@ -77,7 +77,8 @@ def _clip_config(image_size: int):
     )
 
 
-def _llama_config(vocab_size: int):
+def _llama_config(vocab_size: int, head_dim: int | None = None):
+    """``head_dim`` None: hidden/heads = 16. vLLM's CPU attention needs >= 32 (``vllm_layout`` asks 32)."""
     from transformers import LlamaConfig
 
     # GQA on purpose (2 kv heads for 4 query heads), as in every recent LLM.
@@ -93,10 +94,11 @@ def _llama_config(vocab_size: int):
         bos_token_id=2,
         eos_token_id=3,
         tie_word_embeddings=False,
+        **({} if head_dim is None else {"head_dim": head_dim}),
     )
 
 
-def build_llava(tmp_path: Path, seed: int = 0):
+def build_llava(tmp_path: Path, seed: int = 0, head_dim: int | None = None):
     """LLaVA-1.5 in miniature: CLIP 84 px / patch 14 (6x6 = 36 visual tokens), Llama 4 layers."""
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
@@ -119,7 +121,7 @@ def build_llava(tmp_path: Path, seed: int = 0):
     )
     config = LlavaConfig(
         vision_config=_clip_config(image_size),
-        text_config=_llama_config(len(tokenizer)),
+        text_config=_llama_config(len(tokenizer), head_dim),
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
@@ -130,7 +132,7 @@ def build_llava(tmp_path: Path, seed: int = 0):
     return model, processor
 
 
-def build_llava_next(tmp_path: Path, seed: int = 0):
+def build_llava_next(tmp_path: Path, seed: int = 0, head_dim: int | None = None):
     """LLaVA-NeXT in miniature: CLIP 56 px views (4x4 tokens each), AnyRes pinpoints up to 112x112
     (2x2 crops), stock ``spatial_unpad`` packing with image_newline tokens, Llama 4 layers."""
     from transformers import (
@@ -161,7 +163,7 @@ def build_llava_next(tmp_path: Path, seed: int = 0):
     )
     config = LlavaNextConfig(
         vision_config=_clip_config(view),
-        text_config=_llama_config(len(tokenizer)),
+        text_config=_llama_config(len(tokenizer), head_dim),
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         image_grid_pinpoints=pinpoints,
         vision_feature_layer=-2,
@@ -239,17 +241,21 @@ def build_qwen_tokenizer(save_dir: Path):
     return PreTrainedTokenizerFast.from_pretrained(save_dir)
 
 
-def _qwen_text_config(tokenizer) -> dict:
+def _qwen_text_config(tokenizer, head_dim: int | None = None) -> dict:
     # GQA (4 query / 2 kv heads), head_dim 16, M-RoPE sections (t, h, w) summing to head_dim / 2.
+    # ``head_dim`` (vLLM's CPU attention needs >= 32): hidden 64 / head_dim query heads, half as many
+    # kv heads (Qwen2 derives head_dim from hidden/heads in vLLM), sections scaled to head_dim / 2.
+    heads = 4 if head_dim is None else 64 // head_dim
+    section = [2, 3, 3] if head_dim is None else [s * head_dim // 16 for s in (2, 3, 3)]
     return dict(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
         max_position_embeddings=2048,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
         bos_token_id=None,
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.pad_token_id,
@@ -288,7 +294,7 @@ def _qwen_processor(processor_cls, tokenizer):
     )
 
 
-def build_qwen2_vl(tmp_path: Path, seed: int = 0):
+def build_qwen2_vl(tmp_path: Path, seed: int = 0, head_dim: int | None = None):
     """Qwen2-VL in miniature: ViT 2 blocks x 32 (2 heads), patch 14, 2x2 merger; Qwen2 LM 4 layers x 64.
 
     An 84x112 px image is 6x8 patches -> 3x4 = 12 LLM tokens; 56x84 px -> 2x3 = 6."""
@@ -313,7 +319,7 @@ def build_qwen2_vl(tmp_path: Path, seed: int = 0):
             temporal_patch_size=2,
             initializer_range=QWEN_VIT_INIT_STD,
         ),
-        text_config=_qwen_text_config(tokenizer),
+        text_config=_qwen_text_config(tokenizer, head_dim),
         **_qwen_token_ids(tokenizer),
     )
     torch.manual_seed(seed)
@@ -321,7 +327,7 @@ def build_qwen2_vl(tmp_path: Path, seed: int = 0):
     return _qwen_save_load(tmp_path, model, processor, Qwen2VLForConditionalGeneration, Qwen2VLProcessor)
 
 
-def build_qwen2_5_vl(tmp_path: Path, seed: int = 0):
+def build_qwen2_5_vl(tmp_path: Path, seed: int = 0, head_dim: int | None = None):
     """Qwen2.5-VL in miniature: ViT 3 blocks x 32 (2 heads), window attention except block 1
     (``fullatt_block_indexes=[1]``), windows of 2x2 merged tokens (56 px), so an 84x112 px image
     (3x4 merged tokens) spans 4 windows; Qwen2 LM 4 layers x 64."""
@@ -348,7 +354,7 @@ def build_qwen2_5_vl(tmp_path: Path, seed: int = 0):
             fullatt_block_indexes=[1],
             initializer_range=QWEN_VIT_INIT_STD,
         ),
-        text_config=_qwen_text_config(tokenizer),
+        text_config=_qwen_text_config(tokenizer, head_dim),
         **_qwen_token_ids(tokenizer),
     )
     torch.manual_seed(seed)

@@ -1,0 +1,1 @@
+"""``POST /v1/chat/completions``: router (HTTP), protocol (schemas), serving (the logic)."""

@@ -1,0 +1,340 @@
+"""Chat completions: validate, resolve the policy, count tokens, forward, stream back, measure.
+
+One request, step by step:
+1. read the body (413 past ``max_body_bytes``), parse it (400);
+2. find the images, decode and measure them (400 for corrupt data, too many, remote URLs off);
+3. resolve the policy from headers, body and named policy (:mod:`server.policies`; 400 naming
+   the header or field), check the method fits the served model's family;
+4. write it into ``mm_processor_kwargs.vlmprune`` and count visual tokens in / kept;
+5. forward to the least-loaded healthy upstream; a connection error or a 5xx before any byte
+   reached the client is retried on the next upstream (502/503 when none is left);
+6. pass the answer through unchanged (streams chunk by chunk) with ``X-VLMPrune-Applied``; a
+   stream whose upstream dies ends with an OpenAI error event; metrics are recorded at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from server.chat.protocol import AppliedPolicy
+from server.errors import GatewayError, sse_error_event
+from server.images import decode_data_url, fetch_remote, image_url_of, iter_image_parts
+from server.policies import HEADER_APPLIED, ResolvedPolicy, resolve_policy
+from server.upstreams import Upstream
+from vlmprune.geometry import ImageTokens
+from vlmprune.policy import PolicyError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    payload: bytes
+    stream: bool
+    resolved: ResolvedPolicy | None
+    images: list[ImageTokens] = field(default_factory=list)
+    kept: list[int] = field(default_factory=list)
+    """Prunable tokens kept per image (the served model's rule, :meth:`ServedModel.kept`)."""
+
+    @property
+    def method_label(self) -> str:
+        return self.resolved.method if self.resolved is not None and self.images else "none"
+
+    def applied(self) -> AppliedPolicy | None:
+        if self.resolved is None:
+            return None
+        return AppliedPolicy(
+            method=self.resolved.method, ratio=self.resolved.ratio,
+            visual_tokens=sum(t.prunable for t in self.images),
+            kept=sum(self.kept),
+            policy=self.resolved.name, source=self.resolved.ratio_source,
+        )
+
+
+def instruction_text(messages: list[dict[str, Any]]) -> str:
+    """The user text that follows the last image: the text parts after it in its message and in
+    later user messages; if there is none (the question came first), all text of that message."""
+    last_msg = last_part = None
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if isinstance(part, dict) and part.get("type") == "image_url":
+                    last_msg, last_part = i, j
+    if last_msg is None:
+        return ""
+
+    def texts(parts: Any) -> list[str]:
+        if isinstance(parts, str):
+            return [parts]
+        return [p.get("text", "") for p in parts or [] if isinstance(p, dict) and p.get("type") == "text"]
+
+    content = messages[last_msg]["content"]
+    after = texts(content[last_part + 1:])
+    after += [t for m in messages[last_msg + 1:] if m.get("role") == "user" for t in texts(m.get("content"))]
+    chosen = [t for t in after if t.strip()] or [t for t in texts(content) if t.strip()]
+    return " ".join(t.strip() for t in chosen)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise GatewayError(413, f"request body is {length} bytes, over the limit of {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise GatewayError(413, f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class _StreamObserver:
+    """Reads a copy of the SSE stream for the first content token and the usage chunk."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.first_token_at: float | None = None
+        self.usage: dict[str, Any] | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        self.buffer += chunk
+        *lines, self.buffer = self.buffer.split(b"\n")
+        for line in lines:
+            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                continue
+            try:
+                event = json.loads(line[6:])
+            except ValueError:
+                continue
+            if not isinstance(event, dict):
+                continue
+            if event.get("usage"):
+                self.usage = event["usage"]
+            if self.first_token_at is None:
+                for choice in event.get("choices") or []:
+                    delta = choice.get("delta") or {}
+                    if delta.get("content") or choice.get("finish_reason"):
+                        self.first_token_at = time.perf_counter()
+                        break
+
+
+class ChatServing:
+    """State shared by all chat requests of one app (settings, pool, policies, metrics, model)."""
+
+    def __init__(self, app_state: Any) -> None:
+        self.state = app_state
+
+    # -- 1-4: prepare ------------------------------------------------------------------------
+
+    async def prepare(self, raw: bytes, headers: Any) -> Prepared:
+        s = self.state.settings
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise GatewayError(400, "request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise GatewayError(400, "request body must be a JSON object")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise GatewayError(400, "'messages' must be a non-empty list", param="messages")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise GatewayError(400, "'stream' must be a boolean", param="stream")
+        mm_kwargs = body.get("mm_processor_kwargs")
+        if mm_kwargs is not None and not isinstance(mm_kwargs, dict):
+            raise GatewayError(400, "'mm_processor_kwargs' must be an object", param="mm_processor_kwargs")
+
+        parts = list(iter_image_parts(messages))
+        if len(parts) > s.max_images:
+            raise GatewayError(400, f"{len(parts)} images in the request, over the limit of {s.max_images}",
+                               param="messages")
+        sizes = []
+        for part in parts:
+            url = image_url_of(part)
+            if url.startswith("data:"):
+                image = decode_data_url(url, s.max_image_pixels)
+            elif url.startswith(("http://", "https://")):
+                if not s.allow_remote_images:
+                    raise GatewayError(400, "remote image URLs are disabled on this gateway; send the image as a "
+                                       "data URL (data:image/png;base64,...)", param="messages")
+                image = await fetch_remote(url, self.state.client, s.remote_image_max_bytes,
+                                           s.remote_image_timeout_s, s.max_image_pixels)
+                part["image_url"] = {**(part["image_url"] if isinstance(part["image_url"], dict) else {}),
+                                     "url": image.data_url}
+            else:
+                raise GatewayError(400, "image URL must be a data URL (or http(s) where enabled)", param="messages")
+            sizes.append((image.width, image.height))
+
+        body_policy = (mm_kwargs or {}).get("vlmprune")
+        model = await self.state.served_model(required=bool(parts))
+        family = model.family if model is not None else None
+        try:
+            resolved = resolve_policy(
+                headers, body_policy, self.state.policies, family,
+                pressure=self.state.adapter.pressure,
+                instruction=instruction_text(messages) if parts else None,
+            )
+        except PolicyError as exc:
+            raise GatewayError(400, str(exc), param="vlmprune") from None
+        images, kept = [], []
+        if parts and model is not None:
+            try:
+                images = [model.image_tokens(w, h) for w, h in sizes]
+            except ValueError as exc:
+                raise GatewayError(400, f"image cannot be served: {exc}", param="messages") from None
+            kept = [model.kept(resolved.policy, t) for t in images]
+            body["mm_processor_kwargs"] = {**(mm_kwargs or {}), "vlmprune": resolved.processor_kwargs()}
+        return Prepared(payload=json.dumps(body).encode(), stream=stream, resolved=resolved, images=images,
+                        kept=kept)
+
+    # -- 5: forward --------------------------------------------------------------------------
+
+    def _headers(self) -> dict[str, str]:
+        # identity: streams are relayed as raw bytes, so they must not arrive compressed
+        h = {"content-type": "application/json", "accept-encoding": "identity"}
+        if self.state.settings.upstream_api_key:
+            h["authorization"] = f"Bearer {self.state.settings.upstream_api_key}"
+        return h
+
+    async def _open(self, prep: Prepared) -> tuple[Upstream, httpx.Response, bytes, AsyncIterator[bytes] | None]:
+        """The first upstream that answers below 500 with a first chunk (stream) or a whole body."""
+        pool, client, metrics = self.state.pool, self.state.client, self.state.metrics
+        failures = []
+        for attempt, up in enumerate(pool.ordered()):
+            if attempt:
+                metrics.retries.inc()
+            self._track(up, +1)
+            resp = None
+            try:
+                req = client.build_request("POST", up.url + "/v1/chat/completions", content=prep.payload,
+                                           headers=self._headers())
+                resp = await client.send(req, stream=True)
+                if resp.status_code >= 500:
+                    detail = (await resp.aread())[:200].decode(errors="replace")
+                    raise RuntimeError(f"HTTP {resp.status_code}: {detail}")
+                rest = None
+                if prep.stream and resp.status_code == 200:
+                    rest = resp.aiter_raw()
+                    first = b""
+                    while not first:  # skip empty reads; StopAsyncIteration = closed before a byte
+                        try:
+                            first = await rest.__anext__()
+                        except StopAsyncIteration:
+                            raise RuntimeError("stream closed before its first byte") from None
+                else:
+                    first = await resp.aread()
+                return up, resp, first, rest
+            except Exception as exc:  # connection errors, timeouts, 5xx: try the next upstream
+                if resp is not None:
+                    await resp.aclose()
+                self._track(up, -1)
+                reason = f"{type(exc).__name__}: {exc}"
+                pool.mark_failed(up, reason)
+                failures.append(f"{up.url}: {reason}")
+        if not failures:
+            raise GatewayError(503, "no upstream configured")
+        status = 502 if any("HTTP 5" in f for f in failures) else 503
+        raise GatewayError(status, f"every upstream failed before answering ({'; '.join(failures)})")
+
+    def _track(self, up: Upstream, delta: int) -> None:
+        """This gateway's open requests on ``up`` (routing uses it; the gauge shows it live)."""
+        up.in_flight += delta
+        self.state.metrics.upstream_in_flight.labels(up.url).set(up.in_flight)
+
+    # -- 6: respond and measure -----------------------------------------------------------------
+
+    def _record(self, prep: Prepared, status: int, started: float, usage: dict[str, Any] | None,
+                first_token_at: float | None) -> None:
+        m = self.state.metrics
+        label = prep.method_label
+        m.requests.labels(label, str(status)).inc()
+        m.latency.labels(label).observe(time.perf_counter() - started)
+        if first_token_at is not None:
+            m.ttft.labels(label).observe(first_token_at - started)
+        if status != 200 or not prep.images or prep.resolved is None:
+            return
+        placeholders = sum(prep.kept) + sum(t.newline for t in prep.images)
+        prompt = (usage or {}).get("prompt_tokens")
+        n_text = prompt - placeholders if isinstance(prompt, int) else 0  # unknown (stream without usage): 0
+        n_instr = len((prep.resolved.instruction or "").split())
+        try:
+            cost = self.state.model.cost(prep.images, prep.resolved.policy, n_text, n_instr)
+        except Exception:  # accounting must never break serving
+            logger.exception("FLOPs accounting failed")
+            return
+        m.visual_tokens.labels("input").inc(cost.visual_in)
+        m.visual_tokens.labels("kept").inc(cost.visual_kept)
+        m.prefill_flops.labels("baseline").inc(cost.baseline_flops)
+        m.prefill_flops.labels("actual").inc(cost.actual_flops)
+
+    async def handle(self, request: Request) -> Response:
+        started = time.perf_counter()
+        metrics = self.state.metrics
+        metrics.in_flight.inc()
+        handed_off = False
+        prep: Prepared | None = None
+        try:
+            raw = await read_body(request, self.state.settings.max_body_bytes)
+            prep = await self.prepare(raw, request.headers)
+            up, resp, first, rest = await self._open(prep)
+            applied = prep.applied()
+            headers = {HEADER_APPLIED: applied.header()} if applied is not None else {}
+            media = resp.headers.get("content-type", "application/json")
+            if not (prep.stream and resp.status_code == 200):
+                await resp.aclose()
+                self._track(up, -1)
+                usage = None
+                if resp.status_code == 200:
+                    try:
+                        usage = json.loads(first).get("usage")
+                    except (ValueError, AttributeError):
+                        usage = None
+                self._record(prep, resp.status_code, started, usage, None)
+                return Response(first, status_code=resp.status_code, media_type=media, headers=headers)
+            handed_off = True
+            return StreamingResponse(self._relay(prep, up, resp, first, rest, started), status_code=200,
+                                     media_type=media, headers=headers)
+        except GatewayError as exc:
+            label = prep.method_label if prep is not None else "invalid"
+            metrics.requests.labels(label, str(exc.status)).inc()
+            applied = prep.applied() if prep is not None else None
+            exc.headers.setdefault(HEADER_APPLIED, applied.header() if applied is not None else "none")
+            raise
+        finally:
+            if not handed_off:
+                metrics.in_flight.dec()
+
+    async def _relay(self, prep: Prepared, up: Upstream, resp: httpx.Response, first: bytes,
+                     rest: AsyncIterator[bytes], started: float) -> AsyncIterator[bytes]:
+        observer = _StreamObserver()
+        status = 200
+        try:
+            observer.feed(first)
+            yield first
+            async for chunk in rest:
+                observer.feed(chunk)
+                yield chunk
+        except (GeneratorExit, asyncio.CancelledError):
+            status = 499  # the client went away (nginx's code for it)
+            raise
+        except Exception as exc:  # the upstream died mid-stream: end this stream with an error event
+            status = 502
+            self.state.pool.mark_failed(up, f"mid-stream {type(exc).__name__}: {exc}")
+            yield sse_error_event(502, f"upstream failed during the stream ({type(exc).__name__}); "
+                                  "the answer is incomplete, retry the request")
+        finally:
+            await resp.aclose()
+            self._track(up, -1)
+            self.state.metrics.in_flight.dec()
+            self._record(prep, status, started, observer.usage, observer.first_token_at)

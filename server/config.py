@@ -1,0 +1,74 @@
+"""Gateway settings: typed, validated once at start-up, from arguments or ``VLMPRUNE_*`` variables.
+
+Environment variables use the field names (``VLMPRUNE_UPSTREAMS='["http://vllm:8000"]'``,
+``VLMPRUNE_API_KEYS='["k1"]'``, ``VLMPRUNE_ADAPTIVE__QUEUE_TARGET=8``), so the same settings drive
+``vlmprune serve``, the container image and the Kubernetes manifests.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class AdaptiveSettings(BaseModel):
+    """When to raise a load-adaptive policy's ratio (read from the upstreams' own /metrics)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    queue_target: float = Field(4.0, gt=0.0)
+    """``vllm:num_requests_waiting`` per healthy upstream at which the fleet counts as saturated."""
+    ttft_target_s: float = Field(2.0, gt=0.0)
+    """Mean ``vllm:time_to_first_token_seconds`` over the last interval at which it is saturated."""
+    step: float = Field(0.25, gt=0.0, le=1.0)
+    """Pressure change per poll (``health_interval_s``); pressure 0 = the policy's ratio, 1 = its
+    max_ratio."""
+    low_water: float = Field(0.5, ge=0.0, lt=1.0)
+    """Pressure falls only when load is below this fraction of both targets (hysteresis)."""
+
+
+class GatewaySettings(BaseSettings):
+    """Everything the gateway needs; nothing is read from disk or network before ``create_app``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="VLMPRUNE_", env_nested_delimiter="__", extra="forbid", use_attribute_docstrings=True
+    )
+
+    upstreams: list[str] = Field(default_factory=list)
+    """Base URLs of ``vllm serve`` processes with the vlmprune plugin (``http://host:port``);
+    ``dns+http://name:port`` = one upstream per address of ``name`` (a headless Service)."""
+    upstream_api_key: str | None = None
+    """Sent as ``Authorization: Bearer`` to the upstreams when they run with ``--api-key``."""
+    model_dir: str | None = None
+    """Directory of the served model (for visual-token counts and FLOPs); default: the ``root``
+    that the upstream's /v1/models reports, when it is a directory this process can read."""
+    policies_file: str | None = None
+    """YAML or JSON file of named policies; default: the built-in quality / balanced / fast."""
+    api_keys: list[str] = Field(default_factory=list)
+    """Accepted ``Authorization: Bearer`` keys; empty = no authentication."""
+    max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    max_images: int = Field(8, ge=1)
+    """Images per request; more is a 400 (keep it <= vLLM's --limit-mm-per-prompt)."""
+    max_image_pixels: int = Field(4096 * 4096, gt=0)
+    allow_remote_images: bool = False
+    """Fetch http(s) image URLs at the gateway (and forward them as data URLs); off by default."""
+    remote_image_max_bytes: int = Field(10 * 1024 * 1024, gt=0)
+    remote_image_timeout_s: float = Field(10.0, gt=0.0)
+    connect_timeout_s: float = Field(5.0, gt=0.0)
+    request_timeout_s: float = Field(600.0, gt=0.0)
+    """Longest wait for an upstream byte (a whole non-streaming answer, or between stream chunks)."""
+    health_interval_s: float = Field(1.0, gt=0.0)
+    """How often every upstream's /health and /metrics are read (and the load pressure updated)."""
+    adaptive: AdaptiveSettings = Field(default_factory=AdaptiveSettings)
+
+    @field_validator("upstreams")
+    @classmethod
+    def _urls(cls, value: list[str]) -> list[str]:
+        out = []
+        for url in value:
+            if not url.removeprefix("dns+").startswith(("http://", "https://")):
+                raise ValueError(f"upstream URL must start with http://, https:// or dns+http://, got {url!r}")
+            out.append(url.rstrip("/"))
+        if len(set(out)) != len(out):
+            raise ValueError(f"upstream URLs must be distinct, got {value}")
+        return out

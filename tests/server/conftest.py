@@ -1,0 +1,66 @@
+"""Fixtures of the gateway tests: a tiny LLaVA saved for vLLM, a gateway running in a thread."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.server.fake_upstream import FakeUpstream, free_port
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory) -> Path:
+    """A tiny random LLaVA-1.5 (84 px, 36 visual tokens) in the layout vLLM loads."""
+    from vlmprune.testbed.vllm_layout import build_for_vllm
+
+    path, _, _ = build_for_vllm("llava", tmp_path_factory.mktemp("tiny-llava"))
+    return path
+
+
+def image_data_url(width: int = 64, height: int = 48, seed: int = 0, fmt: str = "PNG") -> str:
+    from vlmprune.testbed.tiny import make_image
+
+    buf = io.BytesIO()
+    make_image(width, height, seed=seed).save(buf, format=fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def image_message(text: str = "what colour is the box ?", url: str | None = None, n_images: int = 1) -> list[dict]:
+    content = [{"type": "image_url", "image_url": {"url": url or image_data_url(seed=i)}} for i in range(n_images)]
+    return [{"role": "user", "content": [*content, {"type": "text", "text": text}]}]
+
+
+@contextlib.contextmanager
+def running_gateway(settings):
+    """The real app under uvicorn on a free port, in a thread; yields its base URL."""
+    import uvicorn
+
+    from server.app import create_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        if time.time() > deadline or not thread.is_alive():
+            raise RuntimeError("gateway did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+
+
+@pytest.fixture
+def fake_upstream(tiny_llava_dir):
+    up = FakeUpstream(model_root=str(tiny_llava_dir)).start()
+    yield up
+    up.stop()

@@ -1,0 +1,77 @@
+"""Visual-token counts from config files alone agree with the real processors."""
+
+from __future__ import annotations
+
+import pytest
+
+from vlmprune.geometry import ImageTokens, ModelVisionSpec
+from vlmprune.policy import kept_count
+from vlmprune.testbed import tiny
+
+SIZES = [(84, 84), (96, 64), (64, 96), (112, 112), (150, 60), (57, 113), (200, 200)]
+
+
+def _processor_count(processor, image) -> int:
+    """Image placeholder tokens the transformers processor puts in the prompt for one image."""
+    tok = processor.tokenizer
+    if hasattr(processor, "image_token") and processor.image_token in tok.get_vocab():
+        image_token = processor.image_token
+    else:
+        image_token = "<|image_pad|>"
+    text = (image_token if image_token != "<|image_pad|>" else "<|vision_start|><|image_pad|><|vision_end|>") + " what"
+    ids = processor(text=[text], images=[image], return_tensors="pt")["input_ids"][0].tolist()
+    return ids.count(tok.convert_tokens_to_ids(image_token))
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"])
+def test_counts_match_the_transformers_processor(family, tmp_path):
+    """For every family and several sizes/aspects: total = what the processor emits."""
+    builder = {"llava": tiny.build_llava, "llava_next": tiny.build_llava_next,
+               "qwen2_vl": tiny.build_qwen2_vl, "qwen2_5_vl": tiny.build_qwen2_5_vl}[family]
+    model, processor = builder(tmp_path / "build")
+    processor.save_pretrained(tmp_path / "saved")
+    model.config.save_pretrained(tmp_path / "saved")
+    spec = ModelVisionSpec.from_pretrained(tmp_path / "saved")
+    assert spec.family == family
+    for w, h in SIZES:
+        tokens = spec.image_tokens(w, h)
+        assert tokens.total == _processor_count(processor, tiny.make_image(w, h)), (family, w, h)
+        assert tokens.prunable > 0
+        if family == "llava":
+            assert tokens == ImageTokens(prunable=36)
+        if family == "llava_next":
+            assert tokens.newline > 0 and tokens.views >= 2
+        if family.startswith("qwen"):
+            t, gh, gw = tokens.grid_thw
+            assert t == 1 and tokens.prunable == gh * gw // 4
+
+
+def test_llava_next_newlines_are_never_pruned():
+    """kept() applies the ratio to prunable tokens only; newlines are added back in placeholders."""
+    t = ImageTokens(prunable=80, newline=8, views=5)
+    assert t.kept(0.9) == kept_count(80, 0.9) == 8
+    assert t.placeholders(0.9) == 16 and t.placeholders(0.0) == t.total == 88
+
+
+def test_bad_sizes_and_model_types_are_value_errors(tmp_path):
+    spec = ModelVisionSpec.from_dicts({"model_type": "llava", "vision_config": {"image_size": 84, "patch_size": 14}})
+    with pytest.raises(ValueError, match="positive"):
+        spec.image_tokens(0, 10)
+    with pytest.raises(ValueError, match="'t5'"):
+        ModelVisionSpec.from_dicts({"model_type": "t5"})
+    with pytest.raises(ValueError, match="config.json"):
+        ModelVisionSpec.from_pretrained(tmp_path)
+    qwen = ModelVisionSpec.from_dicts({"model_type": "qwen2_vl", "vision_config": {}})
+    with pytest.raises(ValueError, match="aspect"):
+        qwen.image_tokens(5000, 10)
+
+
+def test_geometry_is_lean():
+    """The gateway and the plugin import it cheaply: no torch, transformers, vLLM or FastAPI."""
+    import subprocess
+    import sys
+
+    code = ("import sys, vlmprune.geometry; "
+            "print(','.join(m for m in ('torch', 'transformers', 'vllm', 'fastapi') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

@@ -1,0 +1,231 @@
+"""The plugin's shared machinery without an engine: policies, fields, guards, registration, layouts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vlmprune.policy import PolicyError, kept_count, parse_policy
+from vlmprune.vllm_plugin import common
+
+
+def test_importing_the_plugin_package_pulls_in_no_vllm():
+    """``import vlmprune.vllm_plugin`` (what vLLM's entry point loads) imports no vLLM and cannot fail."""
+    code = "import sys, vlmprune.vllm_plugin as p; print(callable(p.register), 'vllm' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False"]
+
+
+def test_register_is_idempotent_and_registers_lazy_strings():
+    """register() twice registers each architecture once, as a lazy ``module:Class`` string."""
+    code = (
+        "import vlmprune.vllm_plugin as p\n"
+        "from vllm import ModelRegistry\n"
+        "p.register(); p.register()\n"
+        "m = ModelRegistry.models['LlavaForConditionalGeneration']\n"
+        "print(type(m).__name__, m.module_name, m.class_name)\n"
+        "n = ModelRegistry.models['LlavaNextForConditionalGeneration']\n"
+        "print(n.module_name, n.class_name)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "_LazyRegisteredModel vlmprune.vllm_plugin.llava PrunedLlava"
+    assert lines[1] == "vlmprune.vllm_plugin.llava_next PrunedLlavaNext"
+
+
+def test_missing_or_incomplete_module_is_skipped_not_registered(tmp_path, monkeypatch):
+    """A Qwen module that is absent, or lacks its class, is skipped (the stock model stays)."""
+    from vlmprune.vllm_plugin import _class_defined
+
+    assert _class_defined("vlmprune.vllm_plugin.llava:PrunedLlava")
+    assert not _class_defined("vlmprune.vllm_plugin.no_such_module:X")
+    (tmp_path / "half_done.py").write_text("class Other:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert not _class_defined("half_done:PrunedQwen2VL")
+    assert _class_defined("half_done:Other")
+
+
+@pytest.mark.parametrize(
+    "raw,expected",
+    [
+        (None, None),
+        ({"method": "fastervlm", "ratio": 0.9}, ("fastervlm", 0.9)),
+        ('{"method": "pool", "ratio": 0.5}', ("pool", 0.5)),
+        ({"ratio": 0.5}, ("fastervlm", 0.5)),
+    ],
+    ids=["none", "mapping", "json-string", "default-method"],
+)
+def test_parse_request(raw, expected):
+    """None = no pruning; a mapping or a JSON string is validated by parse_policy."""
+    request = common.parse_request(raw)
+    if expected is None:
+        assert request.policy is None and not request.active
+    else:
+        assert (request.policy.method, request.policy.ratio) == expected and request.active
+
+
+def test_instruction_is_split_from_the_policy_and_tokenized(llava):
+    """``instruction`` is not a policy option: it is kept apart and tokenized without special tokens."""
+    _, processor = llava
+    request = common.parse_request({"method": "fastervlm", "ratio": 0.5, "instruction": "what colour is the box"})
+    assert request.instruction == "what colour is the box"
+    ids = common.instruction_ids(processor.tokenizer, request)
+    assert ids == processor.tokenizer("what colour is the box", add_special_tokens=False)["input_ids"]
+    with pytest.raises(PolicyError, match="field 'instruction'"):
+        common.parse_request({"method": "fastervlm", "instruction": 3})
+
+
+def test_check_method_names_method_and_model():
+    """Unsupported pairings and not-yet-available methods fail with the method and model named."""
+    req = common.parse_request({"method": "globalcom2", "ratio": 0.0})
+    with pytest.raises(PolicyError, match=r"'globalcom2' does not apply to model family 'llava'.*served model: m"):
+        common.check_method(req, "llava", common.PRE_LLM_METHODS, "m")
+    common.check_method(req, "llava_next", common.PRE_LLM_METHODS, "m")
+    req = common.parse_request({"method": "explain", "ratio": 0.5})
+    with pytest.raises(PolicyError, match=r"'explain' needs the instruction probe.*available here: aim, fastervlm, pool, random"):
+        common.check_method(req, "llava", common.PRE_LLM_METHODS, "m")
+
+
+def test_image_count_is_kept_count_plus_fixed_tokens():
+    """Pre-LLM counts are kept_count of the prunable tokens plus the always-kept ones."""
+    for ratio in (0.0, 0.25, 0.5, 0.9, 0.995):
+        policy = parse_policy({"method": "fastervlm", "ratio": ratio})
+        assert common.image_count(policy, 576, 0, 32) == kept_count(576, ratio)
+        assert common.image_count(policy, 100, 8, 32) == kept_count(100, ratio) + 8
+    assert common.image_count(None, 100, 8, 32) == 108
+
+
+def test_fields_roundtrip_through_vllm_batching():
+    """encode_fields -> vLLM's own batched-field reduction -> pop_item_policies gives every image's policy."""
+    from vllm.multimodal.inputs import MultiModalBatchedField, MultiModalFieldElem
+
+    a = common.RequestPolicy(parse_policy({"method": "random", "ratio": 0.5, "seed": 7}), "what is this")
+    b = common.RequestPolicy(None)
+    fa = common.encode_fields(a, [18, 18], [5, 6, 7])
+    fb = common.encode_fields(b, [36], [])
+    items = []
+    for fields in (fa, fb):
+        n = fields[common.FIELD_COUNT].shape[0]
+        for i in range(n):
+            items.append({k: v[i] for k, v in fields.items()})
+    field = MultiModalBatchedField(keep_on_cpu=True)
+    kwargs = {
+        name: field.reduce_data([MultiModalFieldElem(data=item[name], field=field) for item in items], pin_memory=False)
+        for name in common.FIELDS
+    }
+    kwargs["pixel_values"] = torch.zeros(3)
+    got = common.pop_item_policies(kwargs)
+    assert set(kwargs) == {"pixel_values"}
+    assert [g.count for g in got] == [18, 18, 36]
+    assert [g.active for g in got] == [True, True, False]
+    assert got[0].policy == a.policy and got[2].policy is None
+    assert got[1].instruction_ids.tolist() == [5, 6, 7] and got[2].instruction_ids.numel() == 0
+    assert common.pop_item_policies({"pixel_values": 1}) is None
+
+
+def test_policy_free_context_drops_the_key_from_every_merge():
+    """The processing context never hands ``vlmprune`` to the Hugging Face processor (engine default included)."""
+    from vllm.config.multimodal import MultiModalConfig
+    from vllm.multimodal.processing import InputProcessingContext
+
+    mm_config = MultiModalConfig(mm_processor_kwargs={"vlmprune": {"method": "pool", "ratio": 0.5}, "do_resize": True})
+    model_config = SimpleNamespace(get_multimodal_config=lambda: mm_config, multimodal_config=mm_config)
+    ctx = common.policy_free_context(InputProcessingContext(model_config, None))
+    merged = ctx.get_merged_mm_kwargs({"vlmprune": {"ratio": 0.9}, "size": 3})
+    assert "vlmprune" not in merged and merged["do_resize"] is True and merged["size"] == 3
+    # ... while the plugin itself sees the request merged recursively over the engine default.
+    request = common.merged_request(mm_config, {"vlmprune": {"ratio": 0.9}})
+    assert (request.policy.method, request.policy.ratio) == ("pool", 0.9)
+    assert common.merged_request(mm_config, {"vlmprune": None}).policy is None
+
+
+def _vllm_config(**overrides):
+    mm = SimpleNamespace(mm_processor_kwargs=overrides.pop("defaults", None), mm_encoder_tp_mode=overrides.pop("tp_mode", "weights"))
+    return SimpleNamespace(
+        compilation_config=SimpleNamespace(
+            compile_mm_encoder=overrides.pop("compile_mm_encoder", False),
+            cudagraph_mm_encoder=overrides.pop("cudagraph_mm_encoder", False),
+        ),
+        parallel_config=SimpleNamespace(tensor_parallel_size=overrides.pop("tp", 1)),
+        model_config=SimpleNamespace(multimodal_config=mm),
+    )
+
+
+def test_check_engine_refuses_unsafe_configurations(monkeypatch):
+    """Compiled / graph-captured encoders, a sharded ViT, bad defaults and untested versions refuse to start."""
+    import vllm
+
+    assert common.check_engine(_vllm_config(), "m", "llava").policy is None
+    for flag in ("compile_mm_encoder", "cudagraph_mm_encoder"):
+        with pytest.raises(RuntimeError, match=flag):
+            common.check_engine(_vllm_config(**{flag: True}), "m")
+    with pytest.raises(RuntimeError, match="mm-encoder-tp-mode data"):
+        common.check_engine(_vllm_config(tp=2), "m")
+    common.check_engine(_vllm_config(tp=2, tp_mode="data"), "m")
+    with pytest.raises(RuntimeError, match="engine default.*'globalcom2' does not apply"):
+        common.check_engine(_vllm_config(defaults={"vlmprune": {"method": "globalcom2"}}), "m", "llava")
+    default = common.check_engine(_vllm_config(defaults={"vlmprune": {"method": "pool", "ratio": 0.5}}), "m", "llava")
+    assert default.policy.method == "pool"
+    monkeypatch.setattr(vllm, "__version__", "0.33.1")
+    monkeypatch.delenv(common.ALLOW_UNTESTED_ENV, raising=False)
+    with pytest.raises(RuntimeError, match="tested on vLLM 0.32.x only, found 0.33.1"):
+        common.check_engine(_vllm_config(), "m")
+    monkeypatch.setenv(common.ALLOW_UNTESTED_ENV, "1")
+    common.check_engine(_vllm_config(), "m")
+
+
+def test_hub_layout_keys():
+    """transformers 5 CLIP-tower keys are renamed to the hub layout vLLM loads; others unchanged."""
+    from vlmprune.testbed.vllm_layout import hub_key
+
+    assert hub_key("vision_tower.encoder.layers.0.mlp.fc1.weight") == "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"
+    assert hub_key("model.vision_tower.embeddings.class_embedding") == "vision_tower.vision_model.embeddings.class_embedding"
+    assert hub_key("vision_tower.vision_model.post_layernorm.bias") == "vision_tower.vision_model.post_layernorm.bias"
+    assert hub_key("language_model.model.norm.weight") == "language_model.model.norm.weight"
+    assert hub_key("image_newline") == "image_newline"
+
+
+# --- LLaVA-NeXT geometry, checked against vLLM's packing and the transformers backend -----------
+
+
+@pytest.fixture(scope="module")
+def next_model(tmp_path_factory):
+    from vlmprune.testbed.vllm_layout import VLLM_CPU_HEAD_DIM
+    from vlmprune.testbed.tiny import build_llava_next
+
+    return build_llava_next(tmp_path_factory.mktemp("next_geometry"), head_dim=VLLM_CPU_HEAD_DIM)
+
+
+@pytest.mark.parametrize("size", [(64, 96), (96, 64), (90, 90), (30, 112)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_next_layout_reproduces_vllm_packing_and_reference_geometry(next_model, size):
+    """packed_sources gathers exactly vLLM's packed rows, and image_tokens' geometry (view, crop,
+    coords, shapes) equals the transformers backend's for the same image."""
+    from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration
+
+    from vlmprune.backends.hf.llava_next import LlavaNextAdapter
+    from vlmprune.testbed.tiny import make_image
+    from vlmprune.vllm_plugin.llava_next import image_tokens, packed_sources
+
+    model, processor = next_model
+    width, height = size
+    inputs = processor(images=[make_image(width, height, seed=4)], text="<image> what", return_tensors="pt")
+    views = inputs["pixel_values"].shape[1]
+    image_size = inputs["image_sizes"][0]
+    shim = SimpleNamespace(config=model.config, image_newline=torch.randn(8, dtype=torch.float64))
+    feats = torch.randn(views, 16, 8, dtype=torch.float64)
+    packed = LlavaNextForConditionalGeneration._merge_image_patch_embeddings(shim, image_size, feats, strategy="spatial_unpad")
+    sources = packed_sources(shim, image_size, views)
+    rebuilt = torch.where((sources >= 0)[:, None], feats.reshape(-1, 8)[sources.clamp_min(0)], shim.image_newline)
+    assert torch.equal(rebuilt, packed)
+
+    ref = LlavaNextAdapter(model, processor).encode_images(inputs, frozenset())[0]
+    gh, gw = LlavaNextAdapter(model, processor)._crop_grid(image_size)
+    mine = image_tokens(ref.features, sources, {}, (4, 4), (gh, gw))
+    assert ref.n_tokens == sources.shape[0]
+    for name in ("prunable", "view", "crop", "coords"):
+        assert torch.equal(getattr(mine, name).cpu(), getattr(ref, name).cpu()), name
+    assert mine.view_shape == ref.view_shape and mine.crop_grid == ref.crop_grid

@@ -1,0 +1,97 @@
+"""vLLM general plugin: per-request visual-token pruning inside stock vLLM 0.32.
+
+Entry point (``pyproject.toml``)::
+
+    [project.entry-points."vllm.general_plugins"]
+    vlmprune = "vlmprune.vllm_plugin:register"
+
+vLLM calls :func:`register` in every process it starts (front end, engine core, workers, the
+registry's inspection subprocess). It re-registers the stock architectures with lazy
+``"module:Class"`` strings, so nothing heavy is imported here and importing this package never
+raises. Without a policy in a request (or at ratio 0) the registered subclasses behave exactly
+like the stock models. Exclude the plugin with vLLM's allow-list, e.g. ``VLLM_PLUGINS=none``.
+
+Usage (the policy is :mod:`vlmprune.policy`'s: ``method``, ``ratio`` and the method's options)::
+
+    # offline
+    llm.generate({"prompt": "USER: <image>\\nWhat is this? ASSISTANT:",
+                  "multi_modal_data": {"image": image},
+                  "mm_processor_kwargs": {"vlmprune": {"method": "fastervlm", "ratio": 0.9}}})
+    # OpenAI-compatible server: extra_body={"mm_processor_kwargs": {"vlmprune": {...}}}
+    # engine-wide default:  vllm serve MODEL --mm-processor-kwargs '{"vlmprune": {"method": "pool", "ratio": 0.5}}'
+
+Requests merge over the default recursively (``{"vlmprune": {"ratio": 0.9}}`` keeps the default's
+method; ``{"vlmprune": null}`` disables pruning); see :mod:`vlmprune.vllm_plugin.common`.
+Available in vLLM: ``fastervlm``, ``globalcom2`` (LLaVA-NeXT), ``random``, ``pool``, and the
+instruction-aware ``transprune``, ``aim`` (ToMe merge, then PageRank pruning) and ``explain``, which
+score with a shallow probe of the served LM (:mod:`vlmprune.vllm_plugin.probe`) and need the request's
+instruction in the policy: ``{"vlmprune": {"method": "transprune", "ratio": 0.75, "instruction": "..."}}``.
+
+Counts: every method keeps ``kept_count(n, ratio)`` tokens per image at the LLM input. For the
+progressive methods (``transprune``, ``aim``) ``ratio`` is the layer-averaged removed fraction, so
+pruning everything at the LLM input to ``kept_count(n, ratio)`` gives the same LLM FLOPs as the
+in-LLM schedule of the reference backend (which keeps more at the input and prunes further inside).
+The explain method's CNN weights are ``checkpoint`` or ``vlmprune_explain_cnn.pt`` beside the model.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# Architecture name -> lazy "module:Class" of the vlmprune subclass.
+MODELS: dict[str, str] = {
+    "LlavaForConditionalGeneration": "vlmprune.vllm_plugin.llava:PrunedLlava",
+    "LlavaNextForConditionalGeneration": "vlmprune.vllm_plugin.llava_next:PrunedLlavaNext",
+    "Qwen2VLForConditionalGeneration": "vlmprune.vllm_plugin.qwen2_vl:PrunedQwen2VL",
+    "Qwen2_5_VLForConditionalGeneration": "vlmprune.vllm_plugin.qwen2_vl:PrunedQwen2_5_VL",
+}
+
+_registered = False
+
+
+def _class_defined(target: str) -> bool:
+    """Whether ``module:Class`` names a class defined in an importable module, without importing it.
+
+    Lets a module that is missing or still incomplete (no such class yet) be skipped instead of
+    breaking every engine that serves that architecture.
+    """
+    module, _, cls = target.partition(":")
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return False
+    if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+        return False
+    try:
+        tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError):
+        return False
+    return any(isinstance(node, ast.ClassDef) and node.name == cls for node in tree.body)
+
+
+def register() -> None:
+    """Register the pruning model subclasses (their processors come with them); idempotent."""
+    global _registered
+    if _registered:
+        return
+    from vllm import ModelRegistry
+
+    done = []
+    for arch, target in MODELS.items():
+        if not _class_defined(target):
+            logger.info("vlmprune: %s not found, %s stays stock", target, arch)
+            continue
+        ModelRegistry.register_model(arch, target)
+        done.append(arch)
+    _registered = True
+    logger.info("vlmprune: pruning enabled for %s", ", ".join(done) or "no architecture")
+    # Added for the Qwen models (M-RoPE): the CPU runner must recompute positions; see common.py.
+    if any(arch.startswith("Qwen2") for arch in done):
+        from vlmprune.vllm_plugin.common import install_cpu_runner_hook
+
+        install_cpu_runner_hook()

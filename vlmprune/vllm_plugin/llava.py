@@ -1,0 +1,282 @@
+"""LLaVA-1.5 in vLLM with per-request visual-token pruning (``LlavaForConditionalGeneration``).
+
+Processor: the stock one plus the policy fields (:mod:`vlmprune.vllm_plugin.common`); each image's
+placeholder run shrinks to ``kept_count(576, ratio)`` (any prunable count: the rule is the
+reference backend's). Model: the stock one; ``embed_multimodal`` runs the stock vision tower and
+projector once, with a forward hook on the last *loaded* ViT layer's ``qkv_proj``, and keeps or
+merges rows with :func:`vlmprune.backends.hf.reduce.reduce_image` (the transformers backend's own
+routing into :mod:`vlmprune.core`); the instruction-aware methods go through the model's shallow
+LM probe (:mod:`vlmprune.vllm_plugin.probe`).
+
+Which ViT layer: vLLM builds the CLIP tower only up to ``vision_feature_layer`` (-2 for LLaVA), so
+the last loaded layer is Hugging Face's penultimate layer: exactly FasterVLM's layer. Signals that
+the transformers backend reads from the *last* ViT layer (AIM's merge keys, GlobalCom2's logits)
+come from the last loaded layer here, because the last layer's weights are never loaded (a
+documented deviation; FasterVLM, ``random`` and ``pool`` are identical in both backends).
+
+Pixtral-HF checkpoints share the architecture name; they keep the stock processor and model path
+(no pruning; an engine-default policy makes the model refuse to start, and a per-request key is
+ignored by their stock processor).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import CLIPVisionConfig
+from vllm.model_executor.models.llava import (
+    LlavaDummyInputsBuilder,
+    LlavaForConditionalGeneration,
+    LlavaMultiModalProcessor,
+    LlavaProcessingInfo,
+    PixtralHFMultiModalProcessor,
+    PixtralHFProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems
+from vllm.multimodal.processing import PromptReplacement
+
+from vlmprune.backends.hf.base import CLS_ATTENTION, CLS_LOGITS, MERGE_METRIC, ImageTokens
+from vlmprune.backends.hf.reduce import reduce_image, signals_needed
+from vlmprune.policy import PolicyError
+from vlmprune.signals.attention import cls_attention_from_qk
+from vlmprune.vllm_plugin.probe import ModelProbe
+from vlmprune.vllm_plugin.common import (
+    PLUGIN_METHODS,
+    POLICY_KEY,
+    PROBE_METHODS,
+    ItemPolicy,
+    PolicyProcessorMixin,
+    check_engine,
+    item_count,
+    policy_free_context,
+    pop_item_policies,
+)
+
+# --- Vision-side signals ------------------------------------------------------------------------
+
+
+@contextmanager
+def clip_signals(vision_tower: nn.Module, needs: frozenset[str]) -> Iterator[Callable[[], dict[str, torch.Tensor]]]:
+    """Capture the [CLS] signals in ``needs`` from the last loaded CLIP layer during one tower run.
+
+    The hook reads the ``qkv_proj`` output the layer computes anyway (no attention matrix, any
+    attention kernel). Yields a callable returning ``name -> (B, P)`` (CLS_ATTENTION, CLS_LOGITS)
+    or ``(B, P, C)`` (MERGE_METRIC: the layer's keys), ``B`` = ViT passes in call order.
+    """
+    needs = frozenset(needs) & {CLS_ATTENTION, CLS_LOGITS, MERGE_METRIC}
+    if not needs:
+        yield dict
+        return
+    attn = vision_tower.vision_model.encoder.layers[-1].self_attn
+    heads = int(getattr(attn, "num_heads_per_partition", attn.num_heads))
+    if heads != attn.num_heads:
+        raise RuntimeError("vlmprune needs the whole ViT on one rank (--mm-encoder-tp-mode data)")
+    outputs: list[torch.Tensor] = []
+
+    def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+        qkv = output[0] if isinstance(output, tuple) else output  # (B, T, 3C)
+        outputs.append(qkv.detach())
+
+    def read() -> dict[str, torch.Tensor]:
+        qkv = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+        q, k, _ = qkv.chunk(3, dim=-1)  # (B, T, C) each, CLIPAttention's own split
+        out: dict[str, torch.Tensor] = {}
+        if CLS_ATTENTION in needs:
+            out[CLS_ATTENTION] = cls_attention_from_qk(q, k, heads)  # (B, P)
+        if CLS_LOGITS in needs:
+            out[CLS_LOGITS] = cls_attention_from_qk(q, k, heads, logits=True)  # (B, P)
+        if MERGE_METRIC in needs:
+            out[MERGE_METRIC] = k[:, 1:].float()  # (B, P, C)
+        return out
+
+    handle = attn.qkv_proj.register_forward_hook(hook)
+    try:
+        yield read
+    finally:
+        handle.remove()
+
+
+def needed_signals(items: Sequence[ItemPolicy]) -> frozenset[str]:
+    """Union of the signals the active policies of a batch score with."""
+    out: set[str] = set()
+    for item in items:
+        if item.active:
+            out |= signals_needed(item.policy.method)
+    return frozenset(out)
+
+
+def reduce_rows(
+    item: ItemPolicy,
+    image: ImageTokens,
+    family: str,
+    num_layers: int,
+    index: int,
+    probe: Any = None,
+    **extra: Any,
+) -> torch.Tensor:
+    """One image's rows for the LLM: the reduction of ``image`` under ``item``'s policy.
+
+    Instruction-aware methods (``PROBE_METHODS``) go through ``probe``, the model's
+    :class:`vlmprune.vllm_plugin.probe.ModelProbe` (a shallow probe of the served LM over [image
+    rows + ``item.instruction_ids``]); the others through :func:`reduce_image`, with ``extra``
+    passed on.
+    """
+    if item.active and item.policy.method in PROBE_METHODS:
+        if probe is None:
+            raise RuntimeError(f"vlmprune: method {item.policy.method!r} needs the model's probe")
+        rows = probe.reduce(item, image, family, num_layers).apply(image.features)
+    elif item.active:
+        rows = reduce_image(item.policy, family, image, num_layers=num_layers, **extra).apply(image.features)
+    else:
+        rows = image.features
+    if rows.shape[0] != item.count:
+        raise RuntimeError(
+            f"vlmprune: image {index} gives {rows.shape[0]} rows but the processor reserved {item.count} "
+            f"placeholders (policy {item.policy}); the processor and the model disagree"
+        )
+    return rows
+
+
+def vision_unsupported(hf_config: Any) -> str | None:
+    """Why a LLaVA-family config cannot be pruned here (None when it can)."""
+    if not isinstance(hf_config.vision_config, CLIPVisionConfig):
+        return f"only CLIP vision towers are supported, got {type(hf_config.vision_config).__name__}"
+    if hf_config.vision_feature_select_strategy != "default":
+        return (
+            f"vision_feature_select_strategy={hf_config.vision_feature_select_strategy!r}; "
+            "'default' is needed (the [CLS] token is a score source, not a visual token)"
+        )
+    if not isinstance(hf_config.vision_feature_layer, int):
+        return "a list of vision_feature_layer values is not supported"
+    return None
+
+
+# --- Processor ----------------------------------------------------------------------------------
+
+
+class PrunedLlavaProcessingInfo(LlavaProcessingInfo):
+    """Stock info whose Hugging Face processor never receives the plugin's key."""
+
+    def get_hf_processor(self, **kwargs: object):
+        kwargs.pop(POLICY_KEY, None)
+        return super().get_hf_processor(**kwargs)
+
+
+class LlavaFamilyPromptMixin:
+    """Placeholder runs of the counts the processor attached (stock count without a policy)."""
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        image_token_id = self.info.get_hf_config().image_token_index  # type: ignore[attr-defined]
+        stock = super()._get_prompt_updates(  # type: ignore[misc]
+            mm_items=mm_items, hf_processor_mm_kwargs=hf_processor_mm_kwargs, out_mm_kwargs=out_mm_kwargs
+        )
+        if not stock:
+            return stock
+        (stock_update,) = stock
+
+        def replacement(item_idx: int):
+            count = item_count(out_mm_kwargs, item_idx)
+            if count is not None:
+                return [image_token_id] * count
+            # No fields: pixel inputs always get them, so these are image_embeds inputs.
+            images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
+            if isinstance(images, ImageEmbeddingItems) and self.vlmprune_request(hf_processor_mm_kwargs).active:  # type: ignore[attr-defined]
+                raise PolicyError("vlmprune needs images (pixel inputs); it cannot prune image_embeds inputs")
+            return stock_update.replacement(item_idx)
+
+        return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)]
+
+
+class PrunedLlavaMultiModalProcessor(PolicyProcessorMixin, LlavaFamilyPromptMixin, LlavaMultiModalProcessor):
+    """LLaVA-1.5 processor: every image is one grid of prunable tokens."""
+
+    vlmprune_family = "llava"
+    vlmprune_methods = PLUGIN_METHODS
+
+    def _vlmprune_unsupported(self) -> str | None:
+        return vision_unsupported(self.info.get_hf_config())
+
+    def _vlmprune_token_parts(self, hf_inputs: Any) -> list[tuple[int, int]]:
+        pixel_values = hf_inputs.get("pixel_values")
+        if pixel_values is None:
+            return []
+        size = self.info.get_vision_encoder_info().get_image_size()
+        n = self.info.get_num_image_tokens(image_width=size, image_height=size)
+        return [(n, 0)] * len(pixel_values)
+
+
+def _build_info(ctx):
+    """Pixtral-HF keeps vLLM's stock info; CLIP LLaVA gets the policy-aware one."""
+    from transformers import LlavaConfig, PixtralVisionConfig
+
+    if isinstance(ctx.get_hf_config(LlavaConfig).vision_config, PixtralVisionConfig):
+        return PixtralHFProcessingInfo(ctx)
+    return PrunedLlavaProcessingInfo(policy_free_context(ctx))
+
+
+def _build_processor(info, dummy_inputs):
+    if isinstance(info, PixtralHFProcessingInfo):
+        return PixtralHFMultiModalProcessor(info, dummy_inputs)
+    return PrunedLlavaMultiModalProcessor(info, dummy_inputs)
+
+
+# --- Model --------------------------------------------------------------------------------------
+
+
+@MULTIMODAL_REGISTRY.register_processor(_build_processor, info=_build_info, dummy_inputs=LlavaDummyInputsBuilder)
+class PrunedLlava(LlavaForConditionalGeneration):
+    """LLaVA-1.5 whose ``embed_multimodal`` returns each image's kept (or merged) rows."""
+
+    vlmprune_family = "llava"
+    vlmprune_methods = PLUGIN_METHODS
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        model_name = str(vllm_config.model_config.model)
+        default = check_engine(vllm_config, model_name, self.vlmprune_family, self.vlmprune_methods)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._vlmprune_reason = vision_unsupported(self.config)
+        if default.policy is not None and self._vlmprune_reason is not None:
+            raise RuntimeError(f"vlmprune cannot apply the engine default policy to {model_name}: {self._vlmprune_reason}")
+        self._vlmprune_layers = int(self.config.text_config.num_hidden_layers)
+        self._vlmprune_probe = ModelProbe(self.language_model.model, model_name)
+
+    def embed_multimodal(self, **kwargs: object):
+        items = pop_item_policies(kwargs)  # type: ignore[arg-type]
+        if items is None or not any(item.active for item in items):
+            embeds = super().embed_multimodal(**kwargs)  # the stock path, untouched
+            check_stock_counts(items, embeds)
+            return embeds
+        if self._vlmprune_reason is not None:
+            raise RuntimeError(f"vlmprune: {self._vlmprune_reason}")
+        with clip_signals(self.vision_tower, needed_signals(items)) as read_signals:
+            embeds = super().embed_multimodal(**kwargs)
+            signals = read_signals()  # name -> (B, P) or (B, P, C)
+        if len(embeds) != len(items):
+            raise RuntimeError(f"vlmprune: {len(embeds)} images encoded for {len(items)} policies")
+        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        out = []
+        for i, (item, feats) in enumerate(zip(items, embeds)):
+            image = ImageTokens(
+                features=feats,  # (P, d)
+                prunable=torch.ones(feats.shape[0], dtype=torch.bool, device=feats.device),
+                grid=(side, side),
+                signals={name: value[i] for name, value in signals.items()},
+            )
+            out.append(reduce_rows(item, image, self.vlmprune_family, self._vlmprune_layers, i, self._vlmprune_probe))
+        return out
+
+
+def check_stock_counts(items: Sequence[ItemPolicy] | None, embeds: Sequence[torch.Tensor]) -> None:
+    """Without an active policy each image must fill exactly its (stock) placeholder run."""
+    if items is None:
+        return
+    if len(embeds) != len(items):
+        raise RuntimeError(f"vlmprune: {len(embeds)} images encoded for {len(items)} policies")
+    for i, (item, rows) in enumerate(zip(items, embeds)):
+        if rows.shape[0] != item.count:
+            raise RuntimeError(f"vlmprune: image {i} gives {rows.shape[0]} rows, the processor reserved {item.count}")

@@ -1,0 +1,252 @@
+"""LLaVA-NeXT in vLLM with per-request visual-token pruning (``LlavaNextForConditionalGeneration``).
+
+Count: an image is its base (thumbnail) view plus the stitched, unpadded crop grid, with one
+``image_newline`` token ending every crop-grid row. Newlines are never pruned and not counted:
+``count = kept_count(base + unpadded, ratio) + newlines``, each part taken from vLLM's own
+``LlavaNextProcessingInfo.get_num_image_tokens`` arithmetic (:meth:`PrunedLlavaNextMultiModalProcessor._vlmprune_token_parts`).
+
+Selection: the stock tower runs once over every view (hooked as in :mod:`vlmprune.vllm_plugin.llava`);
+the stock ``_merge_image_patch_embeddings`` packs the features. To know which view, crop and grid
+cell each packed row came from, the same vLLM function packs a one-channel tensor of source
+indices (newline = -1) - so the layout matches the features by construction - and the result
+becomes the :class:`~vlmprune.backends.hf.base.ImageTokens` geometry that the transformers
+backend builds for the same model. ``reduce_image`` then decides (FasterVLM per view, GlobalCom2's
+thumbnail-guided crop budgets, ``random``, ``pool`` per view, AIM's merge per view).
+
+Deviation (documented): GlobalCom2 scores with the [CLS] logits of the *last loaded* ViT layer,
+which is Hugging Face's penultimate layer for ``vision_feature_layer=-2``; vLLM never loads the
+last layer's weights. AIM's merge keys come from the same layer.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
+from vllm.model_executor.models.llava_next import (
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageEmbeddingInputs,
+    LlavaNextMultiModalProcessor,
+    LlavaNextProcessingInfo,
+)
+from vllm.model_executor.models.vision import get_num_selected_vision_tokens
+from vllm.multimodal import MULTIMODAL_REGISTRY
+
+from vlmprune.backends.hf.base import ImageTokens
+from vlmprune.vllm_plugin.common import (
+    PLUGIN_METHODS,
+    POLICY_KEY,
+    PolicyProcessorMixin,
+    check_engine,
+    policy_free_context,
+    pop_item_policies,
+)
+from vlmprune.vllm_plugin.probe import ModelProbe
+from vlmprune.vllm_plugin.llava import (
+    LlavaFamilyPromptMixin,
+    check_stock_counts,
+    clip_signals,
+    needed_signals,
+    reduce_rows,
+    vision_unsupported,
+)
+
+# --- Processor ----------------------------------------------------------------------------------
+
+
+class PrunedLlavaNextProcessingInfo(LlavaNextProcessingInfo):
+    """Stock info whose Hugging Face processor never receives the plugin's key."""
+
+    def get_hf_processor(self, **kwargs: object):
+        kwargs.pop(POLICY_KEY, None)
+        return super().get_hf_processor(**kwargs)
+
+    def get_num_image_token_parts(self, *, image_width: int, image_height: int) -> tuple[int, int]:
+        """(prunable, newline) tokens of one image: base + unpadded crop grid, and its newlines.
+
+        The same terms, from the same functions, as the stock ``get_num_image_tokens``.
+        """
+        hf_config = self.get_hf_config()
+        encoder = self.get_vision_encoder_info()
+        base = get_num_selected_vision_tokens(
+            encoder.get_num_image_tokens(image_width=image_width, image_height=image_height),
+            hf_config.vision_feature_select_strategy,
+        )
+        gh, gw = get_anyres_image_grid_shape(
+            image_size=(image_height, image_width),
+            grid_pinpoints=hf_config.image_grid_pinpoints,
+            patch_size=encoder.get_image_size(),
+        )
+        unpadded, newlines = self._get_num_unpadded_features(
+            original_height=image_height,
+            original_width=image_width,
+            npatches=encoder.get_patch_grid_length(),
+            num_patch_height=gh,
+            num_patch_width=gw,
+        )
+        total = self.get_num_image_tokens(image_width=image_width, image_height=image_height)
+        if base + unpadded + newlines != total:
+            raise RuntimeError(f"LLaVA-NeXT token parts {base}+{unpadded}+{newlines} != stock count {total}")
+        return base + unpadded, newlines
+
+
+class PrunedLlavaNextMultiModalProcessor(PolicyProcessorMixin, LlavaFamilyPromptMixin, LlavaNextMultiModalProcessor):
+    """LLaVA-NeXT processor: prunes base + crop tokens, keeps every newline token."""
+
+    vlmprune_family = "llava_next"
+    vlmprune_methods = PLUGIN_METHODS
+
+    def _vlmprune_unsupported(self) -> str | None:
+        return vision_unsupported(self.info.get_hf_config())
+
+    def _vlmprune_token_parts(self, hf_inputs: Any) -> list[tuple[int, int]]:
+        sizes = hf_inputs.get("image_sizes")
+        if sizes is None or hf_inputs.get("pixel_values") is None:
+            return []
+        return [
+            self.info.get_num_image_token_parts(image_width=int(w), image_height=int(h))
+            for h, w in torch.as_tensor(sizes).tolist()
+        ]
+
+
+def _build_info(ctx):
+    return PrunedLlavaNextProcessingInfo(policy_free_context(ctx))
+
+
+# --- Geometry -----------------------------------------------------------------------------------
+
+
+def packed_sources(model: LlavaNextForConditionalGeneration, image_size: torch.Tensor, views: int) -> torch.Tensor:
+    """For each packed row of one image: its source ``view * P + patch`` (-1 for newline rows); (n,).
+
+    Runs vLLM's own ``_merge_image_patch_embeddings`` on a (views, P, 1) tensor of indices, with a
+    newline "embedding" of -1, so the mapping follows exactly the stock stitching and unpadding.
+    """
+    vc = model.config.vision_config
+    patches = (vc.image_size // vc.patch_size) ** 2
+    index = torch.arange(views * patches, dtype=torch.float64).view(views, patches, 1)
+    shim = SimpleNamespace(config=model.config, image_newline=torch.tensor([-1.0], dtype=torch.float64))
+    packed = LlavaNextForConditionalGeneration._merge_image_patch_embeddings(
+        shim, image_size, index, strategy="spatial_unpad"
+    )  # (n, 1)
+    return packed[:, 0].round().long()
+
+
+def image_tokens(
+    features: torch.Tensor,
+    sources: torch.Tensor,
+    signals: dict[str, torch.Tensor],
+    grid: tuple[int, int],
+    crop_grid: tuple[int, int],
+) -> ImageTokens:
+    """One image's :class:`ImageTokens` (the transformers backend's LLaVA-NeXT conventions).
+
+    ``features`` (n, d) packed rows; ``sources`` (n,) from :func:`packed_sources`; ``signals`` per
+    view of this image, ``(views, P)`` or ``(views, P, C)``; ``grid`` (h, w) patches per view.
+    """
+    h, w = grid
+    patches = h * w
+    device = features.device
+    newline = sources < 0  # (n,)
+    src = sources.clamp_min(0)
+    view_idx = src // patches  # 0 = base view, k >= 1 = crop k - 1
+    patch = src % patches
+    crop = torch.where(newline | (view_idx == 0), -1, view_idx - 1)  # (n,)
+    view = torch.where(newline, -1, (view_idx > 0).long())  # (n,)
+    gw = crop_grid[1]
+    rows = torch.where(view == 1, crop.clamp_min(0) // gw * h, 0) + patch // w
+    cols = torch.where(view == 1, crop.clamp_min(0) % gw * w, 0) + patch % w
+    coords = torch.stack([rows, cols], dim=-1)  # (n, 2), stitched grid before unpadding
+    coords[newline] = -1
+    in_crops = view == 1
+    rows1 = cols1 = 0
+    if in_crops.any():
+        # Unpadding cut leading rows (or columns): shift the crop grid to start at 0.
+        coords[in_crops] -= coords[in_crops].min(dim=0).values
+        rows1, cols1 = (int(x) + 1 for x in coords[in_crops].max(dim=0).values)
+    token_signals = {}
+    for name, value in signals.items():
+        flat = value.reshape(-1, *value.shape[2:])  # (views * P,) or (views * P, C)
+        picked = flat[src.to(flat.device)]
+        picked[newline.to(flat.device)] = 0
+        token_signals[name] = picked.to(device)
+    return ImageTokens(
+        features=features,
+        prunable=(~newline).to(device),
+        grid=grid,
+        signals=token_signals,
+        view=view.to(device),
+        crop=crop.to(device),
+        coords=coords.to(device),
+        view_shape=[(h, w), (rows1, cols1)],
+        crop_grid=crop_grid,
+    )
+
+
+# --- Model --------------------------------------------------------------------------------------
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    PrunedLlavaNextMultiModalProcessor, info=_build_info, dummy_inputs=LlavaDummyInputsBuilder
+)
+class PrunedLlavaNext(LlavaNextForConditionalGeneration):
+    """LLaVA-NeXT whose ``embed_multimodal`` returns each image's kept (or merged) rows + newlines."""
+
+    vlmprune_family = "llava_next"
+    vlmprune_methods = PLUGIN_METHODS
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        model_name = str(vllm_config.model_config.model)
+        default = check_engine(vllm_config, model_name, self.vlmprune_family, self.vlmprune_methods)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._vlmprune_reason = vision_unsupported(self.config)
+        if default.policy is not None and self._vlmprune_reason is not None:
+            raise RuntimeError(f"vlmprune cannot apply the engine default policy to {model_name}: {self._vlmprune_reason}")
+        self._vlmprune_layers = int(self.config.text_config.num_hidden_layers)
+        self._vlmprune_probe = ModelProbe(self.language_model.model, model_name)
+
+    def embed_multimodal(self, **kwargs: object):
+        items = pop_item_policies(kwargs)  # type: ignore[arg-type]
+        if items is None or not any(item.active for item in items):
+            embeds = super().embed_multimodal(**kwargs)  # the stock path, untouched
+            check_stock_counts(items, embeds)
+            return embeds
+        if self._vlmprune_reason is not None:
+            raise RuntimeError(f"vlmprune: {self._vlmprune_reason}")
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is None or isinstance(image_input, LlavaNextImageEmbeddingInputs):
+            raise RuntimeError("vlmprune: an active policy reached the model without pixel inputs")
+        pixel_values = image_input["pixel_values"]
+        views = [int(v.shape[0]) for v in pixel_values]  # per image, padding views included
+        image_sizes = image_input.get("image_sizes")
+
+        # 1. Stock features and the hooked signals, one tower run over every view.
+        with clip_signals(self.vision_tower, needed_signals(items)) as read_signals:
+            embeds = self._process_image_input(image_input)  # list of (n_i, d)
+            signals = read_signals()  # name -> (sum(views), P) or (sum(views), P, C)
+        if len(embeds) != len(items):
+            raise RuntimeError(f"vlmprune: {len(embeds)} images encoded for {len(items)} policies")
+
+        # 2. Per image: geometry of the packed rows, then the core's decision.
+        vc = self.config.vision_config
+        side = vc.image_size // vc.patch_size
+        out, start = [], 0
+        for i, (item, feats) in enumerate(zip(items, embeds)):
+            per_view = {name: value[start : start + views[i]] for name, value in signals.items()}
+            start += views[i]
+            if not item.active:
+                out.append(reduce_rows(item, ImageTokens(feats, torch.ones(feats.shape[0], dtype=torch.bool), (side, side)), self.vlmprune_family, self._vlmprune_layers, i))
+                continue
+            size = image_sizes[i]
+            sources = packed_sources(self, size, views[i])
+            if sources.shape[0] != feats.shape[0]:
+                raise RuntimeError(f"vlmprune: image {i} layout has {sources.shape[0]} rows, features {feats.shape[0]}")
+            gh, gw = get_anyres_image_grid_shape(
+                tuple(int(x) for x in size.tolist()), self.config.image_grid_pinpoints, vc.image_size
+            )
+            image = image_tokens(feats, sources, per_view, (side, side), (int(gh), int(gw)))
+            out.append(reduce_rows(item, image, self.vlmprune_family, self._vlmprune_layers, i, self._vlmprune_probe))
+        return out

@@ -1,0 +1,586 @@
+"""Qwen2-VL and Qwen2.5-VL in vLLM with per-request visual-token pruning.
+
+Registered (lazily, by :func:`vlmprune.vllm_plugin.register`) as ``PrunedQwen2VL`` under
+``Qwen2VLForConditionalGeneration`` and ``PrunedQwen2_5_VL`` under
+``Qwen2_5_VLForConditionalGeneration``. Methods: ``fastervlm``, ``random``, ``pool`` decided by
+:func:`vlmprune.backends.hf.reduce.reduce_image`, the transformers reference backend's own routing
+into :mod:`vlmprune.core`; ``transprune``, ``aim`` (merge, then PageRank) and ``explain`` by the
+shallow probe of :mod:`vlmprune.vllm_plugin.probe`, over M-RoPE positions (the image's (t, h, w)
+ids, the instruction after them).
+
+Processor (front end): the stock one plus the policy fields of :mod:`.common`; each image's
+``<|image_pad|>`` run shrinks to the count the processor computed from the merged-token grid
+(``t*h*w / merge**2``) and the ratio. Videos are never pruned (stock counts).
+
+Model (worker): ``embed_multimodal`` runs the stock vision tower once. When a batch needs the
+FasterVLM score, a forward pre-hook on the attention kernel of one full-attention block (Qwen2-VL:
+the last block; Qwen2.5-VL: the last of ``fullatt_block_indexes``) reads the ``query``/``key``
+tensors that kernel receives, i.e. *after* the vision RoPE, and
+:func:`~vlmprune.signals.attention.mean_attention_received` scores each patch per image
+(block-diagonal, per-image bounds), then :func:`~vlmprune.backends.hf.qwen2_vl.pool_merge_groups`
+averages every merge group exactly as the PatchMerger groups patches. Qwen2.5-VL permutes merge
+groups into window order inside its blocks; the scores are put back with the inverse of vLLM's
+own per-image ``get_window_index_thw``. AIM's merge metric is the merger output (as in the
+reference backend).
+
+M-RoPE positions (the convention, identical to the reference backend): every kept (or merged)
+token keeps the (t, h, w) id it has in the unpruned sequence (a merged token the id of the token it
+stands for), and text keeps its unpruned id too: the text after an image starts at
+``base + max(t, h, w)`` (Qwen's own rule, ``base`` = id of ``<|vision_start|>`` + 1) whatever was
+kept, so only the image tokens' ids depend on the decision. This is done through vLLM's own
+pruning hooks:
+
+- ``get_mrope_input_positions`` (initial positions, before the encoder runs) walks the *placeholder
+  lengths* (the stock walk assumes the unpruned grid and overshoots) and writes the final ids of
+  all text; each pruned image run gets a provisional prefix of its grid (its first token's ids are
+  exactly ``base``, which the recompute below relies on).
+- ``embed_multimodal`` appends :data:`POSITION_CHANNELS` channels to every image/video row (the
+  EVS protocol: the runner strips them): the row's (t, h, w) and its row index in the placeholder
+  run, each split as ``hi * 128 + lo`` so that the values stay exact in bfloat16.
+- ``recompute_mrope_positions`` (``SupportsMultiModalPruning``; called by the runner for every
+  prefill chunk that holds image rows) writes ``base + (t, h, w)`` for exactly those rows. Text ids
+  are never rewritten, so prefix-cache hits and chunk boundaries anywhere (inside an image, right
+  after ``<|vision_start|>``, between images) need no special case.
+
+vLLM's EVS recompute (``vllm.multimodal.video_prune.evs.recompute_mrope_positions``) is deliberately
+not used: it restarts the text after a media item at ``base + llm_grid_w`` (a different id from
+Qwen's ``max(t, h, w)`` for portrait images and videos) and it mis-assigns media to runs when a
+chunk starts between two images. At ratio 0 the positions here equal stock vLLM's exactly.
+
+Runner switches (vLLM 0.32). The V1 GPU runner and the V2 runner enable the recompute path when
+``supports_multimodal_pruning(model) and mm_config.is_multimodal_pruning_enabled()``; the latter
+is EVS's ``video_pruning_rate > 0``. Without touching ``video_pruning_rate``, the model marks *its
+own* ``MultiModalConfig`` instance (attribute ``_vlmprune_mrope_pruning``) before the stock
+``__init__`` runs, and :func:`install_config_hook` makes ``is_multimodal_pruning_enabled`` also
+return True for a marked instance (other models and engines are unaffected). The CPU runner never
+sets its flag at all; :func:`vlmprune.vllm_plugin.common.install_cpu_runner_hook` (called from
+``register()``) sets it after loading, for vlmprune models only.
+
+Limits: an engine with ``video_pruning_rate > 0`` (EVS) is refused (the two position protocols
+differ); ``image_embeds`` inputs cannot be pruned (their policy is refused in the processor); the
+scheduler's encoder budget counts pruned tokens while the full ViT runs (as with EVS).
+
+Shapes: ``T`` ViT patches of a batch, ``N_i`` merged tokens of image i, ``H`` ViT heads, ``D`` head
+dim, ``n`` rows one image contributes, ``L`` prompt length.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+from vllm.model_executor.models.interfaces import SupportsMultiModalPruning
+from vllm.model_executor.models.qwen2_5_vl import (
+    Qwen2_5_VLDummyInputsBuilder,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLMultiModalProcessor,
+    Qwen2_5_VLProcessingInfo,
+)
+from vllm.model_executor.models.qwen2_vl import (
+    Qwen2VLDummyInputsBuilder,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLMultiModalProcessor,
+    Qwen2VLProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.processing import PromptReplacement
+
+from vlmprune.backends.hf.base import CLS_ATTENTION, MERGE_METRIC, ImageTokens
+from vlmprune.backends.hf.qwen2_vl import pool_merge_groups
+from vlmprune.backends.hf.reduce import reduce_image
+from vlmprune.policy import PolicyError
+from vlmprune.signals.attention import mean_attention_received
+from vlmprune.vllm_plugin.common import (
+    PLUGIN_METHODS,
+    POLICY_KEY,
+    PROBE_METHODS,
+    ItemPolicy,
+    PolicyProcessorMixin,
+    check_engine,
+    item_count,
+    policy_free_context,
+    pop_item_policies,
+)
+from vlmprune.vllm_plugin.llava import needed_signals
+from vlmprune.vllm_plugin.probe import ModelProbe
+
+logger = logging.getLogger(__name__)
+
+POSITION_CHANNELS = 8
+"""Channels appended to every media row: (t, h, w, row) each as (hi, lo), value = hi * 128 + lo."""
+_SPLIT = 128
+CONFIG_MARK = "_vlmprune_mrope_pruning"
+"""Attribute set on the served model's ``MultiModalConfig`` instance (see the module docstring)."""
+
+
+# --- Positions ----------------------------------------------------------------------------------
+
+
+def grid_positions(t: int, h: int, w: int, t_factor: float = 1.0) -> np.ndarray:
+    """(3, t*h*w) int64 (t, h, w) ids of a merged-token grid relative to its base, in LLM order.
+
+    ``h``, ``w`` are merged-grid sizes. Exactly stock ``get_mrope_input_positions``'s grid (the
+    temporal id is ``int(t_index * t_factor)``, ``t_factor`` = seconds per grid x tokens per second).
+    """
+    grid = np.indices((t, h, w)).reshape(3, -1)
+    if t_factor != 1.0:
+        grid[0] = (grid[0] * t_factor).astype(np.int64)
+    return grid.astype(np.int64)
+
+
+def encode_position_channels(thw: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(n, 3) ids + (n,) row indices -> (n, POSITION_CHANNELS) in ``dtype`` (exact for ids < 32768)."""
+    values = torch.cat([thw.long(), rows.long()[:, None]], dim=1)  # (n, 4)
+    if bool((values < 0).any()) or bool((values >= _SPLIT * 256).any()):
+        raise ValueError(f"position ids must be in [0, {_SPLIT * 256}), got max {int(values.max())}")
+    hi, lo = values // _SPLIT, values % _SPLIT
+    return torch.stack([hi, lo], dim=2).reshape(values.shape[0], POSITION_CHANNELS).to(dtype)
+
+
+def decode_position_channels(channels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`encode_position_channels`: ((n, 3) long ids, (n,) long row indices)."""
+    pairs = channels.float().round().long().reshape(channels.shape[0], 4, 2)
+    values = pairs[..., 0] * _SPLIT + pairs[..., 1]  # (n, 4)
+    return values[:, :3], values[:, 3]
+
+
+def mrope_input_positions(
+    num_tokens: int, media: Sequence[tuple[int, int, int, int, int, float]]
+) -> tuple[torch.Tensor, int]:
+    """Initial (3, L) positions and the decode delta for a prompt of ``num_tokens`` tokens.
+
+    ``media``: per item ``(offset, length, t, h, w, t_factor)`` sorted by offset (merged grid
+    sizes; ``length`` = placeholder run). Text ids are final; a run shorter than its grid gets the
+    grid's first ``length`` cells (provisional; the recompute writes the kept ones). With full runs
+    this is exactly stock vLLM's ``get_mrope_input_positions``.
+    """
+    parts: list[np.ndarray] = []
+    cursor, next_id = 0, 0
+    for offset, length, t, h, w, t_factor in media:
+        text_len = offset - cursor
+        if text_len < 0:
+            raise ValueError(f"media item at offset {offset} overlaps the previous one (ends at {cursor})")
+        parts.append(np.broadcast_to(np.arange(text_len), (3, text_len)) + next_id)
+        base = next_id + text_len
+        grid = grid_positions(t, h, w, t_factor)  # (3, t*h*w)
+        if not 0 < length <= grid.shape[1]:
+            raise ValueError(f"a placeholder run of {length} tokens does not fit a grid of {grid.shape[1]}")
+        parts.append(grid[:, :length] + base)
+        next_id = base + int(grid.max()) + 1  # Qwen's rule: the text after continues past the grid
+        cursor = offset + length
+    if cursor < num_tokens:
+        text_len = num_tokens - cursor
+        parts.append(np.broadcast_to(np.arange(text_len), (3, text_len)) + next_id)
+    positions = np.concatenate(parts, axis=1) if parts else np.zeros((3, 0), dtype=np.int64)
+    if positions.shape[1] != num_tokens:
+        raise ValueError(f"media runs end at {cursor}, past the prompt's {num_tokens} tokens")
+    delta = int(positions.max()) + 1 - num_tokens if num_tokens else 0
+    return torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64)), delta
+
+
+def recompute_positions(
+    input_ids: torch.Tensor,
+    media_channels: Sequence[torch.Tensor],
+    positions: torch.Tensor,
+    num_computed_tokens: int,
+    media_token_ids: Sequence[int],
+) -> tuple[torch.Tensor, int]:
+    """Write the final ids of the media rows of one prefill chunk; (3, L) positions and delta.
+
+    ``media_channels``: per media item overlapping the chunk, in prompt order, the position
+    channels of its rows in this chunk (a slice of the item's rows, see the runner's
+    ``_gather_mm_embeddings``). The first item may continue a run begun in an earlier chunk (its
+    first row index says where); every later one starts a new run at the next media token. A run's
+    ``base`` is the temporal id of its first token (exact for images, t = 0, and unpruned videos,
+    whose first row is at t = 0), which both the initial positions and this function preserve.
+    """
+    positions = positions.clone()
+    if not media_channels:
+        return positions, int(positions.max()) + 1 - positions.shape[1]
+    ids = input_ids.to(positions.device).long().reshape(-1)  # (L,)
+    is_media = torch.zeros_like(ids, dtype=torch.bool)
+    for token in media_token_ids:
+        is_media |= ids == token
+    media_index = is_media.nonzero().squeeze(1)  # (M,) ascending
+    cursor = int(num_computed_tokens)
+    for channels in media_channels:
+        if channels.shape[0] == 0:
+            continue
+        thw, rows = decode_position_channels(channels)  # (n, 3), (n,)
+        thw, rows = thw.to(positions.device), rows.to(positions.device)
+        first = int(rows[0])
+        if first > 0:  # continues a run that began before this chunk
+            run_start = cursor - first
+        else:
+            later = media_index[media_index >= cursor]
+            if later.numel() == 0:
+                raise RuntimeError(f"vlmprune: no media token at or after index {cursor} for a media item")
+            run_start = int(later[0])
+        start, end = run_start + first, run_start + first + thw.shape[0]
+        if run_start < 0 or end > ids.shape[0] or not bool(is_media[start:end].all()):
+            raise RuntimeError(f"vlmprune: media rows [{start}, {end}) do not land on media tokens")
+        base = positions[0, run_start]
+        positions[:, start:end] = (thw + base).T
+        cursor = end
+    return positions, int(positions.max()) + 1 - positions.shape[1]
+
+
+# --- Runner / config switches ---------------------------------------------------------------------
+
+
+def install_config_hook() -> None:
+    """Make ``MultiModalConfig.is_multimodal_pruning_enabled`` also true for a marked instance.
+
+    Idempotent. Only instances carrying :data:`CONFIG_MARK` (set by a vlmprune Qwen model on its
+    own engine's config) change; every other engine keeps vLLM's rule (``video_pruning_rate > 0``).
+    """
+    from vllm.config.multimodal import MultiModalConfig
+
+    current = MultiModalConfig.is_multimodal_pruning_enabled
+    if getattr(current, "_vlmprune_hook", False):
+        return
+
+    def is_multimodal_pruning_enabled(self) -> bool:
+        return bool(getattr(self, CONFIG_MARK, False)) or current(self)
+
+    is_multimodal_pruning_enabled._vlmprune_hook = True  # type: ignore[attr-defined]
+    is_multimodal_pruning_enabled.__doc__ = current.__doc__
+    MultiModalConfig.is_multimodal_pruning_enabled = is_multimodal_pruning_enabled  # type: ignore[method-assign]
+
+
+# --- Vision-side score ----------------------------------------------------------------------------
+
+
+class _KernelQKCapture:
+    """The ``query``/``key`` one ViT attention kernel receives during a forward (read, never written)."""
+
+    def __init__(self, kernel: nn.Module) -> None:
+        self.kernel = kernel
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._handle: Any = None
+
+    def _pre(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        query = kwargs["query"] if "query" in kwargs else args[0]
+        key = kwargs["key"] if "key" in kwargs else args[1]
+        self.calls.append((query.detach(), key.detach()))  # (1, T, H, D) each
+
+    def __enter__(self) -> _KernelQKCapture:
+        self._handle = self.kernel.register_forward_pre_hook(self._pre, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
+
+
+# --- Processor ------------------------------------------------------------------------------------
+
+
+class PrunedQwen2VLProcessingInfo(Qwen2VLProcessingInfo):
+    """Stock info whose Hugging Face processor never receives the plugin's key."""
+
+    def get_hf_processor(self, **kwargs: object):
+        kwargs.pop(POLICY_KEY, None)
+        return super().get_hf_processor(**kwargs)
+
+
+class PrunedQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
+    """Stock info whose Hugging Face processor never receives the plugin's key."""
+
+    def get_hf_processor(self, **kwargs: object):
+        kwargs.pop(POLICY_KEY, None)
+        return super().get_hf_processor(**kwargs)
+
+
+class QwenPromptMixin:
+    """Image placeholder runs of the counts the processor attached; videos keep the stock update."""
+
+    def _vlmprune_token_parts(self, hf_inputs: Any) -> list[tuple[int, int]]:
+        grid_thw = hf_inputs.get("image_grid_thw")
+        if grid_thw is None or hf_inputs.get("pixel_values") is None:
+            return []
+        merge = int(self.info.get_hf_config().vision_config.spatial_merge_size)  # type: ignore[attr-defined]
+        return [(int(torch.as_tensor(g).prod()) // (merge * merge), 0) for g in grid_thw]
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        stock = super()._get_prompt_updates(  # type: ignore[misc]
+            mm_items=mm_items, hf_processor_mm_kwargs=hf_processor_mm_kwargs, out_mm_kwargs=out_mm_kwargs
+        )
+        image_token_id = int(self.info.get_hf_config().image_token_id)  # type: ignore[attr-defined]
+        out = []
+        for update in stock:
+            if update.modality != "image":
+                out.append(update)
+                continue
+
+            def replacement(item_idx: int, _stock=update):
+                count = item_count(out_mm_kwargs, item_idx)
+                if count is not None:
+                    return [image_token_id] * count
+                # No fields: pixel inputs always get them, so these are image_embeds inputs.
+                if self.vlmprune_request(hf_processor_mm_kwargs).active:  # type: ignore[attr-defined]
+                    raise PolicyError("vlmprune needs images (pixel inputs); it cannot prune image_embeds inputs")
+                return _stock.replacement(item_idx)
+
+            out.append(PromptReplacement(modality="image", target=update.target, replacement=replacement))
+        return out
+
+
+QWEN_METHODS = PLUGIN_METHODS - {"globalcom2"}
+"""Methods that apply to Qwen (GlobalCom2 needs LLaVA-NeXT's AnyRes views)."""
+
+
+class PrunedQwen2VLMultiModalProcessor(QwenPromptMixin, PolicyProcessorMixin, Qwen2VLMultiModalProcessor):
+    vlmprune_family = "qwen2_vl"
+    vlmprune_methods = QWEN_METHODS
+
+
+class PrunedQwen2_5_VLMultiModalProcessor(QwenPromptMixin, PolicyProcessorMixin, Qwen2_5_VLMultiModalProcessor):
+    vlmprune_family = "qwen2_5_vl"
+    vlmprune_methods = QWEN_METHODS
+
+
+def _info_factory(info_cls: type) -> Any:
+    return lambda ctx: info_cls(policy_free_context(ctx))
+
+
+# --- Model ----------------------------------------------------------------------------------------
+
+
+class QwenPruningMixin:
+    """What both pruned Qwen models add to the stock classes (put first in the bases)."""
+
+    supports_multimodal_pruning: ClassVar[bool] = True
+    vlmprune_mrope_pruning: ClassVar[bool] = True
+    """Read by the CPU-runner hook: this model appends position channels and must be recomputed."""
+    vlmprune_family: ClassVar[str] = ""
+    vlmprune_methods: ClassVar[frozenset[str]] = QWEN_METHODS
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        model_name = str(vllm_config.model_config.model)
+        check_engine(vllm_config, model_name, self.vlmprune_family, self.vlmprune_methods)
+        mm_config = vllm_config.model_config.multimodal_config
+        if mm_config.video_pruning_rate:
+            raise RuntimeError(
+                f"vlmprune cannot serve {model_name} with video_pruning_rate={mm_config.video_pruning_rate} "
+                "(EVS): its position channels differ from vlmprune's; unset --video-pruning-rate"
+            )
+        install_config_hook()
+        setattr(mm_config, CONFIG_MARK, True)  # before the stock __init__ reads the flag
+        super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
+        self._vlmprune_layers = int(self.config.text_config.num_hidden_layers)  # type: ignore[attr-defined]
+        self._vlmprune_probe = ModelProbe(self.language_model.model, model_name)  # type: ignore[attr-defined]
+
+    # -- family hooks ------------------------------------------------------------------------------
+    def vlmprune_score_block(self) -> int:
+        """Index of the full-attention ViT block whose attention scores the patches."""
+        raise NotImplementedError
+
+    def _vlmprune_llm_order(self, merged: torch.Tensor, t: int, h: int, w: int) -> torch.Tensor:
+        """(N_i,) merged-token values of one image in the blocks' order -> LLM (merger output) order."""
+        return merged
+
+    # -- encoder -----------------------------------------------------------------------------------
+    def embed_multimodal(self, **kwargs: object):
+        items = pop_item_policies(kwargs)  # type: ignore[arg-type]
+        modalities = self._parse_and_validate_multimodal_inputs(**kwargs)  # type: ignore[attr-defined]
+        out: list[torch.Tensor] = []
+        for key, media_input in modalities.items():
+            if media_input is None:
+                continue
+            if key.startswith("image"):
+                out.extend(self._vlmprune_images(media_input, items))
+            else:
+                out.extend(self._vlmprune_videos(media_input))
+        return tuple(out)
+
+    def _vlmprune_images(self, image_input: Any, items: list[ItemPolicy] | None) -> list[torch.Tensor]:
+        visual = self.visual  # type: ignore[attr-defined]
+        merge = int(visual.spatial_merge_size)
+        grid_thw = [[int(x) for x in g] for g in image_input["image_grid_thw"].tolist()]
+        active = items is not None and any(item.active for item in items)
+        if active and image_input["type"] != "pixel_values":
+            raise RuntimeError("vlmprune: image_embeds inputs cannot be pruned (the processor should refuse them)")
+        needs = needed_signals(items) if active else frozenset()
+
+        # 1. One stock vision forward; the scoring block's kernel inputs are captured if needed.
+        scores: list[torch.Tensor] | None = None
+        if CLS_ATTENTION in needs:
+            block = visual.blocks[self.vlmprune_score_block()]
+            with _KernelQKCapture(block.attn.attn) as capture:
+                features = self._process_image_input(image_input)  # type: ignore[attr-defined]
+            scores = self._vlmprune_scores(capture, grid_thw, merge)
+        else:
+            features = self._process_image_input(image_input)  # type: ignore[attr-defined]
+        if items is not None and len(items) != len(features):
+            raise RuntimeError(f"vlmprune: {len(features)} images encoded for {len(items)} policies")
+
+        # 2. Per image: the reduction, then the kept rows with their position channels.
+        out = []
+        for i, (feats, (t, h, w)) in enumerate(zip(features, grid_thw)):
+            llm_h, llm_w = h // merge, w // merge
+            thw = torch.from_numpy(grid_positions(t, llm_h, llm_w).T.copy()).to(feats.device)  # (N_i, 3)
+            item = None if items is None else items[i]
+            if item is not None and item.active:
+                signals = {MERGE_METRIC: feats}
+                if scores is not None:
+                    signals[CLS_ATTENTION] = scores[i]
+                image = ImageTokens(
+                    features=feats,
+                    prunable=torch.ones(feats.shape[0], dtype=torch.bool, device=feats.device),
+                    grid=(llm_h, llm_w),
+                    signals=signals,
+                )
+                if item.policy.method in PROBE_METHODS:  # instruction-aware: the LM probe decides
+                    reduction = self._vlmprune_probe.reduce(
+                        item, image, self.vlmprune_family, self._vlmprune_layers, grid_positions=thw.T
+                    )
+                else:
+                    reduction = reduce_image(item.policy, self.vlmprune_family, image, num_layers=self._vlmprune_layers)
+                rows, index = reduction.apply(feats).to(feats.dtype), reduction.index.to(feats.device)
+            else:
+                rows, index = feats, torch.arange(feats.shape[0], device=feats.device)
+            if item is not None and rows.shape[0] != item.count:
+                raise RuntimeError(
+                    f"vlmprune: image {i} gives {rows.shape[0]} rows but the processor reserved {item.count} "
+                    f"placeholders (policy {item.policy}); the processor and the model disagree"
+                )
+            row_ids = torch.arange(rows.shape[0], device=rows.device)
+            out.append(torch.cat([rows, encode_position_channels(thw[index], row_ids, rows.dtype)], dim=1))
+        return out
+
+    def _vlmprune_scores(self, capture: _KernelQKCapture, grid_thw: list[list[int]], merge: int) -> list[torch.Tensor]:
+        """FasterVLM's Qwen score per image, (N_i,) in LLM order, from the captured q/k."""
+        if len(capture.calls) != 1:
+            raise RuntimeError(
+                f"vlmprune: ViT block {self.vlmprune_score_block()} ran {len(capture.calls)} times for one "
+                "image batch (a sharded or graph-captured encoder?); cannot score"
+            )
+        query, key = capture.calls[0]
+        num_heads = int(query.shape[-2])
+        q = query.reshape(-1, query.shape[-2] * query.shape[-1])  # (T, H*D)
+        k = key.reshape(-1, key.shape[-2] * key.shape[-1])
+        sizes = [t * h * w for t, h, w in grid_thw]
+        if q.shape[0] != sum(sizes):
+            raise RuntimeError(f"vlmprune: captured {q.shape[0]} ViT tokens for grids totalling {sum(sizes)}")
+        bounds = torch.tensor([0, *np.cumsum(sizes).tolist()], device=q.device)
+        with torch.no_grad():
+            received = mean_attention_received(q, k, num_heads, cu_seqlens=bounds)  # (T,)
+            merged = pool_merge_groups(received, merge * merge)  # (sum N_i,) blocks' order
+        per_image = merged.split([s // (merge * merge) for s in sizes])
+        return [self._vlmprune_llm_order(m, t, h, w) for m, (t, h, w) in zip(per_image, grid_thw)]
+
+    def _vlmprune_videos(self, video_input: Any) -> list[torch.Tensor]:
+        """Unpruned video rows with their position channels (stock ids, stock temporal scaling)."""
+        merge = int(self.visual.spatial_merge_size)  # type: ignore[attr-defined]
+        features = self._process_video_input(video_input)  # type: ignore[attr-defined]
+        grid_thw = [[int(x) for x in g] for g in video_input["video_grid_thw"].tolist()]
+        seconds = video_input.get("second_per_grid_ts") if hasattr(video_input, "get") else None
+        per_token = float(getattr(self.config.vision_config, "tokens_per_second", 1.0))  # type: ignore[attr-defined]
+        out = []
+        for i, (feats, (t, h, w)) in enumerate(zip(features, grid_thw)):
+            factor = (float(seconds[i].item()) if seconds is not None else 1.0) * per_token
+            thw = torch.from_numpy(grid_positions(t, h // merge, w // merge, factor).T.copy()).to(feats.device)
+            rows = torch.arange(feats.shape[0], device=feats.device)
+            out.append(torch.cat([feats, encode_position_channels(thw, rows, feats.dtype)], dim=1))
+        return out
+
+    # -- positions ---------------------------------------------------------------------------------
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[Any]) -> tuple[torch.Tensor, int]:
+        features = sorted(mm_features, key=lambda f: f.mm_position.offset)
+        media = [
+            (offset, int(feature.mm_position.length), t, h, w, t_factor)
+            for feature, (offset, t, h, w, t_factor) in zip(features, self.iter_mm_grid_thw(mm_features))  # type: ignore[attr-defined]
+        ]
+        return mrope_input_positions(len(input_tokens), media)
+
+    def recompute_mrope_positions(
+        self,
+        input_ids: list[int] | torch.Tensor,
+        multimodal_embeddings: Sequence[torch.Tensor],
+        mrope_positions: torch.LongTensor,
+        num_computed_tokens: int,
+    ) -> tuple[Sequence[torch.Tensor], torch.Tensor, int]:
+        """``SupportsMultiModalPruning``: strip the position channels, write the chunk's media ids."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long, device=mrope_positions.device)
+        stripped = [mm[:, :-POSITION_CHANNELS] for mm in multimodal_embeddings]
+        channels = [mm[:, -POSITION_CHANNELS:] for mm in multimodal_embeddings]
+        media_ids = (int(self.config.image_token_id), int(self.config.video_token_id))  # type: ignore[attr-defined]
+        positions, delta = recompute_positions(ids, channels, mrope_positions, num_computed_tokens, media_ids)
+        log = getattr(self, "_vlmprune_position_log", None)
+        if log is not None:
+            log[tuple(int(x) for x in ids.tolist())] = positions.cpu().clone()
+        return stripped, positions, delta
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    PrunedQwen2VLMultiModalProcessor,
+    info=_info_factory(PrunedQwen2VLProcessingInfo),
+    dummy_inputs=Qwen2VLDummyInputsBuilder,
+)
+class PrunedQwen2VL(QwenPruningMixin, Qwen2VLForConditionalGeneration, SupportsMultiModalPruning):
+    """Qwen2-VL with pruning; adds ``SupportsMultiModalPruning``, which stock Qwen2-VL lacks."""
+
+    vlmprune_family = "qwen2_vl"
+
+    def vlmprune_score_block(self) -> int:
+        return len(self.visual.blocks) - 1
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    PrunedQwen2_5_VLMultiModalProcessor,
+    info=_info_factory(PrunedQwen2_5_VLProcessingInfo),
+    dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
+)
+class PrunedQwen2_5_VL(QwenPruningMixin, Qwen2_5_VLForConditionalGeneration):
+    """Qwen2.5-VL with pruning; scores at the last full-attention block, out of window order."""
+
+    vlmprune_family = "qwen2_5_vl"
+
+    def vlmprune_score_block(self) -> int:
+        full = [int(i) for i in self.visual.fullatt_block_indexes]
+        if not full:
+            raise RuntimeError("vlmprune: vision_config.fullatt_block_indexes is empty; no full-attention block to score")
+        return max(full)
+
+    def _vlmprune_llm_order(self, merged: torch.Tensor, t: int, h: int, w: int) -> torch.Tensor:
+        window_index, _ = self.visual.get_window_index_thw(t, h, w)  # (N_i,) group at each window slot
+        return merged[torch.argsort(window_index.to(merged.device))]
+
+
+# --- Diagnostics ----------------------------------------------------------------------------------
+
+
+def start_position_log(model: nn.Module) -> bool:
+    """Record the final M-RoPE positions of every prompt the model recomputes (tests, debugging).
+
+    Use in the worker: ``llm.apply_model(start_position_log)``, then ``llm.apply_model(position_log)``.
+    """
+    if not getattr(model, "vlmprune_mrope_pruning", False):
+        return False
+    model._vlmprune_position_log = {}  # type: ignore[attr-defined]
+    return True
+
+
+def position_log(model: nn.Module) -> dict[tuple[int, ...], list[list[int]]]:
+    """Prompt ids -> (3, L) final positions recorded since :func:`start_position_log`."""
+    log = getattr(model, "_vlmprune_position_log", None) or {}
+    return {ids: positions.tolist() for ids, positions in log.items()}
+
+
+__all__ = [
+    "POSITION_CHANNELS",
+    "PrunedQwen2VL",
+    "PrunedQwen2_5_VL",
+    "decode_position_channels",
+    "encode_position_channels",
+    "grid_positions",
+    "install_config_hook",
+    "mrope_input_positions",
+    "position_log",
+    "recompute_positions",
+    "start_position_log",
+]
