@@ -1,0 +1,154 @@
+"""Accuracy of a testbed model under a pruning policy: ``vlmprune eval``.
+
+Each sample is one test-split scene + question of :mod:`vlmprune.testbed.scenes`; the model answers
+greedily and a sample is correct when the answer text (stripped) equals the expected word. The test
+samples are always indices ``0..N-1`` of the split, so every method and ratio sees the same data;
+``seed`` seeds the seeded methods (``random`` gets ``seed * 1_000_003 + index`` per sample, so each
+sample draws its own subset, reproducibly).
+
+Per family the result carries the chance level: the accuracy of always giving that family's most
+frequent answer on the same samples.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+BACKENDS = ("hf", "vllm")
+
+
+def evaluate(
+    model: str | Path,
+    method: str = "fastervlm",
+    ratio: float = 0.0,
+    samples: int = 300,
+    seed: int = 0,
+    split: str = "test",
+    backend: str = "hf",
+    options: dict[str, Any] | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``model`` (a shipped name or a folder) and return the result dict (see module doc)."""
+    from vlmprune.policy import parse_policy
+    from vlmprune.testbed import scenes
+    from vlmprune.testbed.registry import resolve_model
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "vllm":
+        raise ValueError("backend 'vllm' is not available yet (it comes with the vLLM plugin issue); use --backend hf")
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if split not in scenes.SPLITS:
+        raise ValueError(f"split must be one of {', '.join(scenes.SPLITS)}, got {split!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    base = {"method": method, "ratio": ratio, **(options or {})}
+    policy = parse_policy(base)  # validates once, names the offending field
+    path = resolve_model(model)
+
+    import torch
+    from tqdm import tqdm
+
+    from vlmprune.backends.hf import ReferenceBackend, Request
+
+    engine = ReferenceBackend.from_pretrained(path)
+    size = int(engine.model.config.vision_config.image_size)
+    data = [scenes.sample(split, i) for i in range(samples)]
+    records = []
+    t0 = time.time()
+    with torch.no_grad(), tqdm(total=samples, desc=f"eval {method}@{policy.ratio}", file=sys.stderr,
+                               disable=not progress) as bar:
+        for start in range(0, samples, batch_size):
+            chunk = data[start : start + batch_size]
+            if policy.method == "random":
+                # One policy per sample (its own seed): prefill each request separately.
+                gens = []
+                for s in chunk:
+                    pol = parse_policy({**base, "seed": seed * 1_000_003 + s.index})
+                    req = Request(s.question, [scenes.render(s.scene, size)])
+                    gens += engine.generate([req], pol, max_new_tokens=3)
+            else:
+                reqs = [Request(s.question, [scenes.render(s.scene, size)]) for s in chunk]
+                gens = engine.generate(reqs, policy, max_new_tokens=3)
+            for s, g in zip(chunk, gens):
+                answer = g.text.strip()
+                records.append(
+                    {"family": s.family, "answer": s.answer, "output": answer, "correct": answer == s.answer,
+                     "visual_tokens": g.visual_tokens, "kept_tokens": g.kept_tokens}
+                )
+            bar.update(len(chunk))
+    return summarize(records, model=str(model), path=str(path), backend=backend, split=split, seed=seed,
+                     policy=policy.model_dump(mode="json"), wall_s=time.time() - t0)
+
+
+def summarize(records: list[dict[str, Any]], **header: Any) -> dict[str, Any]:
+    """Accuracy overall and per family, chance per family, mean visual/kept tokens per sample."""
+    from vlmprune.testbed.scenes import FAMILIES, majority_chance
+
+    n = len(records)
+    by_family: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        by_family[r["family"]].append(r)
+    families = [f for f in FAMILIES if f in by_family] + sorted(set(by_family) - set(FAMILIES))
+    policy = header.get("policy", {})
+    return {
+        **header,
+        "method": policy.get("method"),
+        "ratio": policy.get("ratio"),
+        "samples": n,
+        "accuracy": sum(r["correct"] for r in records) / n if n else 0.0,
+        "visual_tokens": sum(r["visual_tokens"] for r in records) / n if n else 0.0,
+        "kept_tokens": sum(r["kept_tokens"] for r in records) / n if n else 0.0,
+        "per_family": {f: sum(r["correct"] for r in by_family[f]) / len(by_family[f]) for f in families},
+        "per_family_samples": {f: len(by_family[f]) for f in families},
+        "chance": {f: majority_chance([r["answer"] for r in by_family[f]]) for f in families},
+    }
+
+
+def render_text(result: dict[str, Any]) -> str:
+    """A short human-readable table of one result (printed before the JSON line without --json)."""
+    lines = [
+        f"model {result['model']}  backend {result['backend']}  method {result['method']}  ratio {result['ratio']}",
+        f"accuracy {result['accuracy']:.3f} on {result['samples']} {result['split']} samples; visual tokens "
+        f"{result['visual_tokens']:.1f}, kept {result['kept_tokens']:.1f} per sample; {result['wall_s']:.1f} s",
+        f"{'family':<10} {'n':>4} {'accuracy':>9} {'chance':>7}",
+    ]
+    for f, acc in result["per_family"].items():
+        lines.append(f"{f:<10} {result['per_family_samples'][f]:>4} {acc:>9.3f} {result['chance'][f]:>7.3f}")
+    return "\n".join(lines)
+
+
+def run_cli(args) -> int:
+    """``vlmprune eval``: the result's JSON object is always the LAST line of stdout; without
+    ``--json`` a readable table comes first. Progress goes to stderr."""
+    import json
+
+    options: dict[str, Any] = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set: expected KEY=VALUE, got {item!r}")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    try:
+        ratio = float(args.ratio)
+    except ValueError:
+        raise ValueError(f"--ratio: {args.ratio!r} is not a number") from None
+    result = evaluate(
+        args.model, method=args.method, ratio=ratio, samples=args.samples, seed=args.seed, split=args.split,
+        backend=args.backend, options=options, batch_size=args.batch_size, progress=not args.no_progress,
+    )
+    if not args.json:
+        print(render_text(result))
+    print(json.dumps(result))
+    return 0

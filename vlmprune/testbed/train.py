@@ -1,0 +1,579 @@
+"""Training of the shipped testbed models: ``vlmprune train demo [--out DIR] [--steps N] [--seed S]``.
+
+``demo`` (LLaVA-1.5 style, transformers ``LlavaForConditionalGeneration``) is trained in three
+resumable stages inside ``--out``'s work folder:
+
+1. ViT pretraining (:mod:`vlmprune.testbed.vit`), through [CLS] on scene-level targets;
+2. the frozen ViT's penultimate-layer patch features of a fixed pool of train scenes are cached once
+   (the LM stage never runs the ViT again);
+3. projector (2-layer MLP) + a small Llama LM from scratch, next-token loss on the answer tokens
+   only; each sequence is a multi-turn conversation (several templated questions about one cached
+   scene), which multiplies the supervision per LM forward pass.
+
+The finished model is written in the hub key layout (``vision_tower.vision_model.*``) that both
+transformers and vLLM 0.32 load. Everything is seeded; a stage that finds its checkpoint resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from vlmprune.testbed import scenes
+from vlmprune.testbed.vit import VitConfig, clip_config, image_processor, pixels, pretrain
+
+IMAGE_TOKEN = "<image>"
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN]
+# One user turn: the image placeholder, then the text; LLaVA-1.5's "USER: ... ASSISTANT:" format.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: "
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "{% else %} ASSISTANT: "
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "</s>{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+)
+
+
+def prompt_text(question: str) -> str:
+    """The chat-templated prompt of one image + question (what :data:`CHAT_TEMPLATE` renders)."""
+    return f"USER: {IMAGE_TOKEN}\n{question} ASSISTANT:"
+
+
+@dataclass(frozen=True)
+class LmConfig:
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Every knob of the ``demo`` recipe (recorded in the output folder)."""
+
+    vit: VitConfig = field(default_factory=VitConfig)
+    lm: LmConfig = field(default_factory=LmConfig)
+    vit_steps: int = 450
+    vit_batch: int = 32
+    vit_lr: float = 2e-3
+    cache_scenes: int = 8000
+    questions_per_scene: int = 10
+    turns: int = 5
+    """Questions per training sequence: a multi-turn conversation about one image, as LLaVA trains."""
+    steps: int = 6000
+    batch: int = 16
+    lr: float = 2e-3
+    val_samples: int = 250
+    align_init: bool = True
+    aligned_lr_scale: float = 0.1
+    seed: int = 0
+
+
+# --- tokenizer, processor, model --------------------------------------------------------------------
+
+
+def build_tokenizer(save_dir: Path):
+    """Word-level fast tokenizer over the task's vocabulary, BOS added, ``<image>`` one token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + list(scenes.VOCAB_WORDS))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+    )
+    tokenizer.save_pretrained(save_dir)
+    return PreTrainedTokenizerFast.from_pretrained(save_dir)
+
+
+def build_processor(work: Path, vit: VitConfig):
+    from transformers import LlavaProcessor
+
+    return LlavaProcessor(
+        image_processor=image_processor(vit),
+        tokenizer=build_tokenizer(work / "tokenizer"),
+        patch_size=vit.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_model(cfg: DemoConfig, tokenizer):
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.lm.hidden_size,
+        intermediate_size=cfg.lm.intermediate_size,
+        num_hidden_layers=cfg.lm.num_layers,
+        num_attention_heads=cfg.lm.num_heads,
+        num_key_value_heads=cfg.lm.num_kv_heads,
+        max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=clip_config(cfg.vit),
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(cfg.seed)
+    return LlavaForConditionalGeneration(config)
+
+
+# --- feature cache ----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def penultimate_features(vision_tower, images, vit: VitConfig) -> torch.Tensor:
+    """(B, P, d) patch features of ``vision_feature_layer=-2`` with the 'default' strategy."""
+    out = vision_tower(pixel_values=pixels(images, vit), output_hidden_states=True)
+    return out.hidden_states[-2][:, 1:]
+
+
+def cache_features(vision_tower, seeds: list[int], vit: VitConfig, path: Path, log=print, progress=True) -> torch.Tensor:
+    """Penultimate features of the scenes ``seeds`` (fp16, (N, P, d)), computed once, resumable."""
+    from tqdm import tqdm
+
+    if path.is_file():
+        feats = torch.load(path, map_location="cpu")
+        if feats.shape[0] == len(seeds):
+            return feats
+    part = path.with_suffix(".part.pt")
+    chunks: list[torch.Tensor] = torch.load(part, weights_only=False) if part.is_file() else []
+    done = sum(c.shape[0] for c in chunks)
+    step = 64
+    vision_tower.eval()
+    for start in tqdm(range(done, len(seeds), step), desc=f"cache {path.stem}", disable=not progress):
+        batch = seeds[start : start + step]
+        images = [scenes.render(scenes.make_scene(s), vit.image_size) for s in batch]
+        chunks.append(penultimate_features(vision_tower, images, vit).half())
+        if len(chunks) % 20 == 0:
+            torch.save(chunks, part)
+    feats = torch.cat(chunks)
+    torch.save(feats, path)
+    part.unlink(missing_ok=True)
+    log(f"cached {tuple(feats.shape)} features to {path}")
+    return feats
+
+
+# --- LM stage ---------------------------------------------------------------------------------------
+
+
+class QuestionBatcher:
+    """Token ids of (question, answer) pairs; the image placeholder stays ONE token here and the
+    projected patch features are spliced in at its position (the processor would expand it)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tok = tokenizer
+        self.image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id
+        self._cache: dict[str, list[int]] = {}
+
+    def ids(self, text: str, special: bool = True) -> list[int]:
+        key = f"{special}|{text}"
+        if key not in self._cache:
+            self._cache[key] = self.tok(text, add_special_tokens=special)["input_ids"]
+        return self._cache[key]
+
+    def batch(self, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One question per row: see :meth:`conversations`."""
+        return self.conversations([[pair] for pair in pairs])
+
+    def conversations(self, rows_qa: list[list[tuple[str, str]]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(B, T) ids of multi-turn conversations about one image each (LLaVA's training format:
+        ``USER: <image>\nq1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>...``), right padded;
+        (B, T) next-token labels (-100 except where the next token is an answer token or eos);
+        the image position (the same in every row)."""
+        rows, labels = [], []
+        for turns in rows_qa:
+            row: list[int] = []
+            is_target: list[bool] = []
+            for k, (question, answer) in enumerate(turns):
+                prompt = self.ids(prompt_text(question)) if k == 0 else self.ids(f"USER: {question} ASSISTANT:", False)
+                target = self.ids(answer, special=False) + [self.eos]
+                row += prompt + target
+                is_target += [False] * len(prompt) + [True] * len(target)
+            rows.append(row)
+            labels.append([row[j + 1] if is_target[j + 1] else -100 for j in range(len(row) - 1)] + [-100])
+        pos = {r.index(self.image_id) for r in rows}
+        if len(pos) != 1:
+            raise ValueError(f"the image placeholder must sit at one position in every prompt, got {pos}")
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        lab = torch.full((len(rows), width), -100, dtype=torch.long)
+        for i, (r, lb) in enumerate(zip(rows, labels)):
+            ids[i, : len(r)] = torch.tensor(r)
+            lab[i, : len(lb)] = torch.tensor(lb)
+        return ids, lab, pos.pop()
+
+
+def lm_forward(model, ids: torch.Tensor, image_pos: int, feats: torch.Tensor) -> torch.Tensor:
+    """Last hidden states (B, T - 1 + P, d) of the LLM over text with projected features spliced in.
+
+    Right padding needs no attention mask: causal attention never lets a real token see a pad."""
+    embed = model.get_input_embeddings()(ids)  # (B, T, d)
+    visual = model.model.multi_modal_projector(feats.float())  # (B, P, d)
+    embeds = torch.cat([embed[:, :image_pos], visual, embed[:, image_pos + 1 :]], dim=1)
+    return model.model.language_model(inputs_embeds=embeds).last_hidden_state
+
+
+@torch.no_grad()
+def balance_scales(model, feats: torch.Tensor, norm: float = 4.0) -> None:
+    """Start text embeddings and projected visual tokens at the same norm.
+
+    The penultimate CLIP features are a pre-LayerNorm residual stream (norm ~50 here) while Llama's
+    embedding init (std 0.02) gives text tokens norm ~0.2 at d=128: with default inits the visual
+    tokens swamp the question in the residual stream and the LM learns the answer prior only.
+    Data-dependent init: standardised projector inputs; projected tokens and embeddings both start
+    at norm ``norm``."""
+    emb = model.get_input_embeddings().weight  # (V, d)
+    emb.normal_(0.0, norm / emb.shape[1] ** 0.5)
+    proj = model.model.multi_modal_projector
+    x = feats.float().reshape(-1, feats.shape[-1])  # (N*P, d_v)
+    # Standardise the inputs inside the first layer: the features share a large mean component
+    # (norm ~40 against ~18 of per-patch variation), which lets the LM learn early to ignore every
+    # visual token alike (a trap it never leaves); centred, per-dimension unit-scale inputs avoid it.
+    mu, sigma = x.mean(0), x.std(0).clamp_min(1e-3)  # (d_v,)
+    proj.linear_1.weight.div_(sigma)
+    proj.linear_1.bias.sub_(proj.linear_1.weight @ mu)
+    proj.linear_2.bias.zero_()
+    proj.linear_2.weight.mul_(norm / proj(x).norm(dim=-1).mean())
+
+
+@torch.no_grad()
+def align_init(model, tokenizer, dense_head: nn.Linear, norm: float = 4.0, seed: int = 0) -> None:
+    """Start the projector and the LM's word vectors aligned (a stand-in for LLaVA's stage-1
+    feature-alignment pretraining, which a CPU budget cannot afford).
+
+    The ViT's dense pretraining head reads each patch's colour / kind / digit / size class off the
+    penultimate features; the projector's first layer starts as that read-out, its second layer
+    maps class c to a random direction ``u_c``, and the words naming class c ("red", "circle", "7",
+    "small"; "box") start with embedding ``u_c`` and output row ``u_c / norm``. Everything stays
+    trainable; this only shortens the path from "the question names X" to "attend to X's patches"."""
+    from vlmprune.testbed.vit import DENSE
+
+    proj = model.model.multi_modal_projector
+    d_text = proj.linear_2.out_features
+    n_cls = dense_head.out_features
+    if n_cls > proj.linear_1.out_features:
+        raise ValueError(f"projector too narrow for {n_cls} class read-outs")
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.randn(n_cls, d_text, generator=gen)
+    u = norm * u / u.norm(dim=1, keepdim=True)  # (C, d) class directions
+    proj.linear_1.weight[:n_cls] = dense_head.weight
+    proj.linear_1.bias[:n_cls] = dense_head.bias
+    proj.linear_2.weight[:, :n_cls] = u.T / 4.0  # a confident logit ~4 -> norm ~ ``norm``
+    names = {
+        "colour": ["<none>", *scenes.COLOURS],
+        "kind": ["<none>", *scenes.PATCH_KINDS],
+        "digit": ["<none>", *scenes.DIGITS],
+        "size": ["<none>", *scenes.SIZES],
+    }
+    # Layer 0 starts as content-matching attention (tokens attend to tokens with similar content,
+    # e.g. the word "red" to red patches) that copies what it finds: queries and keys share one
+    # random projection, restricted to the slowly rotating RoPE dimensions (nearly position-free
+    # over a few hundred tokens); values/output are a random rotation and its transpose.
+    attn = model.model.language_model.layers[0].self_attn
+    d = attn.q_proj.in_features
+    hd = attn.head_dim
+    if attn.q_proj.out_features != d or attn.k_proj.out_features != d or attn.v_proj.out_features != d:
+        raise ValueError("align_init needs num_key_value_heads == num_attention_heads and heads * head_dim == hidden")
+    slow = torch.zeros(d, dtype=torch.bool)
+    for h in range(d // hd):
+        for i in range(hd // 2 - hd // 5, hd // 2):  # the lowest RoPE frequencies of each head
+            slow[h * hd + i] = slow[h * hd + i + hd // 2] = True
+    r = torch.randn(d, d, generator=gen) / d**0.5  # (out, in), r.T @ r ~ I
+    qk = r * slow[:, None] * (6.0 * hd**0.5 / (int(slow.sum()) / (d // hd))) ** 0.5
+    attn.q_proj.weight.copy_(qk)
+    attn.k_proj.weight.copy_(qk)
+    rv = torch.linalg.qr(torch.randn(d, d, generator=gen))[0]  # orthogonal
+    attn.v_proj.weight.copy_(rv)
+    attn.o_proj.weight.copy_(rv.T * 0.3)
+
+    start = 0
+    emb = model.get_input_embeddings().weight
+    for group, k in DENSE.items():
+        for c, word in enumerate(names[group]):
+            tid = tokenizer.convert_tokens_to_ids(word)
+            if c > 0 and tid != tokenizer.unk_token_id:
+                emb[tid] = u[start + c]
+                model.lm_head.weight[tid] = u[start + c] / norm
+        start += k
+
+
+def param_groups(model, lr: float, aligned_lr_scale: float, freeze_projector: bool = False) -> list[dict]:
+    """Trainable parameters; those :func:`align_init` set up (projector, word vectors, output rows,
+    layer-0 attention) learn ``aligned_lr_scale`` times slower, so Adam's early, fixed-size steps
+    do not wash their structure out before the rest of the LM has learnt to use it."""
+    aligned, rest = [], []
+    for name, p in model.named_parameters():
+        if freeze_projector and "multi_modal_projector" in name:
+            p.requires_grad_(False)
+        if not p.requires_grad:
+            continue
+        slow = ("multi_modal_projector" in name or "embed_tokens" in name or "lm_head" in name
+                or ".layers.0.self_attn." in name)
+        (aligned if slow else rest).append(p)
+    return [{"params": rest, "lr": lr}, {"params": aligned, "lr": lr * aligned_lr_scale}]
+
+
+def answer_loss(model, ids, labels, image_pos, feats) -> torch.Tensor:
+    hidden = lm_forward(model, ids, image_pos, feats)  # (B, L, d)
+    p = feats.shape[1]
+    full_labels = torch.cat(
+        [labels[:, :image_pos], torch.full((labels.shape[0], p), -100, dtype=labels.dtype), labels[:, image_pos + 1 :]], 1
+    )
+    sel = full_labels != -100  # (B, L): positions whose next token is an answer token
+    logits = model.lm_head(hidden[sel])  # (n, V)
+    return nn.functional.cross_entropy(logits, full_labels[sel])
+
+
+@torch.no_grad()
+def first_token_accuracy(model, batcher: QuestionBatcher, feats: torch.Tensor, qa: list[tuple[str, str]]) -> float:
+    """Accuracy of the greedy first answer token (the answer is one word) on cached features."""
+    correct = 0
+    for start in range(0, len(qa), 64):
+        pairs = qa[start : start + 64]
+        ids, labels, pos = batcher.batch(pairs)
+        hidden = lm_forward(model, ids, pos, feats[start : start + 64])
+        p = feats.shape[1]
+        first = (labels != -100).float().argmax(1) + p - 1  # position predicting the first answer token
+        logits = model.lm_head(hidden[torch.arange(len(pairs)), first])
+        target = torch.tensor([batcher.ids(a, special=False)[0] for _, a in pairs])
+        correct += int((logits.argmax(-1) == target).sum())
+    return correct / max(1, len(qa))
+
+
+def train_demo(
+    out: Path,
+    cfg: DemoConfig = DemoConfig(),
+    work: Path | None = None,
+    threads: int = 2,
+    progress: bool = True,
+    log=print,
+) -> Path:
+    """Train ``demo`` end to end and write it (hub layout) to ``out``; returns ``out``."""
+    from tqdm import tqdm
+
+    torch.set_num_threads(threads)
+    out = Path(out)
+    work = Path(work) if work is not None else out.with_name(out.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    t_start = time.time()
+    timings: dict[str, float] = {}
+
+    # 1. ViT pretraining.
+    t = time.time()
+    vit_model = pretrain(
+        work, cfg.vit, steps=cfg.vit_steps, batch_size=cfg.vit_batch, lr=cfg.vit_lr, seed=cfg.seed,
+        log=log, progress=progress,
+    )
+    timings["vit_pretrain_s"] = time.time() - t
+
+    # 2. Feature cache: a fixed pool of train scenes + the val scenes.
+    t = time.time()
+    rng = random.Random(cfg.seed + 17)
+    train_seeds = [scenes.SPLITS["train"] + s for s in rng.sample(range(scenes.SPLIT_SIZE), cfg.cache_scenes)]
+    val = [scenes.sample("val", i) for i in range(cfg.val_samples)]
+    feats = cache_features(vit_model, train_seeds, cfg.vit, work / "train_features.pt", log, progress)
+    val_feats = cache_features(vit_model, [s.scene.seed for s in val], cfg.vit, work / "val_features.pt", log, progress)
+    val_qa = [(s.question, s.answer) for s in val]
+    timings["feature_cache_s"] = time.time() - t
+
+    # 3. Projector + LM.
+    t = time.time()
+    processor = build_processor(work, cfg.vit)
+    tokenizer = processor.tokenizer
+    model = build_model(cfg, tokenizer)
+    model.model.vision_tower.load_state_dict(vit_model.state_dict())
+    for p in model.model.vision_tower.parameters():
+        p.requires_grad_(False)
+    balance_scales(model, feats[:256])
+    if cfg.align_init:
+        align_init(model, tokenizer, load_dense_head(work, cfg.vit), seed=cfg.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = param_groups(model, cfg.lr, cfg.aligned_lr_scale if cfg.align_init else 1.0)
+    opt = torch.optim.AdamW(groups, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, cfg.steps // 25)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: float(min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(1.0, s / cfg.steps)))))
+    )
+    batcher = QuestionBatcher(tokenizer)
+    ckpt = work / "lm_ckpt.pt"
+    start, history = 0, []
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)  # our own checkpoint
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start, history = state["step"], state["history"]
+        log(f"lm: resumed at step {start}")
+    model.train()
+    bar = tqdm(range(start, cfg.steps), desc="lm train", disable=not progress, initial=start, total=cfg.steps)
+    for step in bar:
+        r = random.Random(cfg.seed * 1_000_003 + 7 + step)
+        idx = [r.randrange(cfg.cache_scenes) for _ in range(cfg.batch)]
+        # Question k of a scene is fixed by (scene, k): a finite, reproducible question pool.
+        convs = []
+        for i in idx:
+            # The scene's question pool is fixed by (scene, k): finite and reproducible.
+            scene = scenes.make_scene(train_seeds[i])
+            turns = []
+            for k in r.sample(range(cfg.questions_per_scene), cfg.turns):
+                qrng = random.Random(train_seeds[i] * 31 + k)
+                family = scenes.FAMILIES[(i + k) % len(scenes.FAMILIES)]
+                q, a, _ = scenes.question_for(scene, family, qrng)
+                turns.append((q, a))
+            convs.append(turns)
+        ids, labels, pos = batcher.conversations(convs)
+        loss = answer_loss(model, ids, labels, pos, feats[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % 200 == 0 or step + 1 == cfg.steps:
+            model.eval()
+            acc = first_token_accuracy(model, batcher, val_feats, val_qa)
+            model.train()
+            history.append({"step": step + 1, "loss": loss.item(), "val_first_token_acc": acc})
+            log(f"lm step {step + 1}/{cfg.steps} loss {loss.item():.4f} val acc {acc:.3f} ({time.time() - t:.0f} s)")
+            torch.save(
+                {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                 "step": step + 1, "history": history},
+                ckpt,
+            )
+    timings["lm_train_s"] = time.time() - t
+    timings["total_s"] = time.time() - t_start
+
+    # 4. Save (hub layout), with the recipe and timings beside it.
+    model.eval()
+    save_hub_layout(model, processor, out)
+    (out / "training.json").write_text(
+        json.dumps({"config": asdict(cfg), "timings": timings, "history": history, "threads": threads}, indent=2)
+    )
+    log(f"saved demo to {out} ({timings})")
+    return out
+
+
+def load_dense_head(work: Path, vit: VitConfig) -> nn.Linear:
+    """The dense patch-class head of the ViT pretraining (kept in its last checkpoint)."""
+    from vlmprune.testbed.vit import PretrainHeads
+
+    state = torch.load(work / "vit_ckpt.pt", map_location="cpu", weights_only=False)  # our own file
+    heads = PretrainHeads(vit.hidden_size)
+    heads.load_state_dict(state["heads"])
+    return heads.dense
+
+
+# --- saving -----------------------------------------------------------------------------------------
+
+
+def save_hub_layout(model, processor, out: Path) -> None:
+    """Write ``model`` + ``processor`` so that transformers AND vLLM 0.32 load them.
+
+    Uses :func:`vlmprune.testbed.vllm_layout.save_for_vllm` when present; otherwise transformers' save_pretrained
+    followed by :func:`_rename_vision_keys` (transformers 5 writes ``vision_tower.embeddings...``,
+    vLLM's LLaVA loader wants the hub's ``vision_tower.vision_model.embeddings...``)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        from vlmprune.testbed import vllm_layout  # written by another issue; preferred when present
+    except ImportError:
+        vllm_layout = None
+    saver = getattr(vllm_layout, "save_for_vllm", None) if vllm_layout is not None else None
+    if saver is not None:
+        saver(model, processor, out)
+        return
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    _rename_vision_keys(out)
+
+
+def _rename_vision_keys(out: Path) -> None:
+    """Rewrite ``vision_tower.X`` keys (X not already ``vision_model.``) as ``vision_tower.vision_model.X``."""
+    from safetensors.torch import load_file, save_file
+
+    files = sorted(Path(out).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no safetensors files in {out}")
+    renamed: dict[str, str] = {}
+    for f in files:
+        tensors = load_file(f)
+        fixed = {}
+        for k, v in tensors.items():
+            new = k
+            head, sep, rest = k.partition("vision_tower.")
+            if sep and not rest.startswith("vision_model."):
+                new = f"{head}vision_tower.vision_model.{rest}"
+            fixed[new] = v.contiguous()
+            if new != k:
+                renamed[k] = new
+        save_file(fixed, f, metadata={"format": "pt"})
+    index = Path(out) / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {renamed.get(k, k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2))
+
+
+# --- command line -----------------------------------------------------------------------------------
+
+
+def run_cli(args) -> int:
+    """``vlmprune train demo``: checks the arguments (ValueError names the flag), trains, prints
+    one JSON line {model, out}. Progress and logs go to stderr."""
+    import dataclasses
+    import sys
+
+    if args.model != "demo":
+        raise ValueError(f"model: only 'demo' can be trained so far, got {args.model!r}")
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    cfg = DemoConfig(seed=args.seed)
+    if args.steps is not None:
+        if args.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {args.steps}")
+        cfg = dataclasses.replace(cfg, steps=args.steps)
+    if args.vit_steps is not None:
+        if args.vit_steps < 1:
+            raise ValueError(f"--vit-steps must be >= 1, got {args.vit_steps}")
+        cfg = dataclasses.replace(cfg, vit_steps=args.vit_steps)
+    out = Path(args.out) if args.out else Path("runs") / args.model
+    train_demo(
+        out, cfg, work=Path(args.work) if args.work else None, threads=args.threads,
+        log=lambda msg: print(msg, file=sys.stderr, flush=True),
+    )
+    print(json.dumps({"model": args.model, "out": str(out)}))
+    return 0
