@@ -23,6 +23,9 @@ from torch import nn
 from vlmprune.core.select import topk_sorted
 from vlmprune.policy import kept_count
 
+CHECKPOINT_NAME = "vlmprune_explain_cnn.pt"
+"""File name of a model's relevance-CNN weights when shipped beside the model (both backends look there)."""
+
 _EPS = 1e-8
 
 

@@ -21,7 +21,7 @@ ignored by their stock processor).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -228,11 +228,14 @@ def _build_processor(info, dummy_inputs):
 # --- Model --------------------------------------------------------------------------------------
 
 
-@MULTIMODAL_REGISTRY.register_processor(_build_processor, info=_build_info, dummy_inputs=LlavaDummyInputsBuilder)
-class PrunedLlava(LlavaForConditionalGeneration):
-    """LLaVA-1.5 whose ``embed_multimodal`` returns each image's kept (or merged) rows."""
+class LlavaPruningMixin:
+    """Model-side start-up and stock pass-through shared by the LLaVA-family subclasses.
 
-    vlmprune_family = "llava"
+    Put it before the stock model class: ``__init__`` checks the engine before the stock
+    constructor runs, and :meth:`_vlmprune_items` answers requests without an active policy with
+    the stock ``embed_multimodal``, untouched."""
+
+    vlmprune_family: str
     vlmprune_methods = PLUGIN_METHODS
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
@@ -245,14 +248,28 @@ class PrunedLlava(LlavaForConditionalGeneration):
         self._vlmprune_layers = int(self.config.text_config.num_hidden_layers)
         self._vlmprune_probe = ModelProbe(self.language_model.model, model_name)
 
-    def embed_multimodal(self, **kwargs: object):
+    def _vlmprune_items(self, kwargs: dict) -> tuple[list[ItemPolicy] | None, Any]:
+        """``(items, None)`` when some image has an active policy, else ``(items, stock embeddings)``."""
         items = pop_item_policies(kwargs)  # type: ignore[arg-type]
         if items is None or not any(item.active for item in items):
             embeds = super().embed_multimodal(**kwargs)  # the stock path, untouched
             check_stock_counts(items, embeds)
-            return embeds
+            return items, embeds
         if self._vlmprune_reason is not None:
             raise RuntimeError(f"vlmprune: {self._vlmprune_reason}")
+        return items, None
+
+
+@MULTIMODAL_REGISTRY.register_processor(_build_processor, info=_build_info, dummy_inputs=LlavaDummyInputsBuilder)
+class PrunedLlava(LlavaPruningMixin, LlavaForConditionalGeneration):
+    """LLaVA-1.5 whose ``embed_multimodal`` returns each image's kept (or merged) rows."""
+
+    vlmprune_family = "llava"
+
+    def embed_multimodal(self, **kwargs: object):
+        items, stock = self._vlmprune_items(kwargs)
+        if stock is not None:
+            return stock
         with clip_signals(self.vision_tower, needed_signals(items)) as read_signals:
             embeds = super().embed_multimodal(**kwargs)
             signals = read_signals()  # name -> (B, P) or (B, P, C)

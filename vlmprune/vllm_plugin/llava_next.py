@@ -40,14 +40,11 @@ from vlmprune.vllm_plugin.common import (
     PLUGIN_METHODS,
     POLICY_KEY,
     PolicyProcessorMixin,
-    check_engine,
     policy_free_context,
-    pop_item_policies,
 )
-from vlmprune.vllm_plugin.probe import ModelProbe
 from vlmprune.vllm_plugin.llava import (
     LlavaFamilyPromptMixin,
-    check_stock_counts,
+    LlavaPruningMixin,
     clip_signals,
     needed_signals,
     reduce_rows,
@@ -192,30 +189,15 @@ def image_tokens(
 @MULTIMODAL_REGISTRY.register_processor(
     PrunedLlavaNextMultiModalProcessor, info=_build_info, dummy_inputs=LlavaDummyInputsBuilder
 )
-class PrunedLlavaNext(LlavaNextForConditionalGeneration):
+class PrunedLlavaNext(LlavaPruningMixin, LlavaNextForConditionalGeneration):
     """LLaVA-NeXT whose ``embed_multimodal`` returns each image's kept (or merged) rows + newlines."""
 
     vlmprune_family = "llava_next"
-    vlmprune_methods = PLUGIN_METHODS
-
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        model_name = str(vllm_config.model_config.model)
-        default = check_engine(vllm_config, model_name, self.vlmprune_family, self.vlmprune_methods)
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._vlmprune_reason = vision_unsupported(self.config)
-        if default.policy is not None and self._vlmprune_reason is not None:
-            raise RuntimeError(f"vlmprune cannot apply the engine default policy to {model_name}: {self._vlmprune_reason}")
-        self._vlmprune_layers = int(self.config.text_config.num_hidden_layers)
-        self._vlmprune_probe = ModelProbe(self.language_model.model, model_name)
 
     def embed_multimodal(self, **kwargs: object):
-        items = pop_item_policies(kwargs)  # type: ignore[arg-type]
-        if items is None or not any(item.active for item in items):
-            embeds = super().embed_multimodal(**kwargs)  # the stock path, untouched
-            check_stock_counts(items, embeds)
-            return embeds
-        if self._vlmprune_reason is not None:
-            raise RuntimeError(f"vlmprune: {self._vlmprune_reason}")
+        items, stock = self._vlmprune_items(kwargs)
+        if stock is not None:
+            return stock
         image_input = self._parse_and_validate_image_input(**kwargs)
         if image_input is None or isinstance(image_input, LlavaNextImageEmbeddingInputs):
             raise RuntimeError("vlmprune: an active policy reached the model without pixel inputs")

@@ -66,8 +66,7 @@ from vlmprune.core.select import TokenReduction, topk_sorted
 from vlmprune.policy import PolicyError, kept_count
 from vlmprune.signals.attention import attention_rows
 
-EXPLAIN_CHECKPOINT = "vlmprune_explain_cnn.pt"
-"""The explain CNN's file name beside the served model (the reference backend's convention)."""
+EXPLAIN_CHECKPOINT = explain.CHECKPOINT_NAME
 
 
 # --- The probe itself ---------------------------------------------------------------------------

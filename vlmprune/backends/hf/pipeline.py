@@ -36,6 +36,7 @@ from vlmprune.backends.hf.reduce import (
     signals_needed,
     stage_plan,
 )
+from vlmprune.core import explain
 from vlmprune.core.select import TokenReduction
 from vlmprune.methods import require_support
 from vlmprune.policy import PROGRESSIVE_METHODS, PolicyError, PolicyT, parse_policy
@@ -50,8 +51,7 @@ ADAPTERS: dict[str, str] = {
     "qwen2_5_vl": "vlmprune.backends.hf.qwen2_vl:Qwen25VLAdapter",
 }
 
-EXPLAIN_CHECKPOINT = "vlmprune_explain_cnn.pt"
-"""File name of the explain method's CNN weights when shipped beside a model."""
+EXPLAIN_CHECKPOINT = explain.CHECKPOINT_NAME
 
 
 def family_of(model: Any) -> str:
