@@ -40,8 +40,6 @@ def evaluate(
 
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "vllm":
-        raise ValueError("backend 'vllm' is not available yet (it comes with the vLLM plugin issue); use --backend hf")
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     if seed < 0:
@@ -53,6 +51,8 @@ def evaluate(
     base = {"method": method, "ratio": ratio, **(options or {})}
     policy = parse_policy(base)  # validates once, names the offending field
     path = resolve_model(model)
+    if backend == "vllm":
+        return _evaluate_vllm(path, str(model), base, policy, samples, seed, split, batch_size, progress)
 
     import torch
     from tqdm import tqdm
@@ -89,6 +89,99 @@ def evaluate(
                      policy=policy.model_dump(mode="json"), wall_s=time.time() - t0)
 
 
+def _evaluate_vllm(
+    path: Path, model: str, base: dict[str, Any], policy: Any, samples: int, seed: int, split: str,
+    batch_size: int, progress: bool,
+) -> dict[str, Any]:
+    """The same samples through one vLLM engine with the vlmprune plugin, the policy per request.
+
+    Prompts are the reference backend's (the processor's chat template, one user turn: image, then
+    the question); answers are greedy, at most 3 tokens, decoded by the model's tokenizer exactly as
+    the reference backend decodes. Instruction-aware methods get the question as their instruction
+    (as the gateway does). ``visual_tokens`` is the stock processor's count of image placeholders,
+    ``kept_tokens`` the count in the prompt vLLM actually served.
+    """
+    import os
+
+    from tqdm import tqdm
+    from transformers import AutoConfig, AutoProcessor
+
+    from vlmprune.testbed import scenes
+
+    try:
+        from vllm import LLM, SamplingParams
+        from vllm.platforms import current_platform
+
+        from vlmprune.vllm_plugin.common import POLICY_KEY, PROBE_METHODS
+    except ImportError as exc:
+        raise ValueError(f"backend 'vllm' needs vLLM installed (pip install -e .[cpu] or .[gpu]): {exc}") from None
+
+    processor = AutoProcessor.from_pretrained(path)
+    tokenizer = processor.tokenizer
+    hf_config = AutoConfig.from_pretrained(path)
+    size = int(hf_config.vision_config.image_size)  # the reference backend's render size
+    max_len = min(2048, int(getattr(hf_config.get_text_config(), "max_position_embeddings", 2048)))
+    image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+
+    cpu = current_platform.is_cpu()
+    if cpu:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default reserves far more
+    llm = LLM(
+        model=str(path),
+        dtype="float32" if cpu else "auto",  # CPU: bf16 is emulated (7x slower); GPU: the checkpoint's dtype
+        enforce_eager=cpu,
+        max_model_len=max_len,
+        limit_mm_per_prompt={"image": 1},
+        max_num_seqs=batch_size,
+        seed=0,
+    )
+    params = SamplingParams(max_tokens=3, temperature=0.0)
+    data = [scenes.sample(split, i) for i in range(samples)]
+    stock_counts: dict[tuple[int, int], int] = {}
+    records = []
+    t0 = time.time()
+    try:
+        with tqdm(total=samples, desc=f"eval[vllm] {policy.method}@{policy.ratio}", file=sys.stderr,
+                  disable=not progress) as bar:
+            for start in range(0, samples, batch_size):
+                chunk = data[start : start + batch_size]
+                prompts, images = [], []
+                for s in chunk:
+                    image = scenes.render(s.scene, size)
+                    content = [{"type": "image"}, {"type": "text", "text": s.question}]
+                    text = processor.apply_chat_template(
+                        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+                    )
+                    request_policy = dict(base)
+                    if policy.method == "random":
+                        request_policy["seed"] = seed * 1_000_003 + s.index  # the reference backend's rule
+                    if policy.method in PROBE_METHODS:
+                        request_policy["instruction"] = s.question
+                    prompts.append({
+                        "prompt": text,
+                        "multi_modal_data": {"image": image},
+                        "mm_processor_kwargs": {POLICY_KEY: request_policy},
+                    })
+                    images.append((text, image))
+                outputs = llm.generate(prompts, params, use_tqdm=False)
+                for s, out, (text, image) in zip(chunk, outputs, images):
+                    if image.size not in stock_counts:  # the unpruned count of this image size
+                        ids = processor(text=[text], images=[image], return_tensors="pt")["input_ids"][0]
+                        stock_counts[image.size] = int((ids == image_token_id).sum())
+                    tokens = list(out.outputs[0].token_ids)
+                    answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+                    records.append(
+                        {"family": s.family, "answer": s.answer, "output": answer, "correct": answer == s.answer,
+                         "visual_tokens": stock_counts[image.size],
+                         "kept_tokens": sum(1 for t in out.prompt_token_ids if t == image_token_id)}
+                    )
+                bar.update(len(chunk))
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    return summarize(records, model=model, path=str(path), backend="vllm", split=split, seed=seed,
+                     policy=policy.model_dump(mode="json"), wall_s=time.time() - t0)
+
+
 def summarize(records: list[dict[str, Any]], **header: Any) -> dict[str, Any]:
     """Accuracy overall and per family, chance per family, mean visual/kept tokens per sample."""
     from vlmprune.testbed.scenes import FAMILIES, majority_chance
@@ -110,6 +203,7 @@ def summarize(records: list[dict[str, Any]], **header: Any) -> dict[str, Any]:
         "per_family": {f: sum(r["correct"] for r in by_family[f]) / len(by_family[f]) for f in families},
         "per_family_samples": {f: len(by_family[f]) for f in families},
         "chance": {f: majority_chance([r["answer"] for r in by_family[f]]) for f in families},
+        "outputs": [r["output"] for r in records],
     }
 
 

@@ -60,7 +60,6 @@ def test_eval_text_mode_ends_with_json(micro_model, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (("--backend", "vllm"), "not available yet"),
         (("--backend", "tgi"), "backend"),
         (("--ratio", "1.5"), "ratio"),
         (("--ratio", "abc"), "--ratio"),
@@ -70,7 +69,7 @@ def test_eval_text_mode_ends_with_json(micro_model, capsys):
         (("--split", "dev"), "split"),
         (("--set", "oops"), "--set"),
     ],
-    ids=["vllm-backend", "unknown-backend", "ratio", "ratio-text", "method", "samples", "model", "split", "set"],
+    ids=["unknown-backend", "ratio", "ratio-text", "method", "samples", "model", "split", "set"],
 )
 def test_eval_user_errors(args, message, capsys):
     """User errors exit 2 with one `vlmprune: error:` line naming the problem (in-process, fast)."""
@@ -81,10 +80,7 @@ def test_eval_user_errors(args, message, capsys):
     assert err.startswith("vlmprune: error:") and message in err
 
 
-def test_vllm_backend_error_in_real_process():
-    """The real command line: --backend vllm says it is not available yet and exits 2."""
-    proc = _run("eval", "--backend", "vllm", "--samples", "2")
-    assert proc.returncode == 2 and "not available yet" in proc.stderr
+# `--backend vllm` is available now: tests/testbed/test_eval_vllm.py runs it against `--backend hf`.
 
 
 @pytest.mark.parametrize("args, flag", [(("--steps", "0"), "--steps"), (("--threads", "0"), "--threads"),

@@ -1,0 +1,198 @@
+"""bench/speed.py: its FLOPs ideal, summaries, targets and writers; and (slow) one real ``--quick`` run.
+
+The fast tests feed the summariser synthetic samples (no engine). The ``slow`` test runs the whole
+benchmark on the quick model with real stock and plugin vLLM engines (about 1-3 min on 2 cores).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "speed.py"
+
+
+def _load_speed():
+    spec = importlib.util.spec_from_file_location("bench_speed", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_speed"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+speed = _load_speed()
+
+
+def _hf_config(model=None):
+    """The transformers config of a bench model spec (no weights built)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    m = model or speed.QUICK_MODEL
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            image_size=m.image_size, patch_size=m.patch_size, hidden_size=m.vit_hidden,
+            intermediate_size=m.vit_intermediate, num_hidden_layers=m.vit_layers, num_attention_heads=m.vit_heads,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=80, hidden_size=m.lm_hidden, intermediate_size=m.lm_intermediate, num_hidden_layers=m.lm_layers,
+            num_attention_heads=m.lm_heads, num_key_value_heads=m.lm_kv_heads, head_dim=m.lm_hidden // m.lm_heads,
+        ),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+
+
+def test_ideal_speedup_is_the_flops_ratio():
+    """ideal = prefill_flops(576) / prefill_flops(kept), vision included; 1 at no pruning, grows as tokens go."""
+    from vlmprune import flops
+
+    config = _hf_config(speed.FULL_MODEL)
+    vision, lm = flops.from_hf_config(config)
+    assert vision.patches_per_view == 576 and lm.layers == speed.FULL_MODEL.lm_layers
+    assert speed.ideal_speedup(config, 40, 576, 576)["ideal"] == pytest.approx(1.0)
+    got = speed.ideal_speedup(config, 40, 576, 58)
+    want = flops.prefill_flops(lm, 40, 576, vision).total / flops.prefill_flops(lm, 40, 58, vision).total
+    assert got["ideal"] == pytest.approx(want)
+    # The vision tower is not pruned: the LLM-only ideal is higher.
+    assert 1 < got["ideal"] < got["ideal_llm_only"]
+    # The full bench model is LLM-dominated, as LLaVA-1.5-7B is (its tower is ~4 % of prefill).
+    assert got["vision_share"] < 0.1
+    assert speed.ideal_speedup(config, 40, 576, 29)["ideal"] > got["ideal"]
+
+
+@pytest.mark.parametrize(
+    ("method", "ratio", "kept"),
+    [("fastervlm", 0.9, 58), ("random", 0.95, 29), ("pool", 0.75, 144), ("aim", 0.9, 58), ("transprune", 0.5, 288),
+     ("fastervlm", 0.0, 576), (None, 0.0, 576)],
+    ids=["fastervlm-0.9", "random-0.95", "pool-0.75", "aim-0.9", "transprune-0.5", "ratio0", "stock"],
+)
+def test_expected_kept_follows_kept_count(method, ratio, kept):
+    """In vLLM every method prunes at the LLM input to kept_count(576, ratio); stock and ratio 0 keep all."""
+    config = speed.Config("x", "plugin" if method else "stock", method, ratio)
+    assert speed.expected_kept(config, 576, 12) == kept
+
+
+def test_ideal_with_scoring_counts_the_probe():
+    """Probe methods pay for their scoring (ideal + scoring < ideal); random and pool score nothing."""
+    config = _hf_config(speed.FULL_MODEL)
+    for method in ("transprune", "aim", "explain", "fastervlm"):
+        got = speed.ideal_speedup(config, 40, 576, 58, speed.Config("x", "plugin", method, 0.9), 9)
+        assert got["scoring_gflops"] > 0 and got["ideal_with_scoring"] < got["ideal"], method
+    pool = speed.ideal_speedup(config, 40, 576, 58, speed.Config("x", "plugin", "pool", 0.9), 9)
+    assert pool["scoring_gflops"] == 0 and pool["ideal_with_scoring"] == pool["ideal"]
+
+
+def test_percentile():
+    """Linear interpolation between order statistics; empty input is an error."""
+    assert speed.percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert speed.percentile([1.0, 2.0, 3.0, 4.0], 90) == pytest.approx(3.7)
+    assert speed.percentile([5.0], 90) == 5.0
+    with pytest.raises(ValueError):
+        speed.percentile([], 50)
+
+
+def test_configs_and_requests_are_shared():
+    """Every configuration gets the same prompt and image for a request index; instruction only where needed."""
+    configs = speed.make_configs(["fastervlm", "pool"], [0.0, 0.5, 0.9])
+    assert [c.name for c in configs] == ["stock", "plugin r=0", "fastervlm r=0.5", "fastervlm r=0.9", "pool r=0.5", "pool r=0.9"]
+    a, b = speed.request_spec(3, configs[0]), speed.request_spec(3, configs[3])
+    assert (a["question"], a["seed"]) == (b["question"], b["seed"])
+    assert a["policy"] is None and b["policy"] == {"method": "fastervlm", "ratio": 0.9}
+    tp = speed.Config("t", "plugin", "transprune", 0.9).policy("what is this ?")
+    assert tp["instruction"] == "what is this ?"
+
+
+def _synthetic(configs, stock_ttft=2.0, r0_factor=1.0, reps=5):
+    """Samples where TTFT scales with the prompt length (an ideal engine) plus a fixed 0.1 s."""
+    samples = {}
+    for c in configs:
+        kept = speed.expected_kept(c, 576, 2)
+        ttft = 0.1 + (stock_ttft - 0.1) * (kept + 40) / (576 + 40)
+        if c.name == "plugin r=0":
+            ttft *= r0_factor
+        samples[c.name] = {
+            "ttft": [ttft * (1 + 0.01 * i) for i in range(reps)],
+            "prompt_len": [kept + 40] * reps,
+            "embed": [{"embed_s": 0.05, "tower_s": 0.04, "plugin_s": 0.01, "images": 1}] * reps,
+            "rps": [1 / ttft, 1.1 / ttft],
+        }
+    return {"samples": samples, "loadavg_1min": [1.0, 2.0]}
+
+
+def _result(configs, data):
+    meta = {
+        "tag": "test", "model": speed.dataclasses.asdict(speed.QUICK_MODEL), "n_visual": 576, "params_m": 1.0,
+        "vllm": "0.32.0", "cpu": "x86_64", "cores": 2, "start_s": {"stock": 5.0, "plugin": 6.0}, "reps": 5,
+        "batch": 4, "rounds": 2, "tries": 1, "loadavg_1min": data["loadavg_1min"], "wall_s": 60.0, "command": "python bench/speed.py",
+    }
+    result = {"meta": meta, "samples": data["samples"]}
+    result["rows"] = speed.summarize(configs, data, _hf_config(), 576)
+    result["targets"] = speed.targets(result["rows"])
+    return result
+
+
+def test_summary_targets_and_writers(tmp_path):
+    """Speedups, targets and the three output files from synthetic samples."""
+    configs = speed.make_configs(["fastervlm", "aim"], [0.0, 0.5, 0.9])
+    result = _result(configs, _synthetic(configs, r0_factor=1.05))
+    rows = {r["config"]: r for r in result["rows"]}
+    assert rows["stock"]["speedup_p50"] == pytest.approx(1.0)
+    assert rows["fastervlm r=0.9"]["kept_tokens"] == 58
+    assert rows["fastervlm r=0.9"]["speedup_p50"] > rows["fastervlm r=0.5"]["speedup_p50"] > 1
+    assert rows["plugin r=0"]["speedup_paired"] == pytest.approx(1 / 1.05)
+    tg = result["targets"]
+    assert tg["ratio0_ttft_vs_stock"] == pytest.approx(0.05)
+    assert tg["ratio0_within_3pct"] is False
+    assert set(tg["at_0.9"]) == {"fastervlm", "aim"}
+    assert tg["at_0.9"]["fastervlm"]["share"] == pytest.approx(rows["fastervlm r=0.9"]["speedup_p50"] / rows["fastervlm r=0.9"]["ideal"])
+
+    paths = speed.write_outputs(result, tmp_path, "test")
+    assert set(paths) == {"json", "md", "png"}
+    data = json.loads(paths["json"].read_text())
+    assert {"meta", "samples", "rows", "targets"} <= set(data)
+    md = paths["md"].read_text()
+    assert "| fastervlm r=0.9 | 58 |" in md and "NOT met" in md and "+5.0 %" in md
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ratio0_within_tolerance_is_met():
+    """A plugin at ratio 0 as fast as stock meets the 3 % target."""
+    configs = speed.make_configs(["fastervlm"], [0.0, 0.9])
+    tg = _result(configs, _synthetic(configs, r0_factor=1.01))["targets"]
+    assert tg["ratio0_within_3pct"] is True
+
+
+def test_bad_arguments_exit_2(capsys):
+    """A ratio outside [0, 1) is a usage error naming the value."""
+    with pytest.raises(SystemExit) as exc:
+        speed.main(["--ratios", "0,1.5"])
+    assert exc.value.code == 2
+    assert "1.5" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quick_run_end_to_end(tmp_path):
+    """``bench/speed.py --quick`` with real stock and plugin engines writes a complete report."""
+    pytest.importorskip("vllm")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLMPRUNE_BENCH_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--methods", "fastervlm,pool", "--reps", "2", "--out", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads((tmp_path / "speed_quick.json").read_text())
+    names = [r["config"] for r in data["rows"]]
+    assert names == ["stock", "plugin r=0", "fastervlm r=0.9", "pool r=0.9"]
+    rows = {r["config"]: r for r in data["rows"]}
+    # The served prompts really shrink: 576 image tokens -> 58 at ratio 0.9, same text.
+    assert rows["stock"]["prompt_len"] - rows["fastervlm r=0.9"]["prompt_len"] == 576 - 58
+    assert rows["plugin r=0"]["prompt_len"] == rows["stock"]["prompt_len"]
+    assert all(len(s["ttft"]) == 2 for s in data["samples"].values())
+    assert rows["fastervlm r=0.9"]["plugin_ms_per_image"] > 0  # the plugin's own work was timed
+    assert (tmp_path / "speed_quick.md").exists() and (tmp_path / "speed_quick.png").exists()
