@@ -10,6 +10,7 @@ deterministic (``torch.manual_seed``), small enough that a forward pass takes mi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -40,12 +41,12 @@ PIXEL_MEAN = [0.48145466, 0.4578275, 0.40821073]
 PIXEL_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def build_tokenizer(save_dir: Path):
-    """Word-level fast tokenizer with BOS, a pad token and a single-token ``<image>`` placeholder."""
+def build_tokenizer(save_dir: Path, words: Sequence[str] = WORDS):
+    """Word-level fast tokenizer over ``words`` with BOS, a pad token and a single-token ``<image>``."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + WORDS)}
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + list(words))}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     core.post_processor = processors.TemplateProcessing(

@@ -26,24 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlmprune.testbed import scenes
+from vlmprune.testbed import scenes, tiny
+from vlmprune.testbed.tiny import CHAT_TEMPLATE, IMAGE_TOKEN
 from vlmprune.testbed.vit import VitConfig, clip_config, image_processor, pixels, pretrain
-
-IMAGE_TOKEN = "<image>"
-SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN]
-# One user turn: the image placeholder, then the text; LLaVA-1.5's "USER: ... ASSISTANT:" format.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER: "
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
-    "{% else %} ASSISTANT: "
-    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
-    "</s>{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
-)
-
 
 def prompt_text(question: str) -> str:
     """The chat-templated prompt of one image + question (what :data:`CHAT_TEMPLATE` renders)."""
@@ -85,26 +70,8 @@ class DemoConfig:
 
 
 def build_tokenizer(save_dir: Path):
-    """Word-level fast tokenizer over the task's vocabulary, BOS added, ``<image>`` one token."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + list(scenes.VOCAB_WORDS))}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
-    )
-    tokenizer.save_pretrained(save_dir)
-    return PreTrainedTokenizerFast.from_pretrained(save_dir)
+    """Word-level tokenizer over the task's vocabulary (the tiny models' builder, other words)."""
+    return tiny.build_tokenizer(save_dir, scenes.VOCAB_WORDS)
 
 
 def build_processor(work: Path, vit: VitConfig):
