@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -99,3 +100,14 @@ def hf_request(request_spec: dict[str, Any]):
     from vlmprune.testbed.tiny import make_image
 
     return Request(prompt=request_spec["prompt"], images=[make_image(w, h, seed=s) for w, h, s in request_spec["images"]])
+
+
+def median_latency(engine: "Engine", size: tuple[int, int], ratio: float, seed: int, repeats: int = 3) -> float:
+    """Median wall time of ``repeats`` one-image fastervlm requests at ``ratio`` (fresh images)."""
+    laps = []
+    for i in range(repeats):
+        request = spec(images=((*size, 100 + seed + i),), policy={"method": "fastervlm", "ratio": ratio})
+        started = time.perf_counter()
+        engine.run_one(request)
+        laps.append(time.perf_counter() - started)
+    return statistics.median(laps)

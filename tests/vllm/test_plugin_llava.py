@@ -7,13 +7,11 @@ backend, which never chunks, therefore also prove chunked prefill of pruned imag
 
 from __future__ import annotations
 
-import statistics
-import time
 from types import SimpleNamespace
 
 import pytest
 import torch
-from engine_helpers import Engine, StockRun, assert_same_output, build_model, hf_request, spec
+from engine_helpers import Engine, StockRun, assert_same_output, build_model, hf_request, median_latency, spec
 
 from vlmprune.policy import kept_count, parse_policy
 
@@ -150,16 +148,7 @@ def test_latency_ratio0_vs_0_9(env, timings):
 
     The tiny model is overhead-dominated, so pruning cannot be expected to be faster here; the
     check bounds the plugin's own per-request overhead (hooks, scoring, selection)."""
-    def median_latency(ratio: float, seed: int) -> float:
-        laps = []
-        for i in range(3):
-            s = spec(images=((96, 64, 100 + seed + i),), policy={"method": "fastervlm", "ratio": ratio})
-            started = time.perf_counter()
-            env.engine.run_one(s)
-            laps.append(time.perf_counter() - started)
-        return statistics.median(laps)
-
     env.engine.run_one(spec())  # warm-up
-    t0, t9 = median_latency(0.0, 0), median_latency(0.9, 10)
+    t0, t9 = median_latency(env.engine, (96, 64), 0.0, 0), median_latency(env.engine, (96, 64), 0.9, 10)
     timings["latency_ratio0_s"], timings["latency_ratio0.9_s"] = t0, t9
     assert t9 < t0 + 0.25

@@ -9,13 +9,11 @@ splits every image (about 70 placeholders) over several prefill steps.
 
 from __future__ import annotations
 
-import statistics
-import time
 from types import SimpleNamespace
 
 import pytest
 import torch
-from engine_helpers import Engine, StockRun, assert_same_output, build_model, hf_request, spec
+from engine_helpers import Engine, StockRun, assert_same_output, build_model, hf_request, median_latency, spec
 
 from vlmprune.policy import kept_count, parse_policy
 
@@ -160,16 +158,7 @@ def test_latency_ratio0_vs_0_9(env, timings):
 
     The tiny model is overhead-dominated, so pruning cannot be expected to be faster here; the
     check bounds the plugin's own per-request overhead (hooks, scoring, selection)."""
-    def median_latency(ratio: float, seed: int) -> float:
-        laps = []
-        for i in range(3):
-            s = spec(images=((90, 90, 100 + seed + i),), policy={"method": "fastervlm", "ratio": ratio})
-            started = time.perf_counter()
-            env.engine.run_one(s)
-            laps.append(time.perf_counter() - started)
-        return statistics.median(laps)
-
     env.engine.run_one(spec())  # warm-up
-    t0, t9 = median_latency(0.0, 0), median_latency(0.9, 10)
+    t0, t9 = median_latency(env.engine, (90, 90), 0.0, 0), median_latency(env.engine, (90, 90), 0.9, 10)
     timings["latency_ratio0_s"], timings["latency_ratio0.9_s"] = t0, t9
     assert t9 < t0 + 0.25
