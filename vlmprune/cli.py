@@ -1,4 +1,5 @@
-"""The ``vlmprune`` command line: methods, FLOPs tables, policies, the gateway (serve), the demo.
+"""The ``vlmprune`` command line: methods, FLOPs tables, policies, the gateway (serve), the demo,
+training (testbed models, explain relevance CNNs) and evaluation.
 
 Imports are lazy (inside each subcommand), so ``vlmprune methods`` starts fast and never imports
 vLLM, transformers or torch. User errors print ``vlmprune: error: ...`` and exit with status 2.
@@ -131,11 +132,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return int(result or 0)
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    """Train a testbed model (vlmprune.testbed.train); argument checks live there."""
-    from vlmprune.testbed.train import run_cli
+_EXPLAIN_ONLY_FLAGS = (("--model", "explain_model"), ("--samples", "samples"), ("--epochs", "epochs"),
+                       ("--batch-size", "batch_size"), ("--keep-wrong", "keep_wrong"),
+                       ("--no-progress", "no_progress"))
 
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    """Train a testbed model (vlmprune.testbed.train) or a model's explain relevance CNN
+    (vlmprune.testbed.train_explain), chosen by the positional argument; argument checks live there."""
     try:
+        if args.model == "explain":
+            from vlmprune.testbed.train_explain import run_cli
+        else:
+            # `train demo` rejects the explain-only flags instead of silently ignoring them.
+            for flag, dest in _EXPLAIN_ONLY_FLAGS:
+                if getattr(args, dest) not in (None, False):
+                    raise ValueError(f"{flag} applies to `vlmprune train explain` only")
+            from vlmprune.testbed.train import run_cli
         return run_cli(args)
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -189,12 +202,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the demo")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("train", help="train a testbed model (seeded, resumable): `vlmprune train demo`")
-    p.add_argument("model", choices=("demo",), help="which testbed model")
-    p.add_argument("--out", help="output model folder (default: runs/MODEL); work files go to OUT.work")
-    p.add_argument("--work", help="folder for checkpoints and feature caches (default: OUT.work)")
-    p.add_argument("--steps", type=int, help="LM training steps (default: the recipe's)")
-    p.add_argument("--vit-steps", type=int, help="ViT pretraining steps (default: the recipe's)")
+    p = sub.add_parser(
+        "train",
+        help="train a testbed model (`vlmprune train demo`) or a model's explain relevance CNN "
+        "(`vlmprune train explain --model MODEL`); seeded, resumable",
+    )
+    p.add_argument("model", choices=("demo", "explain"),
+                   help="demo: the testbed model; explain: the relevance CNN of the model given by --model")
+    p.add_argument("--out", help="demo: output model folder (default: runs/demo; work files go to OUT.work); "
+                   "explain: checkpoint file (default: MODEL/vlmprune_explain_cnn.pt, where the explain method "
+                   "finds it)")
+    p.add_argument("--work", help="demo: folder for checkpoints and feature caches (default: OUT.work)")
+    p.add_argument("--steps", type=int, help="demo: LM training steps (default: the recipe's)")
+    p.add_argument("--vit-steps", type=int, help="demo: ViT pretraining steps (default: the recipe's)")
+    p.add_argument("--model", dest="explain_model", metavar="MODEL",
+                   help="explain: the VLM, a shipped name (demo) or a model folder")
+    p.add_argument("--samples", type=int, help="explain: train samples to label (default: 2000)")
+    p.add_argument("--epochs", type=int, help="explain: CNN training epochs (default: 50)")
+    p.add_argument("--batch-size", type=int, help="explain: CNN batch size (default: 128)")
+    p.add_argument("--keep-wrong", action="store_true",
+                   help="explain: also train on wrongly answered samples (tests and smoke runs only)")
+    p.add_argument("--no-progress", action="store_true", help="explain: no progress bars on stderr")
     p.add_argument("--seed", type=int, default=0, help="seed of everything (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
     p.set_defaults(func=_cmd_train)

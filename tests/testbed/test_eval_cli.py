@@ -18,11 +18,9 @@ REQUIRED = {"accuracy", "samples", "visual_tokens", "kept_tokens", "per_family",
 
 @pytest.fixture(scope="module")
 def micro_model(tmp_path_factory):
-    from vlmprune.testbed import train as T
+    from testbed.micro import train_micro
 
-    out = tmp_path_factory.mktemp("micro") / "model"
-    cfg = T.DemoConfig(vit_steps=1, vit_batch=2, cache_scenes=4, steps=2, batch=2, val_samples=2)
-    T.train_demo(out, cfg, threads=1, progress=False, log=lambda m: None)
+    out = train_micro(tmp_path_factory.mktemp("micro") / "model")
     return str(out)
 
 

@@ -41,11 +41,9 @@ def _eval(*args: str) -> dict:
 def tiny(tmp_path_factory) -> Path:
     """A barely trained model of the demo's architecture (224 px, 256 visual tokens, hub layout),
     built by the demo recipe in seconds (as ``test_eval_cli.py`` does)."""
-    from vlmprune.testbed import train as T
+    from testbed.micro import train_micro
 
-    out = tmp_path_factory.mktemp("micro") / "model"
-    cfg = T.DemoConfig(vit_steps=1, vit_batch=2, cache_scenes=4, steps=2, batch=2, val_samples=2)
-    T.train_demo(out, cfg, threads=1, progress=False, log=lambda m: None)
+    out = train_micro(tmp_path_factory.mktemp("micro") / "model")
     return out
 
 

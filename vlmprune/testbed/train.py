@@ -50,19 +50,23 @@ class DemoConfig:
 
     vit: VitConfig = field(default_factory=VitConfig)
     lm: LmConfig = field(default_factory=LmConfig)
-    vit_steps: int = 450
+    vit_steps: int = 1500
     vit_batch: int = 32
     vit_lr: float = 2e-3
     cache_scenes: int = 8000
     questions_per_scene: int = 10
     turns: int = 5
     """Questions per training sequence: a multi-turn conversation about one image, as LLaVA trains."""
-    steps: int = 6000
+    steps: int = 4500
     batch: int = 16
     lr: float = 2e-3
     val_samples: int = 250
     align_init: bool = True
     aligned_lr_scale: float = 0.1
+    grounding_weight: float = 1.0
+    """Weight of the attention-supervision loss (see :func:`grounding_loss`); 0 turns it off."""
+    grounding_layer: int = 1
+    grounding_heads: tuple[int, ...] = (0, 1)
     seed: int = 0
 
 
@@ -203,14 +207,76 @@ class QuestionBatcher:
         return ids, lab, pos.pop()
 
 
-def lm_forward(model, ids: torch.Tensor, image_pos: int, feats: torch.Tensor) -> torch.Tensor:
-    """Last hidden states (B, T - 1 + P, d) of the LLM over text with projected features spliced in.
+def lm_forward(model, ids: torch.Tensor, image_pos: int, feats: torch.Tensor, layer_input: int | None = None):
+    """Last hidden states (B, T - 1 + P, d) of the LLM over text with projected features spliced in
+    (and, with ``layer_input=l``, the residual stream entering decoder layer ``l`` as well).
 
     Right padding needs no attention mask: causal attention never lets a real token see a pad."""
     embed = model.get_input_embeddings()(ids)  # (B, T, d)
     visual = model.model.multi_modal_projector(feats.float())  # (B, P, d)
     embeds = torch.cat([embed[:, :image_pos], visual, embed[:, image_pos + 1 :]], dim=1)
-    return model.model.language_model(inputs_embeds=embeds).last_hidden_state
+    out = model.model.language_model(inputs_embeds=embeds, output_hidden_states=layer_input is not None)
+    if layer_input is None:
+        return out.last_hidden_state
+    return out.last_hidden_state, out.hidden_states[layer_input]
+
+
+def grounding_loss(
+    model, layer: int, heads: tuple[int, ...], layer_in: torch.Tensor, image_pos: int, n_visual: int,
+    rows: list[list[int]], masks: list[list[list[np.ndarray]]],
+) -> torch.Tensor:
+    """Attention supervision: -log of the attention mass that ``heads`` of decoder ``layer`` put on
+    the asked-about objects' patches, from the position that predicts each answer.
+
+    Answer-only next-token loss gives the LM's attention a weak, late signal about *where* to look
+    (the answer prior is learnt long before), and the small LM settles into ignoring the image.
+    Telling one pair of heads where the answer is (the scene generator knows) is the shortcut; the
+    rest of the LM learns freely. ``rows[b]`` = answer-predicting positions of row b (spliced
+    sequence), ``masks[b][t][h]`` = (P,) bool target patches for supervised head ``h`` at row ``t``
+    (all-False: no target, e.g. "is there ..." answered "no")."""
+    from vlmprune.signals.attention import attention_rows, decoder_layer_qk
+
+    lm = model.model.language_model
+    decoder = lm.layers[layer]
+    length = layer_in.shape[1]
+    cos, sin = lm.rotary_emb(layer_in[:1], torch.arange(length)[None])
+    terms = []
+    for b, row_pos in enumerate(rows):
+        if not row_pos:
+            continue
+        q, k = decoder_layer_qk(decoder, layer_in[b], (cos, sin))  # (L, H, D), (L, Hkv, D)
+        r = torch.tensor(row_pos)
+        probs = attention_rows(q[r], k, r)[list(heads)][..., image_pos : image_pos + n_visual]  # (h, t, P)
+        target = torch.from_numpy(np.stack([np.stack(m) for m in masks[b]], 1))  # (h, t, P)
+        valid = target.any(-1)  # (h, t)
+        if valid.any():
+            mass = (probs * target).sum(-1)[valid]
+            terms.append(-torch.log(mass.clamp_min(1e-6)))
+    if not terms:
+        return layer_in.new_zeros(())
+    return torch.cat(terms).mean()
+
+
+def head_targets(scene, owner: np.ndarray, family: str, targets, n_heads: int) -> list[np.ndarray]:
+    """(P,) bool target patches per supervised head: for a position question the first head looks
+    at the first object and the second at the other; otherwise every head at all asked-about ones."""
+    index = {it: n + 1 for n, it in enumerate(scene.items)}
+
+    def of(items) -> np.ndarray:
+        return np.isin(owner, [index[it] for it in items])
+
+    if family == "position" and len(targets) == 2:
+        return [of([targets[h]]) if h < 2 else of(targets) for h in range(n_heads)]
+    return [of(targets)] * n_heads
+
+
+def answer_rows(labels: torch.Tensor, image_pos: int, n_visual: int) -> list[list[int]]:
+    """Per row, the spliced-sequence positions that predict the FIRST token of each answer."""
+    out = []
+    for lab in labels.tolist():
+        rows = [j for j in range(len(lab)) if lab[j] != -100 and (j == 0 or lab[j - 1] == -100)]
+        out.append([j + n_visual - 1 if j > image_pos else j for j in rows])
+    return out
 
 
 @torch.no_grad()
@@ -264,28 +330,8 @@ def align_init(model, tokenizer, dense_head: nn.Linear, norm: float = 4.0, seed:
         "kind": ["<none>", *scenes.PATCH_KINDS],
         "digit": ["<none>", *scenes.DIGITS],
         "size": ["<none>", *scenes.SIZES],
+        "count": list(scenes.NUMBER_WORDS),
     }
-    # Layer 0 starts as content-matching attention (tokens attend to tokens with similar content,
-    # e.g. the word "red" to red patches) that copies what it finds: queries and keys share one
-    # random projection, restricted to the slowly rotating RoPE dimensions (nearly position-free
-    # over a few hundred tokens); values/output are a random rotation and its transpose.
-    attn = model.model.language_model.layers[0].self_attn
-    d = attn.q_proj.in_features
-    hd = attn.head_dim
-    if attn.q_proj.out_features != d or attn.k_proj.out_features != d or attn.v_proj.out_features != d:
-        raise ValueError("align_init needs num_key_value_heads == num_attention_heads and heads * head_dim == hidden")
-    slow = torch.zeros(d, dtype=torch.bool)
-    for h in range(d // hd):
-        for i in range(hd // 2 - hd // 5, hd // 2):  # the lowest RoPE frequencies of each head
-            slow[h * hd + i] = slow[h * hd + i + hd // 2] = True
-    r = torch.randn(d, d, generator=gen) / d**0.5  # (out, in), r.T @ r ~ I
-    qk = r * slow[:, None] * (6.0 * hd**0.5 / (int(slow.sum()) / (d // hd))) ** 0.5
-    attn.q_proj.weight.copy_(qk)
-    attn.k_proj.weight.copy_(qk)
-    rv = torch.linalg.qr(torch.randn(d, d, generator=gen))[0]  # orthogonal
-    attn.v_proj.weight.copy_(rv)
-    attn.o_proj.weight.copy_(rv.T * 0.3)
-
     start = 0
     emb = model.get_input_embeddings().weight
     for group, k in DENSE.items():
@@ -298,8 +344,8 @@ def align_init(model, tokenizer, dense_head: nn.Linear, norm: float = 4.0, seed:
 
 
 def param_groups(model, lr: float, aligned_lr_scale: float, freeze_projector: bool = False) -> list[dict]:
-    """Trainable parameters; those :func:`align_init` set up (projector, word vectors, output rows,
-    layer-0 attention) learn ``aligned_lr_scale`` times slower, so Adam's early, fixed-size steps
+    """Trainable parameters; those :func:`align_init` set up (projector, word vectors, output rows)
+    learn ``aligned_lr_scale`` times slower, so Adam's early, fixed-size steps
     do not wash their structure out before the rest of the LM has learnt to use it."""
     aligned, rest = [], []
     for name, p in model.named_parameters():
@@ -307,27 +353,32 @@ def param_groups(model, lr: float, aligned_lr_scale: float, freeze_projector: bo
             p.requires_grad_(False)
         if not p.requires_grad:
             continue
-        slow = ("multi_modal_projector" in name or "embed_tokens" in name or "lm_head" in name
-                or ".layers.0.self_attn." in name)
+        slow = "multi_modal_projector" in name or "embed_tokens" in name or "lm_head" in name
         (aligned if slow else rest).append(p)
     return [{"params": rest, "lr": lr}, {"params": aligned, "lr": lr * aligned_lr_scale}]
 
 
-def answer_loss(model, ids, labels, image_pos, feats) -> torch.Tensor:
-    hidden = lm_forward(model, ids, image_pos, feats)  # (B, L, d)
+def answer_loss(model, ids, labels, image_pos, feats, layer_input: int | None = None):
+    """Cross-entropy on the answer tokens (and the layer input :func:`grounding_loss` needs)."""
+    out = lm_forward(model, ids, image_pos, feats, layer_input)
+    hidden, layer_in = out if layer_input is not None else (out, None)  # (B, L, d)
     p = feats.shape[1]
     full_labels = torch.cat(
         [labels[:, :image_pos], torch.full((labels.shape[0], p), -100, dtype=labels.dtype), labels[:, image_pos + 1 :]], 1
     )
     sel = full_labels != -100  # (B, L): positions whose next token is an answer token
     logits = model.lm_head(hidden[sel])  # (n, V)
-    return nn.functional.cross_entropy(logits, full_labels[sel])
+    loss = nn.functional.cross_entropy(logits, full_labels[sel])
+    return (loss, layer_in) if layer_input is not None else loss
 
 
 @torch.no_grad()
-def first_token_accuracy(model, batcher: QuestionBatcher, feats: torch.Tensor, qa: list[tuple[str, str]]) -> float:
-    """Accuracy of the greedy first answer token (the answer is one word) on cached features."""
-    correct = 0
+def first_token_accuracy(
+    model, batcher: QuestionBatcher, feats: torch.Tensor, qa: list[tuple[str, str]], families: list[str] | None = None
+):
+    """Accuracy of the greedy first answer token (the answer is one word) on cached features;
+    with ``families`` also the accuracy per family, as ``(overall, {family: acc})``."""
+    hits = []
     for start in range(0, len(qa), 64):
         pairs = qa[start : start + 64]
         ids, labels, pos = batcher.batch(pairs)
@@ -336,8 +387,12 @@ def first_token_accuracy(model, batcher: QuestionBatcher, feats: torch.Tensor, q
         first = (labels != -100).float().argmax(1) + p - 1  # position predicting the first answer token
         logits = model.lm_head(hidden[torch.arange(len(pairs)), first])
         target = torch.tensor([batcher.ids(a, special=False)[0] for _, a in pairs])
-        correct += int((logits.argmax(-1) == target).sum())
-    return correct / max(1, len(qa))
+        hits += (logits.argmax(-1) == target).tolist()
+    overall = sum(hits) / max(1, len(hits))
+    if families is None:
+        return overall
+    per = {f: round(float(np.mean([h for h, g in zip(hits, families) if g == f])), 3) for f in dict.fromkeys(families)}
+    return overall, per
 
 
 def train_demo(
@@ -396,6 +451,7 @@ def train_demo(
         opt, lambda s: float(min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(1.0, s / cfg.steps)))))
     )
     batcher = QuestionBatcher(tokenizer)
+    owners: dict[int, np.ndarray] = {}  # scene index -> patch owner map (for the grounding targets)
     ckpt = work / "lm_ckpt.pt"
     start, history = 0, []
     if ckpt.is_file():
@@ -410,32 +466,46 @@ def train_demo(
     for step in bar:
         r = random.Random(cfg.seed * 1_000_003 + 7 + step)
         idx = [r.randrange(cfg.cache_scenes) for _ in range(cfg.batch)]
-        # Question k of a scene is fixed by (scene, k): a finite, reproducible question pool.
-        convs = []
+        convs, masks = [], []
         for i in idx:
             # The scene's question pool is fixed by (scene, k): finite and reproducible.
             scene = scenes.make_scene(train_seeds[i])
-            turns = []
+            if i not in owners:
+                owners[i] = scenes.patch_owner(scene, cfg.vit.image_size, cfg.vit.patch_size)
+            turns, turn_masks = [], []
             for k in r.sample(range(cfg.questions_per_scene), cfg.turns):
                 qrng = random.Random(train_seeds[i] * 31 + k)
                 family = scenes.FAMILIES[(i + k) % len(scenes.FAMILIES)]
-                q, a, _ = scenes.question_for(scene, family, qrng)
+                q, a, meta = scenes.question_for(scene, family, qrng)
                 turns.append((q, a))
+                turn_masks.append(head_targets(scene, owners[i], family, meta["targets"], len(cfg.grounding_heads)))
             convs.append(turns)
+            masks.append(turn_masks)
         ids, labels, pos = batcher.conversations(convs)
-        loss = answer_loss(model, ids, labels, pos, feats[idx])
+        if cfg.grounding_weight > 0:
+            answer, layer_in = answer_loss(model, ids, labels, pos, feats[idx], layer_input=cfg.grounding_layer)
+            n_vis = feats.shape[1]
+            ground = grounding_loss(
+                model, cfg.grounding_layer, cfg.grounding_heads, layer_in, pos, n_vis,
+                answer_rows(labels, pos, n_vis), masks,
+            )
+        else:
+            answer, ground = answer_loss(model, ids, labels, pos, feats[idx]), torch.zeros(())
+        loss = answer + cfg.grounding_weight * ground
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(answer=f"{answer.item():.3f}", ground=f"{ground.item():.3f}")
         if (step + 1) % 200 == 0 or step + 1 == cfg.steps:
             model.eval()
-            acc = first_token_accuracy(model, batcher, val_feats, val_qa)
+            acc, per_family = first_token_accuracy(model, batcher, val_feats, val_qa, [s.family for s in val])
             model.train()
-            history.append({"step": step + 1, "loss": loss.item(), "val_first_token_acc": acc})
-            log(f"lm step {step + 1}/{cfg.steps} loss {loss.item():.4f} val acc {acc:.3f} ({time.time() - t:.0f} s)")
+            history.append({"step": step + 1, "answer_loss": answer.item(), "grounding_loss": ground.item(),
+                            "val_first_token_acc": acc, "val_per_family": per_family})
+            log(f"lm step {step + 1}/{cfg.steps} answer loss {answer.item():.4f} grounding {ground.item():.3f} "
+                f"val acc {acc:.3f} {per_family} ({time.time() - t:.0f} s)")
             torch.save(
                 {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                  "step": step + 1, "history": history},

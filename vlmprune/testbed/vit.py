@@ -83,7 +83,15 @@ def pixels(images, cfg: VitConfig) -> torch.Tensor:
 
 N_COLOURS = len(scenes.COLOURS)
 N_MULTI = N_COLOURS * len(scenes.SHAPES) + len(scenes.DIGITS) + N_COLOURS
-DENSE = {"colour": N_COLOURS + 1, "kind": len(scenes.PATCH_KINDS) + 1, "digit": len(scenes.DIGITS) + 1, "size": 3}
+DENSE = {
+    "colour": N_COLOURS + 1,
+    "kind": len(scenes.PATCH_KINDS) + 1,
+    "digit": len(scenes.DIGITS) + 1,
+    "size": 3,
+    "count": len(scenes.NUMBER_WORDS),
+}
+"""Per-patch classes (0 = background). ``count`` (shapes of this patch's colour) is scene context a
+patch can only get by attending to the others; it lets a reader of one object's tokens count."""
 
 
 class PretrainHeads(nn.Module):
@@ -102,13 +110,46 @@ class PretrainHeads(nn.Module):
         counts = self.counts(pooled).view(-1, N_COLOURS, 5)
         l_count = nn.functional.cross_entropy(counts.reshape(-1, 5), batch["counts"].reshape(-1))
         dense = self.dense(patches)  # (B, P, sum)
-        l_dense, start = 0.0, 0
+        l_dense, start, parts = 0.0, 0, {}
         for name, k in DENSE.items():
             logits = dense[..., start : start + k].reshape(-1, k)
-            l_dense = l_dense + nn.functional.cross_entropy(logits, batch[name].reshape(-1))
+            target = batch[name].reshape(-1)
+            l_dense = l_dense + DENSE_WEIGHT[name] * object_weighted_ce(logits, target)
+            on_object = target > 0
+            if on_object.any():
+                parts[f"{name}_acc"] = (logits[on_object].argmax(-1) == target[on_object]).float().mean().item()
             start += k
         total = l_multi * 4 + l_count + l_dense
-        return total, {"multi": l_multi.item(), "count": l_count.item(), "dense": float(l_dense.item())}
+        return total, {"multi": l_multi.item(), "count": l_count.item(), "dense": float(l_dense.item()), **parts}
+
+
+DENSE_WEIGHT = {"colour": 1.0, "kind": 2.0, "digit": 3.0, "size": 1.0, "count": 1.0}
+"""Shape and digit identity are the hard per-patch read-outs (they need context from neighbouring
+patches); colour is nearly a per-pixel property."""
+
+
+def object_weighted_ce(logits: torch.Tensor, target: torch.Tensor, background_weight: float = 0.1) -> torch.Tensor:
+    """Cross-entropy where background patches (label 0, ~85 % of a scene) count ``background_weight``:
+    an unweighted mean lets the head score well by answering "background" and never learn the
+    small objects the questions are about."""
+    weight = torch.where(target > 0, 1.0, background_weight)
+    ce = nn.functional.cross_entropy(logits, target, reduction="none")
+    return (weight * ce).sum() / weight.sum()
+
+
+def sincos_2d(grid: int, dim: int, scale: float = 0.5) -> torch.Tensor:
+    """(1 + grid^2, dim) 2-D sine-cosine position table ([CLS] row zero), the position embeddings' init.
+
+    With a random init a ViT this small spends most of a CPU budget learning which patches are
+    neighbours (measured: per-object shape accuracy stayed ~50 % for 450 steps, while the local
+    digit read-out climbed); a 2-D sin-cos start gives it locality at step 0 (MAE's choice too)."""
+    if dim % 4:
+        raise ValueError(f"dim must be a multiple of 4, got {dim}")
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
+    parts = [torch.outer(axis.flatten(), freqs) for axis in (ys, xs)]
+    table = torch.cat([f(a) for a in parts for f in (torch.sin, torch.cos)], dim=1)  # (grid^2, dim)
+    return scale * torch.cat([torch.zeros(1, dim), table])
 
 
 def scene_batch(seeds: list[int], cfg: VitConfig) -> dict[str, torch.Tensor]:
@@ -145,6 +186,8 @@ def pretrain(
     final = out_dir / "vit_final.pt"
     torch.manual_seed(seed)
     model = CLIPVisionModel(clip_config(cfg))
+    with torch.no_grad():
+        model.embeddings.position_embedding.weight.copy_(sincos_2d(cfg.grid, cfg.hidden_size))
     heads = PretrainHeads(cfg.hidden_size)
     if final.is_file():
         model.load_state_dict(torch.load(final, map_location="cpu"))

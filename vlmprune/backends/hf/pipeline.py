@@ -32,6 +32,7 @@ from transformers import DynamicCache
 from vlmprune.backends.hf.base import ImageTokens, ModelAdapter, Sequence
 from vlmprune.backends.hf.reduce import (
     needs_instruction_attention,
+    prunable_values,
     reduce_image,
     signals_needed,
     stage_plan,
@@ -223,8 +224,21 @@ class ReferenceBackend:
         policy = _as_policy(policy)
         require_support(policy.method, self.family)
         explain_model = self._explain_model(policy) if policy.method == "explain" and policy.ratio > 0 else None
-        inputs = self.process(requests)
         needs = signals_needed(policy.method) if policy.ratio > 0 else frozenset()
+        return [
+            self._prefill_one(seq, row_images, policy, explain_model)
+            for seq, row_images in self.sequences(requests, needs)
+        ]
+
+    @torch.no_grad()
+    def sequences(
+        self, requests: list[Request], needs: frozenset[str] = frozenset()
+    ) -> list[tuple[Sequence, list[ImageTokens]]]:
+        """Per request, its full unpruned LLM input and its images (with the signals in ``needs``).
+
+        The first half of :meth:`prefill`, public so that offline tools (the explain CNN's
+        trainer) see exactly the sequence the pruned prefill starts from."""
+        inputs = self.process(requests)
         images = self.adapter.encode_images(inputs, needs)
         per_row = self.adapter.images_per_row(inputs)
         expected = [len(r.images) for r in requests]
@@ -234,9 +248,18 @@ class ReferenceBackend:
         for row in range(len(requests)):
             row_images = images[cursor : cursor + per_row[row]]
             cursor += per_row[row]
-            seq = self.adapter.build_sequence(inputs, row, row_images)
-            out.append(self._prefill_one(seq, row_images, policy, explain_model))
+            out.append((self.adapter.build_sequence(inputs, row, row_images), row_images))
         return out
+
+    @torch.no_grad()
+    def explain_inputs(self, seq: Sequence, images: list[ImageTokens]) -> list[torch.Tensor]:
+        """Per image, the relevance CNN's input for this sequence: layer-0 instruction attention
+        over the image's prunable tokens, (n_prunable,) fp32.
+
+        The same calls, in the same order, as the explain path of :meth:`_prefill_one` and
+        :func:`reduce_image`; the CNN's trainer uses this so training and inference cannot drift."""
+        iattn = self._instruction_attention(seq)  # (L,)
+        return [prunable_values(im, iattn[span])[1] for im, span in zip(images, seq.image_spans)]
 
     def _prefill_one(self, seq: Sequence, images: list[ImageTokens], policy: Any, explain_model: Any) -> Prefill:
         text_model = self.adapter.text_model

@@ -124,9 +124,7 @@ def reduce_image(
                 f"method {method!r} needs instruction_attention of shape ({image.n_tokens},), got "
                 f"{None if instruction_attention is None else tuple(instruction_attention.shape)}"
             )
-        # Both score only the prunable tokens, in sequence order (newlines are not image content).
-        candidates = prunable.nonzero().squeeze(1)  # (n_prunable,)
-        attn = instruction_attention[candidates]
+        candidates, attn = prunable_values(image, instruction_attention)
         if method == "explain":
             if explain_model is None:
                 raise PolicyError("method 'explain' needs a RelevanceCNN (policy field 'checkpoint')")
@@ -135,6 +133,18 @@ def reduce_image(
             chosen = transprune.reduce(transprune.combine(None, attn), keep)
         return _with_fixed(image, candidates[chosen.to(candidates.device)])
     raise PolicyError(f"method {method!r} has no LLM-input reduction in the reference backend")
+
+
+def prunable_values(image: ImageTokens, per_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(candidates, values)``: the image's prunable token indices (n_prunable,) and ``per_token``
+    (n,) at them, in sequence order.
+
+    Explain and TransPrune score only the prunable tokens (newlines are not image content). This is
+    the one place that slicing happens, so the explain CNN's training input
+    (:meth:`vlmprune.backends.hf.pipeline.ReferenceBackend.explain_inputs`) is by construction the
+    vector it scores at inference."""
+    candidates = image.prunable.bool().nonzero().squeeze(1)  # (n_prunable,)
+    return candidates, per_token[candidates.to(per_token.device)]
 
 
 def _signal(image: ImageTokens, name: str) -> torch.Tensor:

@@ -1,0 +1,142 @@
+"""Accuracy vs pruning ratio of every method on a testbed model (the project's quality benchmark).
+
+Runs :func:`vlmprune.evaluate.evaluate` (transformers reference backend, greedy answers, the same
+test-split samples for every cell) for each method x ratio and writes, to ``bench/results/``:
+
+- ``quality_<model>.json``: every result (accuracy, per family, chance, kept tokens);
+- ``quality_<model>.md``: accuracy table (rows: methods, columns: ratios), retention (accuracy /
+  ratio-0 accuracy) and the per-family breakdown at each method's ratio 0.9;
+- ``quality_<model>.png``: accuracy vs ratio, one line per method, chance level dashed.
+
+Ratio 0 keeps every token for every method (the stock model), so it is evaluated once and shared.
+A method whose requirements are missing (``explain`` without trained CNN weights) is reported as
+skipped with the reason, not silently dropped.
+
+    python bench/quality.py                      # demo, all LLaVA methods, 300 samples
+    python bench/quality.py --samples 100 --methods fastervlm,random
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_RATIOS = (0.0, 0.5, 0.75, 0.9, 0.95)
+
+
+def run(model: str, methods: list[str], ratios: list[float], samples: int, seed: int) -> dict:
+    from vlmprune.evaluate import evaluate
+
+    cells: dict[str, dict[str, dict]] = {}
+    skipped: dict[str, str] = {}
+    base = evaluate(model, "fastervlm", 0.0, samples=samples, seed=seed, progress=False)
+    print(f"ratio 0 (all methods): accuracy {base['accuracy']:.3f} ({base['wall_s']:.0f} s)", file=sys.stderr)
+    for method in methods:
+        cells[method] = {"0.0": base}
+        for ratio in ratios:
+            if ratio == 0:
+                continue
+            try:
+                result = evaluate(model, method, ratio, samples=samples, seed=seed, progress=False)
+            except (ValueError, FileNotFoundError) as exc:  # e.g. explain without trained weights
+                skipped[method] = str(exc)
+                print(f"{method}: skipped ({exc})", file=sys.stderr)
+                cells.pop(method)
+                break
+            cells[method][str(ratio)] = result
+            print(f"{method}@{ratio}: accuracy {result['accuracy']:.3f}, kept {result['kept_tokens']:.0f} "
+                  f"({result['wall_s']:.0f} s)", file=sys.stderr)
+    return {"model": model, "samples": samples, "seed": seed, "ratios": ratios, "cells": cells, "skipped": skipped,
+            "chance": base["chance"], "per_family_samples": base["per_family_samples"]}
+
+
+def overall_chance(data: dict) -> float:
+    """Sample-weighted majority-answer accuracy over the families."""
+    n = data["per_family_samples"]
+    return sum(data["chance"][f] * n[f] for f in n) / sum(n.values())
+
+
+def markdown(data: dict) -> str:
+    ratios = data["ratios"]
+    head = "| method | " + " | ".join(f"{r:g}" for r in ratios) + " |"
+    rule = "|---|" + "---:|" * len(ratios)
+    lines = [f"# Quality: accuracy vs ratio on `{data['model']}`", "",
+             f"{data['samples']} test samples (the same for every cell), greedy answers, transformers reference "
+             f"backend, seed {data['seed']}. Chance (majority answer per family, weighted): "
+             f"{overall_chance(data):.3f}.", "", "## Accuracy", "", head, rule]
+    for method, row in data["cells"].items():
+        lines.append(f"| {method} | " + " | ".join(f"{row[str(r)]['accuracy']:.3f}" for r in ratios) + " |")
+    lines += ["", "## Retention (accuracy / ratio-0 accuracy)", "", head, rule]
+    for method, row in data["cells"].items():
+        a0 = row["0.0"]["accuracy"]
+        lines.append(f"| {method} | " + " | ".join(
+            f"{row[str(r)]['accuracy'] / a0:.1%}" if a0 else "n/a" for r in ratios) + " |")
+    families = list(data["per_family_samples"])
+    if 0.9 in ratios:
+        lines += ["", "## Per family at ratio 0.9", "",
+                  "| method | " + " | ".join(f"{f} (n={data['per_family_samples'][f]})" for f in families) + " |",
+                  "|---|" + "---:|" * len(families)]
+        lines.append("| ratio 0 | " + " | ".join(
+            f"{next(iter(data['cells'].values()))['0.0']['per_family'][f]:.3f}" for f in families) + " |")
+        for method, row in data["cells"].items():
+            lines.append(f"| {method} | " + " | ".join(f"{row['0.9']['per_family'][f]:.3f}" for f in families) + " |")
+        lines.append("| chance | " + " | ".join(f"{data['chance'][f]:.3f}" for f in families) + " |")
+    for method, reason in data["skipped"].items():
+        lines += ["", f"Skipped `{method}`: {reason}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ratios = data["ratios"]
+    for method, row in data["cells"].items():
+        ax.plot(ratios, [row[str(r)]["accuracy"] for r in ratios], marker="o", label=method)
+    ax.axhline(overall_chance(data), color="grey", linestyle="--", linewidth=1, label="chance")
+    ax.set_xlabel("pruning ratio (fraction of visual tokens removed)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{data['model']}: accuracy vs ratio ({data['samples']} test samples)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--methods", default="fastervlm,aim,transprune,explain,random,pool")
+    parser.add_argument("--ratios", default=",".join(f"{r:g}" for r in DEFAULT_RATIOS))
+    parser.add_argument("--samples", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="output stem (default bench/results/quality_<model>)")
+    args = parser.parse_args(argv)
+    ratios = [float(r) for r in args.ratios.split(",")]
+    if 0.0 not in ratios:
+        ratios = [0.0, *ratios]
+    t0 = time.time()
+    data = run(args.model, [m.strip() for m in args.methods.split(",") if m.strip()], sorted(ratios),
+               args.samples, args.seed)
+    data["wall_s"] = time.time() - t0
+    stem = Path(args.out) if args.out else RESULTS / f"quality_{Path(args.model).name}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(data, indent=1))
+    stem.with_suffix(".md").write_text(markdown(data))
+    plot(data, stem.with_suffix(".png"))
+    print(markdown(data))
+    print(f"wrote {stem}.{{json,md,png}} in {data['wall_s']:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

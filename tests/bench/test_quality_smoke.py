@@ -1,0 +1,49 @@
+"""bench/quality.py end to end on a micro model (real transformers backend, real pruning; the
+micro model's answers are near chance, so this checks the benchmark's plumbing and outputs, not
+accuracy: bench/results/quality_demo.* holds the real run on the shipped demo)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "quality.py"
+
+
+def _load_quality():
+    spec = importlib.util.spec_from_file_location("bench_quality", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_quality"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory) -> Path:
+    from testbed.micro import train_micro
+
+    return train_micro(tmp_path_factory.mktemp("micro") / "model")
+
+
+def test_quality_writes_table_plot_and_json(micro, tmp_path, capsys):
+    """Two methods x two ratios: ratio 0 shared, kept tokens match the ratio, explain without CNN
+    weights is reported as skipped (with the reason) instead of silently dropped."""
+    quality = _load_quality()
+    stem = tmp_path / "q"
+    assert quality.main(["--model", str(micro), "--methods", "fastervlm,random,explain", "--ratios", "0.5,0.9",
+                         "--samples", "5", "--out", str(stem)]) == 0
+    data = json.loads(stem.with_suffix(".json").read_text())
+    assert data["ratios"] == [0.0, 0.5, 0.9]
+    assert set(data["cells"]) == {"fastervlm", "random"}
+    assert "relevance-CNN" in data["skipped"]["explain"]
+    for method, row in data["cells"].items():
+        assert row["0.0"] is data["cells"]["fastervlm"]["0.0"] or row["0.0"] == data["cells"]["fastervlm"]["0.0"]
+        assert row["0.5"]["kept_tokens"] == 128 and row["0.9"]["kept_tokens"] == 26
+        assert row["0.9"]["samples"] == 5
+    md = stem.with_suffix(".md").read_text()
+    assert "| fastervlm |" in md and "| random |" in md and "Skipped `explain`" in md
+    assert stem.with_suffix(".png").stat().st_size > 1000

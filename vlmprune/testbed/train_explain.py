@@ -1,0 +1,516 @@
+"""Training of the explain method's relevance CNN: ``vlmprune train explain --model MODEL``.
+
+The explain method (:mod:`vlmprune.core.explain`, PRUNERS.md section 5) scores visual tokens with a
+small CNN that must be trained once per VLM. Training is distillation from an expensive offline
+teacher to a cheap online student:
+
+1. **Teacher labels** (the expensive part, cached and resumable). For each train-split sample of
+   :mod:`vlmprune.testbed.scenes` the VLM answers greedily (the reference backend at ratio 0, i.e.
+   the stock computation, with the ``vlmprune eval`` answer rule); by default only correctly
+   answered samples are kept, since an explanation of a wrong answer points at the wrong tokens.
+   The prompt + answer is then replayed teacher-forced with eager attention, and for each answer
+   token the gradient of its logit w.r.t. every layer's attention map gives Chefer-style generic
+   attention relevance (``R = I; R += mean_heads(clamp(A * dA, min=0)) @ R`` layer by layer). The
+   answer-predicting row's visual columns, averaged over answer tokens, are ``R_v``.
+2. **Student input**: the layer-0 instruction -> visual attention exactly as the explain method
+   computes it at inference (:meth:`ReferenceBackend.explain_inputs`, the same code path), so
+   train and inference inputs cannot drift apart.
+3. **Student training**: :class:`RelevanceCNN`, loss :func:`kl_loss` against
+   :func:`teacher_target` (top 50 % of ``R_v``, renormalised), Adam, seeded; ~10 % of the labelled
+   samples are held out. Besides the KL, the held-out report gives the *top-k recall* (how many of
+   the teacher's top-k tokens the student's top-k keeps), next to the same recall of the raw input
+   attention: the student is only worth its weights if it beats its own input.
+
+Outputs: the checkpoint (default ``<model>/vlmprune_explain_cnn.pt``, where the explain method
+finds it without a ``checkpoint`` field), a JSON report with the same stem, and the label cache
+``<stem>.labels.pt`` beside them (delete it to relabel; it is reused only for the same model
+weights and labelling recipe).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlmprune.core.explain import CHECKPOINT_NAME, RelevanceCNN, RelevanceCNNConfig, kl_loss, teacher_target
+from vlmprune.core.select import topk_sorted
+from vlmprune.policy import kept_count
+
+LABEL_FORMAT = 1
+"""Version of the label recipe stored in the cache; bump it when the teacher's definition changes,
+so stale labels are never trained on."""
+
+MAX_NEW_TOKENS = 3
+"""Greedy answer length, as ``vlmprune eval`` (answers are single words)."""
+
+VAL_FRACTION = 0.1
+
+
+@dataclass(frozen=True)
+class ExplainTrainConfig:
+    """Every knob of the recipe (recorded in the JSON report)."""
+
+    samples: int = 2000
+    """Train-split samples to label (indices 0..samples-1); only correct ones are used by default.
+    CPU-sized (labelling the demo costs ~0.1 s per sample); the paper labels ~10K samples."""
+    epochs: int = 50
+    """The paper trains 100 epochs (batch 128) on ~10K samples; 50 on 2000 keeps a CPU run near a
+    quarter of an hour, and the best-validation epoch is kept anyway."""
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    only_correct: bool = True
+    """False keeps wrongly answered samples: for tests and smoke runs on untrained models only."""
+    keep_fraction: float = 0.5
+    """The teacher label keeps this top fraction of ``R_v`` (the paper's 50 %)."""
+
+    def validate(self) -> None:
+        """ValueError naming the CLI flag of the first bad value."""
+        if self.samples < 1:
+            raise ValueError(f"--samples must be >= 1, got {self.samples}")
+        if self.epochs < 1:
+            raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {self.seed}")
+        if not 0.0 < self.keep_fraction <= 1.0:
+            raise ValueError(f"keep_fraction must be in (0, 1], got {self.keep_fraction}")
+
+
+# --- teacher: generic attention explainability -----------------------------------------------------
+
+
+@contextlib.contextmanager
+def eager_attention(text_model) -> Iterator[None]:
+    """Run ``text_model`` with eager attention inside the block (SDPA/flash never return the
+    probabilities, let alone a differentiable tensor of them); the previous implementation is
+    restored after, so greedy answers elsewhere keep the model's own kernel."""
+    previous = getattr(text_model.config, "_attn_implementation", None)
+    if previous == "eager":
+        yield
+        return
+    text_model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if previous is not None:
+            text_model.set_attn_implementation(previous)
+
+
+def chefer_relevance(backend, seq, answer_ids: list[int]) -> torch.Tensor:
+    """Relevance of every prompt token for the answer, (L,) fp32, L = ``seq.length``.
+
+    Teacher-forced replay of ``seq`` (the unpruned prompt) + the answer tokens (all but the last
+    are inputs); for each answer token t, ``y_t`` = its logit at the row that predicts it, and
+    per layer ``A`` (H, L', L') with ``dA = dy_t/dA``. Chefer et al.'s propagation for
+    self-attention: ``R = I``, then ``R += mean_h(clamp(A * dA, min=0)) @ R`` from the first layer
+    to the last; the predicting row of ``R`` is token t's explanation. The rows are averaged over
+    answer tokens and restricted to the prompt columns.
+    """
+    if not answer_ids:
+        raise ValueError("answer_ids must not be empty")
+    adapter = backend.adapter
+    text_model = adapter.text_model
+    prompt_len = seq.length
+    n = len(answer_ids)
+    extra = torch.as_tensor(answer_ids[:-1], dtype=torch.long, device=seq.embeds.device)
+    embeds, positions = seq.embeds, seq.positions
+    if extra.numel():
+        embeds = torch.cat([embeds, backend.model.get_input_embeddings()(extra).to(embeds.dtype)])
+        positions = torch.cat([positions, adapter.next_positions(positions, extra.numel())], dim=-1)
+    rows = torch.arange(prompt_len - 1, prompt_len - 1 + n, device=embeds.device)  # predicting rows
+    with torch.enable_grad(), eager_attention(text_model):
+        embeds = embeds.detach().requires_grad_(True)  # a graph even if the weights are frozen
+        out = text_model(
+            inputs_embeds=embeds[None],
+            position_ids=positions[None] if positions.ndim == 1 else positions[:, None],
+            output_attentions=True,
+            use_cache=False,
+        )
+        attentions = out.attentions
+        if not attentions or any(a is None for a in attentions):
+            raise RuntimeError("the text model returned no attention maps (eager attention not in effect?)")
+        logits = adapter.lm_head(out.last_hidden_state[0, rows])  # (n, V)
+        targets = torch.as_tensor(answer_ids, device=logits.device)
+        scores = logits.gather(1, targets[:, None])[:, 0]  # (n,)
+        length = embeds.shape[0]
+        total = torch.zeros(length, dtype=torch.float32, device=embeds.device)
+        for t in range(n):
+            grads = torch.autograd.grad(scores[t], attentions, retain_graph=t + 1 < n)
+            rel = torch.eye(length, dtype=torch.float32, device=embeds.device)
+            for a, g in zip(attentions, grads):
+                cam = (a[0].detach().float() * g[0].float()).clamp_min(0).mean(dim=0)  # (L', L')
+                rel = rel + cam @ rel
+            total += rel[rows[t]]
+    return (total / n)[:prompt_len]
+
+
+# --- labelling (cached, resumable) -----------------------------------------------------------------
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """Cheap identity of a model folder's weights: config + size and head/tail bytes of every
+    weight file. Copies of the same model match; retrained weights do not."""
+    h = hashlib.sha256()
+    h.update((model_dir / "config.json").read_bytes())
+    for f in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()
+
+
+def labels_path(out: Path) -> Path:
+    """The label cache beside the checkpoint: ``<stem>.labels.pt``."""
+    return out.with_name(out.stem + ".labels.pt")
+
+
+def _load_cache(path: Path, fingerprint: str, log: Callable[[str], None]) -> dict[str, Any]:
+    fresh = {"format": LABEL_FORMAT, "fingerprint": fingerprint, "max_new_tokens": MAX_NEW_TOKENS,
+             "records": [], "label_s": 0.0, "processed": 0}
+    if not path.is_file():
+        return fresh
+    cache = torch.load(path, map_location="cpu", weights_only=True)
+    if (cache.get("format"), cache.get("fingerprint"), cache.get("max_new_tokens")) != (
+        LABEL_FORMAT, fingerprint, MAX_NEW_TOKENS
+    ):
+        log(f"label cache {path} is for other weights or another recipe; relabelling from scratch")
+        return fresh
+    log(f"label cache {path}: resuming with {len(cache['records'])} labelled samples")
+    return cache
+
+
+def _save_cache(path: Path, cache: dict[str, Any]) -> None:
+    """Atomic write, so an interrupted run never leaves a truncated cache behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(cache, tmp)
+    os.replace(tmp, path)
+
+
+def _label_batch(backend, samples, size: int, need_teacher: Callable[[bool], bool]) -> list[dict[str, Any]]:
+    """Greedy answers, student inputs and (where ``need_teacher(correct)``) teacher relevance."""
+    from vlmprune.backends.hf import Request
+    from vlmprune.backends.hf.reduce import prunable_values
+    from vlmprune.testbed import scenes
+
+    requests = [Request(s.question, [scenes.render(s.scene, size)]) for s in samples]
+    gens = backend.generate(requests, None, max_new_tokens=MAX_NEW_TOKENS)  # ratio 0: the stock model
+    eos = backend._eos_ids()  # the backend's own stop rule, so "answer tokens" match generate()
+    records = []
+    for s, gen, (seq, images) in zip(samples, gens, backend.sequences(requests)):
+        if len(images) != 1:
+            raise ValueError(f"sample {s.index}: expected one image, got {len(images)}")
+        output = gen.text.strip()
+        correct = output == s.answer
+        student = backend.explain_inputs(seq, images)[0].float().cpu()
+        teacher = None
+        if need_teacher(correct):
+            answer = [t for t in gen.token_ids if t not in eos] or gen.token_ids[:1]
+            rel = chefer_relevance(backend, seq, answer)  # (L,)
+            teacher = prunable_values(images[0], rel[seq.image_spans[0]])[1].float().cpu()
+        records.append({"index": s.index, "family": s.family, "answer": s.answer, "output": output,
+                        "correct": correct, "student": student, "teacher": teacher})
+    return records
+
+
+def label_samples(
+    model_dir: Path,
+    cache_path: Path,
+    samples: int,
+    only_correct: bool = True,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    batch: int = 8,
+    save_every_s: float = 60.0,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Label train samples ``0..samples-1`` (reusing ``cache_path``) and return
+    ``(records, stats)``; each record has ``student`` (N,) and ``teacher`` (N,) or None (teacher
+    skipped for a wrong answer while ``only_correct``)."""
+    from tqdm import tqdm
+
+    from vlmprune.backends.hf import ReferenceBackend
+    from vlmprune.testbed import scenes
+
+    cache = _load_cache(cache_path, model_fingerprint(model_dir), log)
+    records: list[dict[str, Any]] = cache["records"]
+    todo_missing = [i for i, r in enumerate(records[:samples]) if r["teacher"] is None and
+                    (r["correct"] or not only_correct)]
+    todo_new = list(range(len(records), samples))
+    if not todo_missing and not todo_new:
+        return records[:samples], {"label_s": cache["label_s"], "processed": cache["processed"], "new": 0}
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backend = ReferenceBackend.from_pretrained(model_dir, device=device)
+    size = int(backend.model.config.vision_config.image_size)
+    need = (lambda correct: correct or not only_correct)
+    last_save = time.time()
+    t0 = time.time()
+    new = 0
+    with tqdm(total=len(todo_missing) + len(todo_new), desc="explain labels", file=sys.stderr,
+              disable=not progress) as bar:
+        for start in range(0, len(todo_missing), batch):  # cached answers that now need a teacher
+            idx = todo_missing[start : start + batch]
+            t = time.time()
+            fresh = _label_batch(backend, [scenes.sample("train", records[i]["index"]) for i in idx], size,
+                                 lambda _c: True)
+            for i, rec in zip(idx, fresh):
+                records[i] = rec
+            cache["label_s"] += time.time() - t
+            cache["processed"] += len(idx)
+            bar.update(len(idx))
+        for start in range(0, len(todo_new), batch):
+            idx = todo_new[start : start + batch]
+            t = time.time()
+            records += _label_batch(backend, [scenes.sample("train", i) for i in idx], size, need)
+            cache["label_s"] += time.time() - t
+            cache["processed"] += len(idx)
+            new += len(idx)
+            bar.update(len(idx))
+            kept = sum(r["teacher"] is not None for r in records)
+            bar.set_postfix(correct=f"{sum(r['correct'] for r in records) / len(records):.2f}", kept=kept)
+            if time.time() - last_save > save_every_s:
+                _save_cache(cache_path, cache)
+                last_save = time.time()
+    _save_cache(cache_path, cache)
+    log(f"labelled {len(todo_missing) + len(todo_new)} samples in {time.time() - t0:.1f} s")
+    return records[:samples], {"label_s": cache["label_s"], "processed": cache["processed"], "new": new,
+                               "device": device}
+
+
+# --- student training ------------------------------------------------------------------------------
+
+
+def _batches(xs: list[torch.Tensor], ys: list[torch.Tensor], order: list[int], size: int):
+    """Right-padded (x, y, mask) batches; padding gets zero attention, zero target, mask False."""
+    for start in range(0, len(order), size):
+        idx = order[start : start + size]
+        width = max(xs[i].numel() for i in idx)
+        x = torch.zeros(len(idx), width)
+        y = torch.zeros(len(idx), width)
+        mask = torch.zeros(len(idx), width, dtype=torch.bool)
+        for row, i in enumerate(idx):
+            n = xs[i].numel()
+            x[row, :n], y[row, :n], mask[row, :n] = xs[i], ys[i], True
+        yield x, y, mask
+
+
+def topk_recall(scores: torch.Tensor, relevance: torch.Tensor, keep_fraction: float) -> float:
+    """Share of the teacher's top ``keep_fraction`` tokens (by ``relevance``) that the top
+    ``keep_fraction`` by ``scores`` also keeps: what pruning with ``scores`` retains of what the
+    teacher says matters (chance = ``keep_fraction``)."""
+    k = kept_count(relevance.numel(), 1.0 - keep_fraction)
+    want = set(topk_sorted(relevance.float(), k).tolist())
+    got = set(topk_sorted(scores.float(), k).tolist())
+    return len(want & got) / max(k, 1)
+
+
+@torch.no_grad()
+def evaluate_student(model: RelevanceCNN, xs, teachers, targets, batch_size: int) -> dict[str, float]:
+    """Mean KL and top-50 % / top-25 % recall of the student vs the raw input attention."""
+    model.eval()
+    kl_sum, recall, base = 0.0, {0.5: 0.0, 0.25: 0.0}, {0.5: 0.0, 0.25: 0.0}
+    order = list(range(len(xs)))
+    for start, (x, y, mask) in zip(range(0, len(order), batch_size), _batches(xs, targets, order, batch_size)):
+        log_probs = model(x, mask)
+        kl_sum += float(kl_loss(log_probs, y)) * x.shape[0]
+        for row in range(x.shape[0]):
+            i = order[start + row]
+            n = xs[i].numel()
+            for frac in recall:
+                recall[frac] += topk_recall(log_probs[row, :n], teachers[i], frac)
+                base[frac] += topk_recall(xs[i], teachers[i], frac)
+    n = max(len(xs), 1)
+    return {
+        "kl": kl_sum / n,
+        "top50_recall": recall[0.5] / n,
+        "top50_recall_input_attention": base[0.5] / n,
+        "top25_recall": recall[0.25] / n,
+        "top25_recall_input_attention": base[0.25] / n,
+    }
+
+
+def train_student(
+    train: list[tuple[torch.Tensor, torch.Tensor]],
+    val: list[tuple[torch.Tensor, torch.Tensor]],
+    cfg: ExplainTrainConfig,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> tuple[RelevanceCNN, dict[str, Any]]:
+    """Fit a :class:`RelevanceCNN` on ``(student input, teacher R_v)`` pairs; returns the model
+    with the lowest validation KL (the last one without a validation set) and the history."""
+    from tqdm import tqdm
+
+    torch.manual_seed(cfg.seed)
+    model = RelevanceCNN(RelevanceCNNConfig())
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    xs = [x for x, _ in train]
+    targets = [teacher_target(r, cfg.keep_fraction) for _, r in train]
+    vxs, vteach = [x for x, _ in val], [r for _, r in val]
+    vtargets = [teacher_target(r, cfg.keep_fraction) for r in vteach]
+    rng = random.Random(cfg.seed)
+    history, best, best_kl, best_epoch = [], None, float("inf"), 0
+    bar = tqdm(range(cfg.epochs), desc="explain cnn", file=sys.stderr, disable=not progress)
+    for epoch in bar:
+        model.train()
+        order = list(range(len(xs)))
+        rng.shuffle(order)
+        total = 0.0
+        for x, y, mask in _batches(xs, targets, order, cfg.batch_size):
+            loss = kl_loss(model(x, mask), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * x.shape[0]
+        entry: dict[str, Any] = {"epoch": epoch + 1, "train_kl": total / len(xs)}
+        if val:
+            metrics = evaluate_student(model, vxs, vteach, vtargets, cfg.batch_size)
+            entry.update({f"val_{k}": v for k, v in metrics.items()})
+            if metrics["kl"] < best_kl:
+                best_kl, best_epoch = metrics["kl"], epoch + 1
+                best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            bar.set_postfix(train_kl=f"{entry['train_kl']:.3f}", val_kl=f"{metrics['kl']:.3f}",
+                            top50=f"{metrics['top50_recall']:.3f}")
+        else:
+            bar.set_postfix(train_kl=f"{entry['train_kl']:.3f}")
+        history.append(entry)
+    if best is not None:
+        model.load_state_dict(best)
+    else:
+        best_epoch = cfg.epochs
+    model.eval()
+    log(f"explain cnn: best epoch {best_epoch}, train KL {history[best_epoch - 1]['train_kl']:.4f}"
+        + (f", val KL {best_kl:.4f}" if val else ""))
+    return model, {"history": history, "best_epoch": best_epoch}
+
+
+# --- end to end ------------------------------------------------------------------------------------
+
+
+def train_explain(
+    model: str | Path,
+    out: str | Path | None = None,
+    cfg: ExplainTrainConfig = ExplainTrainConfig(),
+    threads: int = 2,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Label, train, save; returns the report (also written to ``<out stem>.json``).
+
+    ``model``: a shipped name (``demo``) or a model folder. ``out`` defaults to
+    ``<model folder>/vlmprune_explain_cnn.pt``, where the explain method looks by itself.
+    """
+    from vlmprune.testbed.registry import resolve_model
+
+    cfg.validate()
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    try:
+        model_dir = resolve_model(model)
+    except ValueError as exc:
+        raise ValueError(f"--model: {exc}") from None
+    out = Path(out) if out is not None else model_dir / CHECKPOINT_NAME
+    if out.is_dir():
+        raise ValueError(f"--out must be a file path, {str(out)!r} is a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(threads)
+    t_start = time.time()
+
+    records, label_stats = label_samples(model_dir, labels_path(out), cfg.samples, cfg.only_correct,
+                                         progress=progress, log=log)
+    correct = sum(r["correct"] for r in records)
+    used = [r for r in records if (r["correct"] or not cfg.only_correct) and r["teacher"] is not None]
+    if not used:
+        raise ValueError(
+            f"--samples: none of the {len(records)} labelled samples was answered correctly; label more, "
+            "or pass --keep-wrong (tests and smoke runs only)"
+        )
+    rng = random.Random(cfg.seed)
+    order = list(range(len(used)))
+    rng.shuffle(order)
+    n_val = max(1, round(VAL_FRACTION * len(used))) if len(used) >= 2 else 0
+    val = [(used[i]["student"], used[i]["teacher"]) for i in order[:n_val]]
+    train = [(used[i]["student"], used[i]["teacher"]) for i in order[n_val:]]
+
+    t = time.time()
+    student, fit = train_student(train, val, cfg, progress=progress, log=log)
+    train_s = time.time() - t
+    student.save(out)
+
+    last = fit["history"][fit["best_epoch"] - 1]
+    processed = max(label_stats["processed"], 1)
+    report = {
+        "model": str(model),
+        "model_dir": str(model_dir),
+        "out": str(out),
+        "labels": str(labels_path(out)),
+        "config": asdict(cfg),
+        "samples": len(records),
+        "teacher_correct": correct,
+        "teacher_accuracy": correct / len(records),
+        "used": len(used),
+        "train_samples": len(train),
+        "val_samples": len(val),
+        "tokens_per_sample": int(used[0]["student"].numel()),
+        "best_epoch": fit["best_epoch"],
+        "train_kl": last["train_kl"],
+        "val": {k[4:]: v for k, v in last.items() if k.startswith("val_")} or None,
+        "history": fit["history"],
+        "timings": {
+            "label_s": label_stats["label_s"],
+            "label_s_per_sample": label_stats["label_s"] / processed,
+            "train_s": train_s,
+            "total_s": time.time() - t_start,
+        },
+        "threads": threads,
+    }
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    log(f"saved the relevance CNN to {out}")
+    return report
+
+
+def run_cli(args) -> int:
+    """``vlmprune train explain``: checks the arguments (ValueError names the flag), labels,
+    trains, saves, prints one JSON line. Progress and logs go to stderr."""
+    for flag, value in (("--steps", args.steps), ("--vit-steps", args.vit_steps), ("--work", args.work)):
+        if value is not None:
+            raise ValueError(f"{flag} applies to `vlmprune train demo` only")
+    if args.explain_model is None:
+        raise ValueError("--model is required: a shipped model name (demo) or a model folder")
+    defaults = ExplainTrainConfig()
+    cfg = ExplainTrainConfig(
+        samples=defaults.samples if args.samples is None else args.samples,
+        epochs=defaults.epochs if args.epochs is None else args.epochs,
+        batch_size=defaults.batch_size if args.batch_size is None else args.batch_size,
+        seed=args.seed,
+        only_correct=not args.keep_wrong,
+    )
+    report = train_explain(
+        args.explain_model, args.out, cfg, threads=args.threads, progress=not args.no_progress,
+        log=lambda msg: print(msg, file=sys.stderr, flush=True),
+    )
+    val = report["val"] or {}
+    print(json.dumps({
+        "model": report["model"], "out": report["out"], "samples": report["samples"],
+        "teacher_accuracy": report["teacher_accuracy"], "used": report["used"],
+        "train_kl": report["train_kl"], "val_kl": val.get("kl"), "val_top50_recall": val.get("top50_recall"),
+        "val_top50_recall_input_attention": val.get("top50_recall_input_attention"),
+        "label_s_per_sample": report["timings"]["label_s_per_sample"],
+    }))
+    return 0
