@@ -1,5 +1,5 @@
 """The ``vlmprune`` command line: methods, FLOPs tables, policies, the gateway (serve), the demo,
-training (testbed models, explain relevance CNNs) and evaluation.
+training (testbed models, explain relevance CNNs), evaluation and visualisation of kept tokens.
 
 Imports are lazy (inside each subcommand), so ``vlmprune methods`` starts fast and never imports
 vLLM, transformers or torch. User errors print ``vlmprune: error: ...`` and exit with status 2.
@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 MODEL_CHOICES = ("llava-1.5-7b", "llava-next-7b", "qwen2-vl-7b", "qwen2.5-vl-7b")
 FAMILY_CHOICES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+DEFAULT_QUESTION = "what colour is the circle ?"  # vlmprune.visualize.DEFAULT_QUESTION (imported lazily)
 
 
 class UserError(Exception):
@@ -164,6 +165,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
 
 
+def _cmd_visualize(args: argparse.Namespace) -> int:
+    """The kept visual tokens of one image drawn on it (vlmprune.visualize); argument checks live there."""
+    from vlmprune.visualize import run_cli
+
+    try:
+        return run_cli(args)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlmprune", description="Per-request visual-token pruning and merging for VLMs served by vLLM."
@@ -240,6 +251,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--json", action="store_true", help="print only the JSON line")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("visualize", help="draw which visual tokens a policy keeps on an image (PNG; stdout: JSON)")
+    p.add_argument("image", metavar="IMAGE", help="the image file (any format Pillow reads)")
+    p.add_argument("--method", default="fastervlm", help="method name (see `vlmprune methods`; default: %(default)s)")
+    p.add_argument("--ratio", default="0.75",
+                   help="fraction of visual tokens removed, in [0, 1) (default: %(default)s)")
+    p.add_argument("--question", default=DEFAULT_QUESTION,
+                   help="the question asked with the image (instruction-aware methods score by it; "
+                   "default: %(default)r)")
+    p.add_argument("--model", default="demo", help="demo or a model folder (default: %(default)s)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
+    p.add_argument("-o", "--out", required=True, help="output PNG file")
+    p.set_defaults(func=_cmd_visualize)
     return parser
 
 

@@ -265,7 +265,8 @@ def item_patches(scene: Scene, items, size: int, patch: int) -> np.ndarray:
 def patch_labels(scene: Scene, size: int, patch: int) -> dict[str, np.ndarray]:
     """Per-patch labels on the (size/patch)^2 grid, raster order, of the item :func:`patch_owner`
     gives the patch: colour (1..6), kind (1..5), digit (1..10), size (1..2) and, for a shape, the
-    number of shapes of its colour in the scene (1..6, as ``count``); 0 = none."""
+    number of shapes of its colour in the scene (1..6, as ``count``); 0 = none. Every patch also
+    gets its own grid row and column + 1 (``row``, ``col``, 1..side)."""
     owner = patch_owner(scene, size, patch)
     colour_ids = {c: i + 1 for i, c in enumerate(COLOURS)}
     out = {k: np.zeros(owner.shape[0], dtype=np.int64) for k in ("colour", "kind", "digit", "size", "count")}
@@ -276,6 +277,9 @@ def patch_labels(scene: Scene, size: int, patch: int) -> dict[str, np.ndarray]:
         out["digit"][p] = DIGITS.index(item.digit) + 1 if item.digit is not None else 0
         out["size"][p] = SIZES.index(item.size) + 1 if item.kind != "box" else 0
         out["count"][p] = sum(s.colour == item.colour for s in scene.shapes) if item.kind != "box" else 0
+    side = size // patch
+    out["row"] = np.arange(side * side, dtype=np.int64) // side + 1
+    out["col"] = np.arange(side * side, dtype=np.int64) % side + 1
     return out
 
 

@@ -3,12 +3,14 @@
 ``demo`` (LLaVA-1.5 style, transformers ``LlavaForConditionalGeneration``) is trained in three
 resumable stages inside ``--out``'s work folder:
 
-1. ViT pretraining (:mod:`vlmprune.testbed.vit`), through [CLS] on scene-level targets;
+1. ViT pretraining (:mod:`vlmprune.testbed.vit`), through [CLS] on scene-level targets plus dense
+   per-patch read-outs (colour, shape, digit, size, count, grid position);
 2. the frozen ViT's penultimate-layer patch features of a fixed pool of train scenes are cached once
    (the LM stage never runs the ViT again);
-3. projector (2-layer MLP) + a small Llama LM from scratch, next-token loss on the answer tokens
-   only; each sequence is a multi-turn conversation (several templated questions about one cached
-   scene), which multiplies the supervision per LM forward pass.
+3. projector (2-layer MLP) + a small Llama LM from scratch: next-token loss on the answer tokens
+   only, over multi-turn conversations (several templated questions about one cached scene, which
+   multiplies the supervision per LM forward pass), plus attention supervision of two hops
+   (:func:`grounding_loss`): without it the LM sat on the answer prior in every CPU-sized run.
 
 The finished model is written in the hub key layout (``vision_tower.vision_model.*``) that both
 transformers and vLLM 0.32 load. Everything is seeded; a stage that finds its checkpoint resumes.
@@ -42,6 +44,7 @@ class LmConfig:
     num_layers: int = 4
     num_heads: int = 4
     num_kv_heads: int = 4
+    rope_theta: float = 10000.0
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,7 @@ class DemoConfig:
     questions_per_scene: int = 10
     turns: int = 5
     """Questions per training sequence: a multi-turn conversation about one image, as LLaVA trains."""
-    steps: int = 4500
+    steps: int = 2500
     batch: int = 16
     lr: float = 2e-3
     val_samples: int = 250
@@ -102,6 +105,7 @@ def build_model(cfg: DemoConfig, tokenizer):
         num_attention_heads=cfg.lm.num_heads,
         num_key_value_heads=cfg.lm.num_kv_heads,
         max_position_embeddings=1024,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.lm.rope_theta},
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -207,33 +211,35 @@ class QuestionBatcher:
         return ids, lab, pos.pop()
 
 
-def lm_forward(model, ids: torch.Tensor, image_pos: int, feats: torch.Tensor, layer_input: int | None = None):
+def lm_forward(model, ids: torch.Tensor, image_pos: int, feats: torch.Tensor, all_hidden: bool = False):
     """Last hidden states (B, T - 1 + P, d) of the LLM over text with projected features spliced in
-    (and, with ``layer_input=l``, the residual stream entering decoder layer ``l`` as well).
+    (and, with ``all_hidden``, the residual stream entering every decoder layer: (embeds, l1, ...)).
 
     Right padding needs no attention mask: causal attention never lets a real token see a pad."""
     embed = model.get_input_embeddings()(ids)  # (B, T, d)
     visual = model.model.multi_modal_projector(feats.float())  # (B, P, d)
     embeds = torch.cat([embed[:, :image_pos], visual, embed[:, image_pos + 1 :]], dim=1)
-    out = model.model.language_model(inputs_embeds=embeds, output_hidden_states=layer_input is not None)
-    if layer_input is None:
+    out = model.model.language_model(inputs_embeds=embeds, output_hidden_states=all_hidden)
+    if not all_hidden:
         return out.last_hidden_state
-    return out.last_hidden_state, out.hidden_states[layer_input]
+    return out.last_hidden_state, out.hidden_states
 
 
 def grounding_loss(
-    model, layer: int, heads: tuple[int, ...], layer_in: torch.Tensor, image_pos: int, n_visual: int,
-    rows: list[list[int]], masks: list[list[list[np.ndarray]]],
+    model, layer: int, heads: tuple[int, ...], layer_in: torch.Tensor, rows: list[list[int]],
+    masks: list[list[list[np.ndarray]]],
 ) -> torch.Tensor:
     """Attention supervision: -log of the attention mass that ``heads`` of decoder ``layer`` put on
-    the asked-about objects' patches, from the position that predicts each answer.
+    the target keys, from the position that predicts each answer.
 
     Answer-only next-token loss gives the LM's attention a weak, late signal about *where* to look
     (the answer prior is learnt long before), and the small LM settles into ignoring the image.
-    Telling one pair of heads where the answer is (the scene generator knows) is the shortcut; the
-    rest of the LM learns freely. ``rows[b]`` = answer-predicting positions of row b (spliced
-    sequence), ``masks[b][t][h]`` = (P,) bool target patches for supervised head ``h`` at row ``t``
-    (all-False: no target, e.g. "is there ..." answered "no")."""
+    The scene generator knows the answer's evidence, so two hops are supervised (the rest of the
+    LM learns freely): layer 0 gathers the question's naming words ("red", "circle") into the
+    answer position, layer 1 looks up the patches of the object they name.
+    ``rows[b]`` = answer-predicting positions of row b (spliced sequence); ``masks[b][t][h]`` =
+    (L,) bool target keys for supervised head ``h`` at row ``t`` (all-False: nothing to supervise,
+    e.g. "is there ..." answered "no" has no object to look at)."""
     from vlmprune.signals.attention import attention_rows, decoder_layer_qk
 
     lm = model.model.language_model
@@ -246,8 +252,8 @@ def grounding_loss(
             continue
         q, k = decoder_layer_qk(decoder, layer_in[b], (cos, sin))  # (L, H, D), (L, Hkv, D)
         r = torch.tensor(row_pos)
-        probs = attention_rows(q[r], k, r)[list(heads)][..., image_pos : image_pos + n_visual]  # (h, t, P)
-        target = torch.from_numpy(np.stack([np.stack(m) for m in masks[b]], 1))  # (h, t, P)
+        probs = attention_rows(q[r], k, r)[list(heads)]  # (h, t, L)
+        target = torch.from_numpy(np.stack([np.stack(m) for m in masks[b]], 1))  # (h, t, L)
         valid = target.any(-1)  # (h, t)
         if valid.any():
             mass = (probs * target).sum(-1)[valid]
@@ -255,6 +261,41 @@ def grounding_loss(
     if not terms:
         return layer_in.new_zeros(())
     return torch.cat(terms).mean()
+
+
+def visual_keys(patch_masks: list[np.ndarray], image_pos: int, length: int) -> list[np.ndarray]:
+    """(P,) patch masks -> (length,) key masks of the spliced sequence (patches start at ``image_pos``)."""
+    out = []
+    for m in patch_masks:
+        full = np.zeros(length, dtype=bool)
+        full[image_pos : image_pos + m.shape[0]] = m
+        out.append(full)
+    return out
+
+
+def naming_word_keys(
+    ids: list[int], rows: list[int], families: list[str], naming_ids: set[int], image_pos: int, n_visual: int,
+    length: int, n_heads: int,
+) -> list[list[np.ndarray]]:
+    """Per turn, per head, the (length,) key mask of the question words that name the asked-about
+    object(s) (colours, shapes, "box"), in spliced-sequence coordinates: for a position question the
+    first head gets the first object's words and the second head the other's."""
+    def spliced(j: int) -> int:
+        return j + n_visual - 1 if j > image_pos else j
+
+    out, prev = [], 0
+    original_rows = [r - n_visual + 1 if r > image_pos else r for r in rows]
+    for family, row in zip(families, original_rows):
+        words = [spliced(j) for j in range(prev, row + 1) if ids[j] in naming_ids]
+        prev = row + 1
+        groups = [words[:2], words[2:]] if family == "position" and len(words) == 4 else [words, words]
+        masks = []
+        for h in range(n_heads):
+            full = np.zeros(length, dtype=bool)
+            full[groups[h] if h < 2 else words] = True
+            masks.append(full)
+        out.append(masks)
+    return out
 
 
 def head_targets(scene, owner: np.ndarray, family: str, targets, n_heads: int) -> list[np.ndarray]:
@@ -335,7 +376,7 @@ def align_init(model, tokenizer, dense_head: nn.Linear, norm: float = 4.0, seed:
     start = 0
     emb = model.get_input_embeddings().weight
     for group, k in DENSE.items():
-        for c, word in enumerate(names[group]):
+        for c, word in enumerate(names.get(group, ())):  # row/col have no words
             tid = tokenizer.convert_tokens_to_ids(word)
             if c > 0 and tid != tokenizer.unk_token_id:
                 emb[tid] = u[start + c]
@@ -358,10 +399,11 @@ def param_groups(model, lr: float, aligned_lr_scale: float, freeze_projector: bo
     return [{"params": rest, "lr": lr}, {"params": aligned, "lr": lr * aligned_lr_scale}]
 
 
-def answer_loss(model, ids, labels, image_pos, feats, layer_input: int | None = None):
-    """Cross-entropy on the answer tokens (and the layer input :func:`grounding_loss` needs)."""
-    out = lm_forward(model, ids, image_pos, feats, layer_input)
-    hidden, layer_in = out if layer_input is not None else (out, None)  # (B, L, d)
+def answer_loss(model, ids, labels, image_pos, feats, all_hidden: bool = False):
+    """Cross-entropy on the answer tokens (and, with ``all_hidden``, the layer inputs
+    :func:`grounding_loss` needs)."""
+    out = lm_forward(model, ids, image_pos, feats, all_hidden)
+    hidden, layer_ins = out if all_hidden else (out, None)  # (B, L, d)
     p = feats.shape[1]
     full_labels = torch.cat(
         [labels[:, :image_pos], torch.full((labels.shape[0], p), -100, dtype=labels.dtype), labels[:, image_pos + 1 :]], 1
@@ -369,7 +411,7 @@ def answer_loss(model, ids, labels, image_pos, feats, layer_input: int | None = 
     sel = full_labels != -100  # (B, L): positions whose next token is an answer token
     logits = model.lm_head(hidden[sel])  # (n, V)
     loss = nn.functional.cross_entropy(logits, full_labels[sel])
-    return (loss, layer_in) if layer_input is not None else loss
+    return (loss, layer_ins) if all_hidden else loss
 
 
 @torch.no_grad()
@@ -452,6 +494,7 @@ def train_demo(
     )
     batcher = QuestionBatcher(tokenizer)
     owners: dict[int, np.ndarray] = {}  # scene index -> patch owner map (for the grounding targets)
+    naming_ids = {tokenizer.convert_tokens_to_ids(w) for w in (*scenes.COLOURS, *scenes.SHAPES, "box")}
     ckpt = work / "lm_ckpt.pt"
     start, history = 0, []
     if ckpt.is_file():
@@ -466,29 +509,39 @@ def train_demo(
     for step in bar:
         r = random.Random(cfg.seed * 1_000_003 + 7 + step)
         idx = [r.randrange(cfg.cache_scenes) for _ in range(cfg.batch)]
-        convs, masks = [], []
+        convs, patch_masks, families = [], [], []
         for i in idx:
             # The scene's question pool is fixed by (scene, k): finite and reproducible.
             scene = scenes.make_scene(train_seeds[i])
             if i not in owners:
                 owners[i] = scenes.patch_owner(scene, cfg.vit.image_size, cfg.vit.patch_size)
-            turns, turn_masks = [], []
+            turns, turn_masks, turn_families = [], [], []
             for k in r.sample(range(cfg.questions_per_scene), cfg.turns):
                 qrng = random.Random(train_seeds[i] * 31 + k)
                 family = scenes.FAMILIES[(i + k) % len(scenes.FAMILIES)]
                 q, a, meta = scenes.question_for(scene, family, qrng)
                 turns.append((q, a))
+                turn_families.append(family)
                 turn_masks.append(head_targets(scene, owners[i], family, meta["targets"], len(cfg.grounding_heads)))
             convs.append(turns)
-            masks.append(turn_masks)
+            patch_masks.append(turn_masks)
+            families.append(turn_families)
         ids, labels, pos = batcher.conversations(convs)
         if cfg.grounding_weight > 0:
-            answer, layer_in = answer_loss(model, ids, labels, pos, feats[idx], layer_input=cfg.grounding_layer)
             n_vis = feats.shape[1]
-            ground = grounding_loss(
-                model, cfg.grounding_layer, cfg.grounding_heads, layer_in, pos, n_vis,
-                answer_rows(labels, pos, n_vis), masks,
-            )
+            answer, layer_ins = answer_loss(model, ids, labels, pos, feats[idx], all_hidden=True)
+            length = layer_ins[0].shape[1]
+            rows = answer_rows(labels, pos, n_vis)
+            n_heads = len(cfg.grounding_heads)
+            look = [[visual_keys(m, pos, length) for m in row_masks] for row_masks in patch_masks]
+            gather = [
+                naming_word_keys(ids[b].tolist(), rows[b], families[b], naming_ids, pos, n_vis, length, n_heads)
+                for b in range(len(idx))
+            ]
+            ground = grounding_loss(model, cfg.grounding_layer, cfg.grounding_heads, layer_ins[cfg.grounding_layer],
+                                    rows, look)
+            if cfg.grounding_layer > 0:  # the hop before: gather the naming words
+                ground = ground + grounding_loss(model, 0, cfg.grounding_heads, layer_ins[0], rows, gather)
         else:
             answer, ground = answer_loss(model, ids, labels, pos, feats[idx]), torch.zeros(())
         loss = answer + cfg.grounding_weight * ground

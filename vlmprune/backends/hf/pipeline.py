@@ -148,6 +148,16 @@ class Prefill:
     decoder: Decoder
     kept_per_layer: list[int] | None = None
     """Progressive methods: visual tokens in each decoder layer's input."""
+    images: list[ImageTokens] | None = None
+    """The request's images before reduction (features, signals, token geometry), in prompt order."""
+    kept_index: list[torch.Tensor] | None = None
+    """Per image, (k_i,) indices into that image's tokens (``images[i]`` order; LLaVA-1.5: raster
+    patch order) of the tokens at the LLM input, non-prunable ones included; for merging methods
+    (AIM, pool) the token each merged value stands in for. Lets tools show *which* tokens were
+    kept, not only how many (``vlmprune visualize``)."""
+    final_kept_index: list[torch.Tensor] | None = None
+    """Per image, the subset of ``kept_index`` that reaches the last decoder layer (progressive
+    methods prune further inside the LLM); equal to ``kept_index`` for every other method."""
 
 
 @dataclass
@@ -285,6 +295,7 @@ class ReferenceBackend:
             policy.method == "transprune" and policy.positions == "original"
         )
         pruned, prunable_spans = apply_reductions(seq, images, reductions, reindex=reindex_input)
+        kept_index = [red.index for red in reductions]
         visual = sum(im.n_prunable for im in images)
         kept = sum(int(s.numel()) for s in prunable_spans)
         fixed = sum(im.n_tokens - im.n_prunable for im in images)
@@ -307,7 +318,14 @@ class ReferenceBackend:
             state = progressive_prefill(text_model, pruned, prunable_spans, stages, policy, reindex=reindex)
             logits = self.adapter.lm_head(state.hidden[None, -1:])[0, -1]
             decoder = Decoder(self, None, None, state)
-            return Prefill(logits, pruned, visual, kept, fixed, decoder, list(state.kept_per_layer))
+            # pruned.image_spans[i][j] is the row of reductions[i].index[j] (apply_reductions keeps
+            # the pairing), so the rows still present at the end map back to image-local indices.
+            final_index = [
+                index[torch.isin(span, state.kept_index.to(span.device)).to(index.device)]
+                for index, span in zip(kept_index, pruned.image_spans)
+            ]
+            return Prefill(logits, pruned, visual, kept, fixed, decoder, list(state.kept_per_layer),
+                           images=images, kept_index=kept_index, final_kept_index=final_index)
 
         # 3. Otherwise the stock text model over the pruned sequence.
         cache = DynamicCache(config=text_model.config)
@@ -320,7 +338,8 @@ class ReferenceBackend:
         # lm_head on a (1, 1, d) slice, exactly as the stock forward with logits_to_keep=1.
         logits = self.adapter.lm_head(out.last_hidden_state[:, -1:])[0, -1]
         decoder = Decoder(self, cache, pruned.positions)
-        return Prefill(logits, pruned, visual, kept, fixed, decoder)
+        return Prefill(logits, pruned, visual, kept, fixed, decoder,
+                       images=images, kept_index=kept_index, final_kept_index=kept_index)
 
     def _instruction_attention(self, seq: Sequence) -> torch.Tensor:
         """Layer-0 attention from the instruction rows to every token of the unpruned sequence, (L,)."""
