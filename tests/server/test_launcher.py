@@ -33,6 +33,18 @@ def test_vllm_command_has_cpu_flags_and_accepts_request_policies(tmp_path):
     assert "float32" not in gpu and "--trust-request-mm-kwargs" in gpu
 
 
+def test_context_length_is_capped_at_the_models_positions(tmp_path):
+    """vLLM exits on --max-model-len above the model's max_position_embeddings (the demo has 1024)."""
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"max_position_embeddings": 1024}}))
+    args = launcher.parse_args([])
+    cmd = launcher.vllm_command(tmp_path, "demo", 9999, args, gpu=False)
+    assert cmd[cmd.index("--max-model-len") + 1] == "1024"
+    assert launcher.context_length(tmp_path, 512) == 512
+    assert launcher.context_length(tmp_path / "missing", 2048) == 2048
+
+
 def test_resolve_model_directory_and_errors(tiny_llava_dir, tmp_path):
     """A model directory is used as is; a directory without config.json or an unknown name is an error."""
     path, served, note = launcher.resolve_model(str(tiny_llava_dir))
