@@ -85,6 +85,11 @@ def markdown(data: dict) -> str:
         for method, row in data["cells"].items():
             lines.append(f"| {method} | " + " | ".join(f"{row['0.9']['per_family'][f]:.3f}" for f in families) + " |")
         lines.append("| chance | " + " | ".join(f"{data['chance'][f]:.3f}" for f in families) + " |")
+    lines += ["", "## Per family, every ratio", "", "| method | family | " + " | ".join(f"{r:g}" for r in ratios) + " |",
+              "|---|---|" + "---:|" * len(ratios)]
+    for method, row in data["cells"].items():
+        for f in families:
+            lines.append(f"| {method} | {f} | " + " | ".join(f"{row[str(r)]['per_family'][f]:.3f}" for r in ratios) + " |")
     for method, reason in data["skipped"].items():
         lines += ["", f"Skipped `{method}`: {reason}"]
     return "\n".join(lines) + "\n"
@@ -120,7 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="output stem (default bench/results/quality_<model>)")
+    parser.add_argument("--from-json", default=None, help="re-render the table and plot of an earlier run")
     args = parser.parse_args(argv)
+    if args.from_json:
+        data = json.loads(Path(args.from_json).read_text())
+        stem = Path(args.from_json).with_suffix("")
+        stem.with_suffix(".md").write_text(markdown(data))
+        plot(data, stem.with_suffix(".png"))
+        print(markdown(data))
+        return 0
     ratios = [float(r) for r in args.ratios.split(",")]
     if 0.0 not in ratios:
         ratios = [0.0, *ratios]

@@ -47,3 +47,7 @@ def test_quality_writes_table_plot_and_json(micro, tmp_path, capsys):
     md = stem.with_suffix(".md").read_text()
     assert "| fastervlm |" in md and "| random |" in md and "Skipped `explain`" in md
     assert stem.with_suffix(".png").stat().st_size > 1000
+    # Re-rendering an earlier run gives the same table without evaluating anything.
+    stem.with_suffix(".md").unlink()
+    assert quality.main(["--from-json", str(stem.with_suffix(".json"))]) == 0
+    assert stem.with_suffix(".md").read_text() == md
