@@ -225,19 +225,10 @@ def run_cli(args) -> int:
     ``--json`` a readable table comes first. Progress goes to stderr."""
     import json
 
-    options: dict[str, Any] = {}
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set: expected KEY=VALUE, got {item!r}")
-        try:
-            options[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.strip()] = value
-    try:
-        ratio = float(args.ratio)
-    except ValueError:
-        raise ValueError(f"--ratio: {args.ratio!r} is not a number") from None
+    from vlmprune.cli_options import ratio_value, set_options
+
+    options = set_options(args.set)
+    ratio = ratio_value(args.ratio)
     result = evaluate(
         args.model, method=args.method, ratio=ratio, samples=args.samples, seed=args.seed, split=args.split,
         backend=args.backend, options=options, batch_size=args.batch_size, progress=not args.no_progress,

@@ -370,19 +370,10 @@ def run_cli(args: Any) -> int:
     from vlmprune.policy import parse_policy
     from vlmprune.testbed.registry import resolve_model
 
-    options: dict[str, Any] = {}
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set: expected KEY=VALUE, got {item!r}")
-        try:
-            options[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.strip()] = value
-    try:
-        ratio = float(args.ratio)
-    except ValueError:
-        raise ValueError(f"--ratio: {args.ratio!r} is not a number") from None
+    from vlmprune.cli_options import ratio_value, set_options
+
+    options = set_options(args.set)
+    ratio = ratio_value(args.ratio)
     policy = parse_policy({**options, "method": args.method, "ratio": ratio})  # names a bad field
     image = load_image(args.image)
     path = resolve_model(args.model)
