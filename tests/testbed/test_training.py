@@ -77,3 +77,36 @@ def test_multi_turn_labels(tmp_path):
     assert set(labelled) == {":", "yes", "7"}
     single, _, _ = batcher.batch(turns[:1])
     assert ids[1, : single.shape[1]].tolist() == single[0].tolist()
+
+
+def test_grounding_targets_and_token_dropout(tmp_path):
+    """The two supervised hops point at the right keys (naming words, then the named object's
+    patches), and a micro run with token dropout on every batch trains (shorter visual blocks)."""
+    from vlmprune.testbed import scenes
+
+    processor = T.build_processor(tmp_path / "w", T.DemoConfig().vit)
+    tok = processor.tokenizer
+    batcher = T.QuestionBatcher(tok)
+    scene = scenes.make_scene(11)
+    a, b = scene.shapes[0], scene.shapes[1]
+    question = f"is the {a.colour} {a.kind} left or right of the {b.colour} {b.kind} ?"
+    ids, labels, pos = batcher.conversations([[(question, "left")]])
+    n_vis = 256
+    rows = T.answer_rows(labels, pos, n_vis)
+    length = ids.shape[1] - 1 + n_vis
+    naming = {tok.convert_tokens_to_ids(w) for w in (*scenes.COLOURS, *scenes.SHAPES, "box")}
+    words = T.naming_word_keys(ids[0].tolist(), rows[0], ["position"], naming, pos, n_vis, length, 2)[0]
+    tokens = tok.convert_ids_to_tokens(ids[0].tolist())
+    to_text = [j - n_vis + 1 if j > pos else j for j in range(length)]
+    assert [tokens[to_text[j]] for j in words[0].nonzero()[0]] == [a.colour, a.kind]
+    assert [tokens[to_text[j]] for j in words[1].nonzero()[0]] == [b.colour, b.kind]
+    owner = scenes.patch_owner(scene, 224, 14)
+    patches = T.head_targets(scene, owner, "position", [a, b], 2)
+    assert (patches[0] == (owner == scene.items.index(a) + 1)).all() and patches[0].any()
+    keys = T.visual_keys(patches, pos, length)
+    assert keys[1][pos : pos + n_vis].tolist() == patches[1].tolist() and not keys[1][:pos].any()
+
+    cfg = T.DemoConfig(vit_steps=1, vit_batch=2, cache_scenes=4, steps=2, batch=2, val_samples=2, token_dropout=1.0)
+    T.train_demo(tmp_path / "model", cfg, threads=1, progress=False, log=lambda m: None)
+    history = json.loads((tmp_path / "model" / "training.json").read_text())["history"]
+    assert history[-1]["step"] == 2 and history[-1]["grounding_loss"] > 0

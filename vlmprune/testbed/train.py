@@ -70,6 +70,10 @@ class DemoConfig:
     """Weight of the attention-supervision loss (see :func:`grounding_loss`); 0 turns it off."""
     grounding_layer: int = 1
     grounding_heads: tuple[int, ...] = (0, 1)
+    token_dropout: float = 0.0
+    """Probability that a batch sees only a random, order-kept subset of its visual tokens (10-100 %),
+    so that the LM does not learn to depend on the image's length (off in the shipped recipe; see
+    the model card's "pruning robustness")."""
     seed: int = 0
 
 
@@ -527,9 +531,16 @@ def train_demo(
             patch_masks.append(turn_masks)
             families.append(turn_families)
         ids, labels, pos = batcher.conversations(convs)
+        batch_feats = feats[idx]
+        if cfg.token_dropout > 0 and r.random() < cfg.token_dropout:
+            n_all = batch_feats.shape[1]
+            k = r.randint(max(1, n_all // 10), n_all)
+            keep = [sorted(r.sample(range(n_all), k)) for _ in idx]
+            batch_feats = torch.stack([batch_feats[b, keep[b]] for b in range(len(idx))])
+            patch_masks = [[[m[keep[b]] for m in heads] for heads in turns] for b, turns in enumerate(patch_masks)]
         if cfg.grounding_weight > 0:
-            n_vis = feats.shape[1]
-            answer, layer_ins = answer_loss(model, ids, labels, pos, feats[idx], all_hidden=True)
+            n_vis = batch_feats.shape[1]
+            answer, layer_ins = answer_loss(model, ids, labels, pos, batch_feats, all_hidden=True)
             length = layer_ins[0].shape[1]
             rows = answer_rows(labels, pos, n_vis)
             n_heads = len(cfg.grounding_heads)
@@ -543,7 +554,7 @@ def train_demo(
             if cfg.grounding_layer > 0:  # the hop before: gather the naming words
                 ground = ground + grounding_loss(model, 0, cfg.grounding_heads, layer_ins[0], rows, gather)
         else:
-            answer, ground = answer_loss(model, ids, labels, pos, feats[idx]), torch.zeros(())
+            answer, ground = answer_loss(model, ids, labels, pos, batch_feats), torch.zeros(())
         loss = answer + cfg.grounding_weight * ground
         opt.zero_grad(set_to_none=True)
         loss.backward()
