@@ -255,11 +255,10 @@ def patch_owner(scene: Scene, size: int, patch: int) -> np.ndarray:
     return np.where(covered, counts.argmax(1) + 1, 0)
 
 
-def item_patches(scene: Scene, items, size: int, patch: int) -> np.ndarray:
-    """(P,) bool: the patches :func:`patch_owner` gives to one of ``items`` (what a question is about)."""
-    owner = patch_owner(scene, size, patch)
-    wanted = [scene.items.index(it) + 1 for it in items]
-    return np.isin(owner, wanted)
+def item_patches(scene: Scene, owner: np.ndarray, items) -> np.ndarray:
+    """(P,) bool: the patches an owner map (:func:`patch_owner`) gives to one of ``items`` (what a
+    question is about)."""
+    return np.isin(owner, [scene.items.index(it) + 1 for it in items])
 
 
 def patch_labels(scene: Scene, size: int, patch: int) -> dict[str, np.ndarray]:

@@ -305,10 +305,8 @@ def naming_word_keys(
 def head_targets(scene, owner: np.ndarray, family: str, targets, n_heads: int) -> list[np.ndarray]:
     """(P,) bool target patches per supervised head: for a position question the first head looks
     at the first object and the second at the other; otherwise every head at all asked-about ones."""
-    index = {it: n + 1 for n, it in enumerate(scene.items)}
-
     def of(items) -> np.ndarray:
-        return np.isin(owner, [index[it] for it in items])
+        return scenes.item_patches(scene, owner, items)
 
     if family == "position" and len(targets) == 2:
         return [of([targets[h]]) if h < 2 else of(targets) for h in range(n_heads)]
@@ -545,13 +543,13 @@ def train_demo(
             rows = answer_rows(labels, pos, n_vis)
             n_heads = len(cfg.grounding_heads)
             look = [[visual_keys(m, pos, length) for m in row_masks] for row_masks in patch_masks]
-            gather = [
-                naming_word_keys(ids[b].tolist(), rows[b], families[b], naming_ids, pos, n_vis, length, n_heads)
-                for b in range(len(idx))
-            ]
             ground = grounding_loss(model, cfg.grounding_layer, cfg.grounding_heads, layer_ins[cfg.grounding_layer],
                                     rows, look)
             if cfg.grounding_layer > 0:  # the hop before: gather the naming words
+                gather = [
+                    naming_word_keys(ids[b].tolist(), rows[b], families[b], naming_ids, pos, n_vis, length, n_heads)
+                    for b in range(len(idx))
+                ]
                 ground = ground + grounding_loss(model, 0, cfg.grounding_heads, layer_ins[0], rows, gather)
         else:
             answer, ground = answer_loss(model, ids, labels, pos, batch_feats), torch.zeros(())
