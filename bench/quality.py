@@ -12,7 +12,8 @@ Ratio 0 keeps every token for every method (the stock model), so it is evaluated
 A method whose requirements are missing (``explain`` without trained CNN weights) is reported as
 skipped with the reason, not silently dropped.
 
-    python bench/quality.py                      # demo, all LLaVA methods, 300 samples
+    python bench/quality.py                      # demo, every method that fits it, 300 samples
+    python bench/quality.py --model demo-next    # the AnyRes model (adds globalcom2)
     python bench/quality.py --samples 100 --methods fastervlm,random
 """
 
@@ -28,12 +29,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_RATIOS = (0.0, 0.5, 0.75, 0.9, 0.95)
 
 
-def run(model: str, methods: list[str], ratios: list[float], samples: int, seed: int) -> dict:
+def run(model: str, methods: list[str], ratios: list[float], samples: int, seed: int, device: str | None = None) -> dict:
     from vlmprune.evaluate import evaluate
 
     cells: dict[str, dict[str, dict]] = {}
     skipped: dict[str, str] = {}
-    base = evaluate(model, "fastervlm", 0.0, samples=samples, seed=seed, progress=False)
+    base = evaluate(model, "fastervlm", 0.0, samples=samples, seed=seed, progress=False, device=device)
     print(f"ratio 0 (all methods): accuracy {base['accuracy']:.3f} ({base['wall_s']:.0f} s)", file=sys.stderr)
     for method in methods:
         cells[method] = {"0.0": base}
@@ -41,7 +42,7 @@ def run(model: str, methods: list[str], ratios: list[float], samples: int, seed:
             if ratio == 0:
                 continue
             try:
-                result = evaluate(model, method, ratio, samples=samples, seed=seed, progress=False)
+                result = evaluate(model, method, ratio, samples=samples, seed=seed, progress=False, device=device)
             except (ValueError, FileNotFoundError) as exc:  # e.g. explain without trained weights
                 skipped[method] = str(exc)
                 print(f"{method}: skipped ({exc})", file=sys.stderr)
@@ -51,7 +52,19 @@ def run(model: str, methods: list[str], ratios: list[float], samples: int, seed:
             print(f"{method}@{ratio}: accuracy {result['accuracy']:.3f}, kept {result['kept_tokens']:.0f} "
                   f"({result['wall_s']:.0f} s)", file=sys.stderr)
     return {"model": model, "samples": samples, "seed": seed, "ratios": ratios, "cells": cells, "skipped": skipped,
+            "device": base["device"],
             "chance": base["chance"], "per_family_samples": base["per_family_samples"]}
+
+
+def fitting_methods(model: str) -> list[str]:
+    """Every method that applies to ``model``'s family (``vlmprune.methods.METHODS`` order)."""
+    from transformers import AutoConfig
+
+    from vlmprune.methods import METHODS
+    from vlmprune.testbed.registry import resolve_model
+
+    family = AutoConfig.from_pretrained(resolve_model(model)).model_type
+    return [name for name, spec in METHODS.items() if family in spec.models]
 
 
 def overall_chance(data: dict) -> float:
@@ -66,7 +79,7 @@ def markdown(data: dict) -> str:
     rule = "|---|" + "---:|" * len(ratios)
     lines = [f"# Quality: accuracy vs ratio on `{data['model']}`", "",
              f"{data['samples']} test samples (the same for every cell), greedy answers, transformers reference "
-             f"backend, seed {data['seed']}. Chance (majority answer per family, weighted): "
+             f"backend ({data.get('device', 'cpu')}), seed {data['seed']}. Chance (majority answer per family, weighted): "
              f"{overall_chance(data):.3f}.", "", "## Accuracy", "", head, rule]
     for method, row in data["cells"].items():
         lines.append(f"| {method} | " + " | ".join(f"{row[str(r)]['accuracy']:.3f}" for r in ratios) + " |")
@@ -120,10 +133,11 @@ def plot(data: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="demo")
-    parser.add_argument("--methods", default="fastervlm,aim,transprune,explain,random,pool")
+    parser.add_argument("--methods", default=None, help="comma-separated (default: every method that fits the model)")
     parser.add_argument("--ratios", default=",".join(f"{r:g}" for r in DEFAULT_RATIOS))
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when there is a GPU, else cpu)")
     parser.add_argument("--out", default=None, help="output stem (default bench/results/quality_<model>)")
     parser.add_argument("--from-json", default=None, help="re-render the table and plot of an earlier run")
     args = parser.parse_args(argv)
@@ -138,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     if 0.0 not in ratios:
         ratios = [0.0, *ratios]
     t0 = time.time()
-    data = run(args.model, [m.strip() for m in args.methods.split(",") if m.strip()], sorted(ratios),
-               args.samples, args.seed)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else fitting_methods(args.model)
+    data = run(args.model, methods, sorted(ratios), args.samples, args.seed, args.device)
     data["wall_s"] = time.time() - t0
     stem = Path(args.out) if args.out else RESULTS / f"quality_{Path(args.model).name}"
     stem.parent.mkdir(parents=True, exist_ok=True)

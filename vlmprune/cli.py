@@ -143,9 +143,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     (vlmprune.testbed.train_explain), chosen by the positional argument; argument checks live there."""
     try:
         if args.model == "explain":
+            for flag, value in (("--base", args.base), ("--workers", args.workers)):
+                if value is not None:
+                    raise ValueError(f"{flag} applies to `vlmprune train demo-next` only")
+            if args.device != "cpu":
+                raise ValueError("--device: `vlmprune train explain` picks the GPU itself when there is one")
             from vlmprune.testbed.train_explain import run_cli
         else:
-            # `train demo` rejects the explain-only flags instead of silently ignoring them.
+            # `train demo[-next]` rejects the explain-only flags instead of silently ignoring them.
             for flag, dest in _EXPLAIN_ONLY_FLAGS:
                 if getattr(args, dest) not in (None, False):
                     raise ValueError(f"{flag} applies to `vlmprune train explain` only")
@@ -218,14 +223,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a testbed model (`vlmprune train demo`) or a model's explain relevance CNN "
         "(`vlmprune train explain --model MODEL`); seeded, resumable",
     )
-    p.add_argument("model", choices=("demo", "explain"),
-                   help="demo: the testbed model; explain: the relevance CNN of the model given by --model")
+    p.add_argument("model", choices=("demo", "demo-next", "explain"),
+                   help="demo / demo-next: the testbed models (demo-next starts from a trained demo, --base); "
+                   "explain: the relevance CNN of the model given by --model")
     p.add_argument("--out", help="demo: output model folder (default: runs/demo; work files go to OUT.work); "
                    "explain: checkpoint file (default: MODEL/vlmprune_explain_cnn.pt, where the explain method "
                    "finds it)")
     p.add_argument("--work", help="demo: folder for checkpoints and feature caches (default: OUT.work)")
     p.add_argument("--steps", type=int, help="demo: LM training steps (default: the recipe's)")
     p.add_argument("--vit-steps", type=int, help="demo: ViT pretraining steps (default: the recipe's)")
+    p.add_argument("--base", help="demo-next: the trained demo model it starts from (default: demo, the shipped one)")
+    p.add_argument("--device", default="cpu", help="demo-next: torch device of the training, cpu or cuda "
+                   "(default: %(default)s)")
+    p.add_argument("--workers", type=int, help="demo-next: processes rendering scenes for the feature cache "
+                   "(default: 1)")
     p.add_argument("--model", dest="explain_model", metavar="MODEL",
                    help="explain: the VLM, a shipped name (demo) or a model folder")
     p.add_argument("--samples", type=int, help="explain: train samples to label (default: 2000)")
@@ -248,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of seeded methods (default: %(default)s)")
     p.add_argument("--split", default="test", help="test, val or heldout (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="requests per prefill batch (default: %(default)s)")
+    p.add_argument("--device", help="hf backend: torch device (default: cuda when there is a GPU, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--json", action="store_true", help="print only the JSON line")
     p.set_defaults(func=_cmd_eval)
@@ -260,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", default=DEFAULT_QUESTION,
                    help="the question asked with the image (instruction-aware methods score by it; "
                    "default: %(default)r)")
-    p.add_argument("--model", default="demo", help="demo or a model folder (default: %(default)s)")
+    p.add_argument("--model", default="demo", help="demo, demo-next or a model folder (default: %(default)s)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
     p.add_argument("-o", "--out", required=True, help="output PNG file")
     p.set_defaults(func=_cmd_visualize)

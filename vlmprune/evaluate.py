@@ -32,11 +32,13 @@ def evaluate(
     options: dict[str, Any] | None = None,
     batch_size: int = 16,
     progress: bool = True,
+    device: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``model`` (a shipped name or a folder) and return the result dict (see module doc)."""
+    """Evaluate ``model`` (a shipped name or a folder) and return the result dict (see module doc).
+    ``device`` (hf backend): torch device of the model, default the GPU when there is one."""
     from vlmprune.policy import parse_policy
     from vlmprune.testbed import scenes
-    from vlmprune.testbed.registry import resolve_model
+    from vlmprune.testbed.registry import resolve_model, scene_layout
 
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -52,6 +54,8 @@ def evaluate(
     policy = parse_policy(base)  # validates once, names the offending field
     path = resolve_model(model)
     if backend == "vllm":
+        if device is not None:
+            raise ValueError("--device applies to the hf backend (vLLM picks its own platform)")
         return _evaluate_vllm(path, str(model), base, policy, samples, seed, split, batch_size, progress)
 
     import torch
@@ -59,9 +63,10 @@ def evaluate(
 
     from vlmprune.backends.hf import ReferenceBackend, Request
 
-    engine = ReferenceBackend.from_pretrained(path)
-    size = int(engine.model.config.vision_config.image_size)
-    data = [scenes.sample(split, i) for i in range(samples)]
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    engine = ReferenceBackend.from_pretrained(path, device=device)
+    size, scale = scene_layout(engine.model.config)  # the canvas the scenes are drawn on
+    data = [scenes.sample(split, i, scale) for i in range(samples)]
     records = []
     t0 = time.time()
     with torch.no_grad(), tqdm(total=samples, desc=f"eval {method}@{policy.ratio}", file=sys.stderr,
@@ -86,7 +91,7 @@ def evaluate(
                 )
             bar.update(len(chunk))
     return summarize(records, model=str(model), path=str(path), backend=backend, split=split, seed=seed,
-                     policy=policy.model_dump(mode="json"), wall_s=time.time() - t0)
+                     policy=policy.model_dump(mode="json"), wall_s=time.time() - t0, device=device)
 
 
 def _evaluate_vllm(
@@ -98,8 +103,10 @@ def _evaluate_vllm(
     Prompts are the reference backend's (the processor's chat template, one user turn: image, then
     the question); answers are greedy, at most 3 tokens, decoded by the model's tokenizer exactly as
     the reference backend decodes. Instruction-aware methods get the question as their instruction
-    (as the gateway does). ``visual_tokens`` is the stock processor's count of image placeholders,
-    ``kept_tokens`` the count in the prompt vLLM actually served.
+    (as the gateway does). Token counts are of prunable patch tokens, as the reference backend
+    counts them: ``visual_tokens`` from the stock processor's placeholders (checked against
+    :mod:`vlmprune.geometry`), ``kept_tokens`` from the prompt vLLM actually served, both less
+    LLaVA-NeXT's never-pruned newline tokens.
     """
     import os
 
@@ -116,10 +123,13 @@ def _evaluate_vllm(
     except ImportError as exc:
         raise ValueError(f"backend 'vllm' needs vLLM installed (pip install -e .[cpu] or .[gpu]): {exc}") from None
 
+    from vlmprune.geometry import ModelVisionSpec
+    from vlmprune.testbed.registry import scene_layout
+
     processor = AutoProcessor.from_pretrained(path)
     tokenizer = processor.tokenizer
     hf_config = AutoConfig.from_pretrained(path)
-    size = int(hf_config.vision_config.image_size)  # the reference backend's render size
+    size, scale = scene_layout(hf_config)  # the reference backend's canvas
     max_len = min(2048, int(getattr(hf_config.get_text_config(), "max_position_embeddings", 2048)))
     image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
 
@@ -136,8 +146,9 @@ def _evaluate_vllm(
         seed=0,
     )
     params = SamplingParams(max_tokens=3, temperature=0.0)
-    data = [scenes.sample(split, i) for i in range(samples)]
-    stock_counts: dict[tuple[int, int], int] = {}
+    data = [scenes.sample(split, i, scale) for i in range(samples)]
+    spec = ModelVisionSpec.from_pretrained(path)
+    stock_counts: dict[tuple[int, int], Any] = {}  # image size -> geometry.ImageTokens
     records = []
     t0 = time.time()
     try:
@@ -167,19 +178,24 @@ def _evaluate_vllm(
                 for s, out, (text, image) in zip(chunk, outputs, images):
                     if image.size not in stock_counts:  # the unpruned count of this image size
                         ids = processor(text=[text], images=[image], return_tensors="pt")["input_ids"][0]
-                        stock_counts[image.size] = int((ids == image_token_id).sum())
+                        geo = spec.image_tokens(*image.size)
+                        if int((ids == image_token_id).sum()) != geo.total:
+                            raise ValueError(f"{path}: the processor gives {int((ids == image_token_id).sum())} image "
+                                             f"tokens for a {image.size} image, vlmprune's geometry {geo.total}")
+                        stock_counts[image.size] = geo
+                    geo = stock_counts[image.size]
                     tokens = list(out.outputs[0].token_ids)
                     answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+                    served = sum(1 for t in out.prompt_token_ids if t == image_token_id)
                     records.append(
                         {"family": s.family, "answer": s.answer, "output": answer, "correct": answer == s.answer,
-                         "visual_tokens": stock_counts[image.size],
-                         "kept_tokens": sum(1 for t in out.prompt_token_ids if t == image_token_id)}
+                         "visual_tokens": geo.prunable, "kept_tokens": served - geo.newline}
                     )
                 bar.update(len(chunk))
     finally:
         llm.llm_engine.engine_core.shutdown()
     return summarize(records, model=model, path=str(path), backend="vllm", split=split, seed=seed,
-                     policy=policy.model_dump(mode="json"), wall_s=time.time() - t0)
+                     policy=policy.model_dump(mode="json"), wall_s=time.time() - t0, device="cpu" if cpu else "cuda")
 
 
 def summarize(records: list[dict[str, Any]], **header: Any) -> dict[str, Any]:
@@ -232,6 +248,7 @@ def run_cli(args) -> int:
     result = evaluate(
         args.model, method=args.method, ratio=ratio, samples=args.samples, seed=args.seed, split=args.split,
         backend=args.backend, options=options, batch_size=args.batch_size, progress=not args.no_progress,
+        device=args.device,
     )
     if not args.json:
         print(render_text(result))

@@ -28,23 +28,24 @@ def demo():
 
 
 def test_resolve_model_errors(tmp_path):
-    """Junk is a ValueError naming the problem; demo-next is not shipped yet and says so."""
-    with pytest.raises(ValueError, match="not shipped"):
-        resolve_model("demo-next")
+    """Junk is a ValueError naming the problem; a shipped name without weights says "not shipped"."""
     with pytest.raises(ValueError, match="neither"):
         resolve_model(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="config.json"):
         resolve_model(tmp_path)
-    if not SHIPPED:
-        with pytest.raises(ValueError, match="not shipped"):
-            resolve_model("demo")
+    for name in ("demo", "demo-next"):
+        if not (MODELS_DIR / name / "config.json").is_file():
+            with pytest.raises(ValueError, match="not shipped"):
+                resolve_model(name)
 
 
 @needs_shipped
 def test_resolve_model_shipped():
     """The shipped name resolves inside the package; its folder path resolves to itself."""
-    assert resolve_model("demo") == MODELS_DIR / "demo"
-    assert resolve_model(str(MODELS_DIR / "demo")) == MODELS_DIR / "demo"
+    for name in ("demo", "demo-next"):
+        if (MODELS_DIR / name / "config.json").is_file():
+            assert resolve_model(name) == MODELS_DIR / name
+            assert resolve_model(str(MODELS_DIR / name)) == MODELS_DIR / name
 
 
 @needs_shipped

@@ -83,3 +83,16 @@ def test_demo_vllm_matches_hf_at_ratio_0():
     vllm, hf = _eval(*args, "--backend", "vllm"), _eval(*args, "--backend", "hf")
     assert REQUIRED <= set(vllm)
     assert vllm["outputs"] == hf["outputs"] and vllm["kept_tokens"] == hf["kept_tokens"] == 256
+
+
+@pytest.mark.skipif(not (MODELS_DIR / "demo-next" / "config.json").is_file(),
+                    reason="NOT SHIPPED: the demo-next model has no weights")
+def test_demo_next_vllm_matches_hf():
+    """On the shipped demo-next (LLaVA-NeXT, AnyRes, 1280 patches + 32 newlines): identical answers
+    at ratio 0, and at 0.9 vLLM serves kept_count(1280, 0.9) = 128 patches (newlines kept, not counted)."""
+    args = ("--model", "demo-next", "--method", "fastervlm", "--samples", "4")
+    vllm, hf = _eval(*args, "--ratio", "0", "--backend", "vllm"), _eval(*args, "--ratio", "0", "--backend", "hf")
+    assert vllm["outputs"] == hf["outputs"] and vllm["visual_tokens"] == hf["visual_tokens"] == 1280
+    assert vllm["kept_tokens"] == hf["kept_tokens"] == 1280
+    pruned = _eval(*args, "--ratio", "0.9", "--backend", "vllm")
+    assert pruned["visual_tokens"] == 1280 and pruned["kept_tokens"] == 128

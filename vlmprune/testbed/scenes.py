@@ -3,8 +3,13 @@
 A scene holds 3-6 coloured, dark-outlined shapes (unique colour+shape pairs; small ones cover ~2
 ViT patches at 224 px) and 1-2 glyph boxes (a white box with a coloured border and a black 5x7 bitmap digit) over a
 textured grey background with clutter lines and noise. Geometry is in normalised [0, 1] units, so
-the same scene renders at any resolution (``render(scene, size)``; the LLaVA-NeXT-style model
-renders larger).
+the same scene renders at any resolution (``render(scene, size)``).
+
+``scale`` shrinks every object (and the clutter) by that factor: the LLaVA-NeXT-style ``demo-next``
+sees scenes drawn at ``scale=0.5`` on a 448 px canvas, so that in each 224 px AnyRes crop an object
+looks exactly as a ``demo`` object does at 224 px (the ViT's training distribution), while in the
+224 px thumbnail it is half that size and its small details (digits) are unreadable. Such scenes
+keep every object off the crop seams (:func:`make_scene`).
 
 Question families (answers are single words, so accuracy = exact match of the greedy answer):
 
@@ -90,10 +95,12 @@ class Item:
     x: float
     y: float
     digit: str | None = None
+    scale: float = 1.0
 
     @property
     def half(self) -> tuple[float, float]:
-        return BOX_HALF if self.kind == "box" else (RADIUS[self.size], RADIUS[self.size])
+        hx, hy = BOX_HALF if self.kind == "box" else (RADIUS[self.size], RADIUS[self.size])
+        return hx * self.scale, hy * self.scale
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,7 @@ class Scene:
     seed: int
     background: int
     items: tuple[Item, ...]
+    scale: float = 1.0
 
     @property
     def shapes(self) -> tuple[Item, ...]:
@@ -125,9 +133,15 @@ class Sample:
 # --- scenes -----------------------------------------------------------------------------------------
 
 
-def make_scene(seed: int) -> Scene:
-    """A random scene: 3-6 shapes with unique (colour, shape) pairs from 2-4 colours, 1-2 boxes."""
+def make_scene(seed: int, scale: float = 1.0) -> Scene:
+    """A random scene: 3-6 shapes with unique (colour, shape) pairs from 2-4 colours, 1-2 boxes.
+
+    With ``scale < 1`` objects are ``scale`` times smaller and none crosses a seam of the
+    ``1/scale x 1/scale`` crop grid (so each object is whole in one AnyRes crop)."""
+    if not 0 < scale <= 1:
+        raise ValueError(f"scale must be in (0, 1], got {scale}")
     rng = random.Random(seed)
+    seams = [k * scale for k in range(1, round(1 / scale))]
     palette = rng.sample(list(COLOURS), rng.randint(2, 4))
     n_shapes = rng.randint(3, 6)
     pairs = [(c, s) for c in palette for s in SHAPES]
@@ -142,22 +156,23 @@ def make_scene(seed: int) -> Scene:
     # Place big things first (they are hardest to fit), without overlaps.
     order = sorted(range(len(specs)), key=lambda i: -max(_half_of(specs[i])))
     placed: dict[int, Item] = {}
+    border, gap = 0.02 * scale, 0.015 * scale
     for i in order:
         kind, colour, size, digit = specs[i]
-        hx, hy = _half_of(specs[i])
+        hx, hy = (h * scale for h in _half_of(specs[i]))
         for _ in range(200):
-            x = rng.uniform(hx + 0.02, 1 - hx - 0.02)
-            y = rng.uniform(hy + 0.02, 1 - hy - 0.02)
+            x = rng.uniform(hx + border, 1 - hx - border)
+            y = rng.uniform(hy + border, 1 - hy - border)
             if all(
-                abs(x - o.x) > hx + o.half[0] + 0.015 or abs(y - o.y) > hy + o.half[1] + 0.015
+                abs(x - o.x) > hx + o.half[0] + gap or abs(y - o.y) > hy + o.half[1] + gap
                 for o in placed.values()
-            ):
+            ) and all(abs(x - c) > hx + border and abs(y - c) > hy + border for c in seams):
                 break
         else:  # extremely crowded: retry the whole scene with a derived seed
-            return make_scene(seed + RETRY_OFFSET)
-        placed[i] = Item(kind, colour, size, round(x, 4), round(y, 4), digit)
+            return make_scene(seed + RETRY_OFFSET, scale)
+        placed[i] = Item(kind, colour, size, round(x, 4), round(y, 4), digit, scale)
     background = rng.randint(85, 165)
-    return Scene(seed=seed, background=background, items=tuple(placed[i] for i in range(len(specs))))
+    return Scene(seed=seed, background=background, items=tuple(placed[i] for i in range(len(specs))), scale=scale)
 
 
 def _half_of(spec) -> tuple[float, float]:
@@ -171,15 +186,18 @@ def render(scene: Scene, size: int = 224) -> Image.Image:
     g = scene.background
     image = Image.new("RGB", (size, size), (g, g, g))
     draw = ImageDraw.Draw(image)
-    # 1. Clutter: grey blotches and lines (colourless, so they never look like an object).
-    for _ in range(rng.randint(4, 9)):
-        cx, cy, r = rng.random() * size, rng.random() * size, (0.03 + 0.1 * rng.random()) * size
+    # 1. Clutter: grey blotches and lines (colourless, so they never look like an object); at the
+    #    same density and (scaled) size as in a scale-1 scene.
+    unit = size * scene.scale
+    per_area = round(1 / scene.scale**2)
+    for _ in range(rng.randint(4, 9) * per_area):
+        cx, cy, r = rng.random() * size, rng.random() * size, (0.03 + 0.1 * rng.random()) * unit
         v = max(0, min(255, g + rng.randint(-35, 35)))
         draw.ellipse([cx - r, cy - r * rng.uniform(0.4, 1.0), cx + r, cy + r], fill=(v, v, v))
-    for _ in range(rng.randint(8, 20)):
+    for _ in range(rng.randint(8, 20) * round(1 / scene.scale)):  # lines span the canvas: length ~ 1/scale
         v = max(0, min(255, g + rng.randint(-60, 60)))
         pts = [(rng.random() * size, rng.random() * size) for _ in range(2)]
-        draw.line(pts, fill=(v, v, v), width=max(1, round(rng.uniform(0.004, 0.012) * size)))
+        draw.line(pts, fill=(v, v, v), width=max(1, round(rng.uniform(0.004, 0.012) * unit)))
     # 2. Objects.
     for item in scene.items:
         _draw_item(draw, item, size, fill=COLOURS[item.colour])
@@ -210,7 +228,8 @@ def _draw_item(draw: ImageDraw.ImageDraw, item: Item, size: int, fill, mask_valu
     cx, cy = item.x * size, item.y * size
     hx, hy = item.half[0] * size, item.half[1] * size
     col = fill if mask_value is None else mask_value
-    line = {} if mask_value is not None else {"outline": OUTLINE, "width": max(1, round(0.009 * size))}
+    unit = size * item.scale  # outline and border widths shrink with the object
+    line = {} if mask_value is not None else {"outline": OUTLINE, "width": max(1, round(0.009 * unit))}
     if item.kind == "circle":
         draw.ellipse([cx - hx, cy - hy, cx + hx, cy + hy], fill=col, **line)
     elif item.kind == "square":
@@ -224,7 +243,7 @@ def _draw_item(draw: ImageDraw.ImageDraw, item: Item, size: int, fill, mask_valu
         if mask_value is not None:
             draw.rectangle([cx - hx, cy - hy, cx + hx, cy + hy], fill=col)
             return
-        border = max(2, round(0.012 * size))
+        border = max(2, round(0.012 * unit))
         draw.rectangle([cx - hx, cy - hy, cx + hx, cy + hy], fill=fill)
         draw.rectangle([cx - hx + border, cy - hy + border, cx + hx - border, cy + hy - border], fill=(245, 245, 245))
         bitmap = _DIGIT_BITMAPS[item.digit]
@@ -372,8 +391,9 @@ def question_for(scene: Scene, family: str, rng: random.Random, heldout: bool = 
     raise ValueError(f"scene {scene.seed}: no {'held-out' if heldout else 'regular'} {family} question")
 
 
-def sample(split: str, index: int) -> Sample:
-    """Sample ``index`` of ``split``: scene seed ``SPLITS[split] + index``, families in rotation.
+def sample(split: str, index: int, scale: float = 1.0) -> Sample:
+    """Sample ``index`` of ``split``: scene seed ``SPLITS[split] + index``, families in rotation;
+    ``scale``: see :func:`make_scene` (the same questions are drawn whatever the scale).
 
     The ``heldout`` split holds only held-out questions (scenes are redrawn until one has a cross
     whose shape is unique in the scene)."""
@@ -386,13 +406,13 @@ def sample(split: str, index: int) -> Sample:
     if split == "heldout":
         attempt = 0
         while True:
-            scene = make_scene(seed if attempt == 0 else RETRY_OFFSET + seed * 64 + attempt)
+            scene = make_scene(seed if attempt == 0 else RETRY_OFFSET + seed * 64 + attempt, scale)
             if sum(s.kind == "cross" for s in scene.shapes) == 1:
                 break
             attempt += 1
         q, a, meta = question_for(scene, "attribute", _HeldoutRng(rng), heldout=True)
         return Sample(split, index, scene, "attribute", q, a, meta)
-    scene = make_scene(seed)
+    scene = make_scene(seed, scale)
     family = FAMILIES[index % len(FAMILIES)]
     q, a, meta = question_for(scene, family, rng)
     return Sample(split, index, scene, family, q, a, meta)
@@ -432,3 +452,13 @@ def majority_chance(answers: list[str]) -> float:
         return 0.0
     values, counts = np.unique(np.asarray(answers), return_counts=True)
     return float(counts.max() / len(answers))
+
+
+def render_layout(view_size: int, grid_pinpoints=None) -> tuple[int, float]:
+    """(canvas px, object scale) at which a model sees the testbed: a plain ViT model the scale-1
+    scenes at its own resolution; an AnyRes model (``grid_pinpoints``) the largest square its grid
+    tiles, with objects shrunk so that a crop of ``view_size`` px looks like a scale-1 scene."""
+    if not grid_pinpoints:
+        return int(view_size), 1.0
+    canvas = max(min(int(h), int(w)) for h, w in grid_pinpoints)
+    return canvas, view_size / canvas

@@ -10,7 +10,11 @@ resumable stages inside ``--out``'s work folder:
 3. projector (2-layer MLP) + a small Llama LM from scratch: next-token loss on the answer tokens
    only, over multi-turn conversations (several templated questions about one cached scene, which
    multiplies the supervision per LM forward pass), plus attention supervision of two hops
-   (:func:`grounding_loss`): without it the LM sat on the answer prior in every CPU-sized run.
+   (:func:`grounding_loss`): without it the LM sat on the answer prior in every CPU-sized run; a
+   read-out of the asked objects' coordinates for position questions (:func:`coordinate_loss`),
+   and token dropout (the LM sees images of every length, as pruning makes them).
+
+The LM stage (:func:`train_lm`) is shared with ``demo-next`` (:mod:`vlmprune.testbed.train_next`).
 
 The finished model is written in the hub key layout (``vision_tower.vision_model.*``) that both
 transformers and vLLM 0.32 load. Everything is seeded; a stage that finds its checkpoint resumes.
@@ -48,14 +52,9 @@ class LmConfig:
 
 
 @dataclass(frozen=True)
-class DemoConfig:
-    """Every knob of the ``demo`` recipe (recorded in the output folder)."""
+class LmStageConfig:
+    """The knobs of the LM stage (:func:`train_lm`), shared by ``demo`` and ``demo-next``."""
 
-    vit: VitConfig = field(default_factory=VitConfig)
-    lm: LmConfig = field(default_factory=LmConfig)
-    vit_steps: int = 1500
-    vit_batch: int = 32
-    vit_lr: float = 2e-3
     cache_scenes: int = 8000
     questions_per_scene: int = 10
     turns: int = 5
@@ -64,17 +63,38 @@ class DemoConfig:
     batch: int = 16
     lr: float = 2e-3
     val_samples: int = 250
-    align_init: bool = True
-    aligned_lr_scale: float = 0.1
     grounding_weight: float = 1.0
     """Weight of the attention-supervision loss (see :func:`grounding_loss`); 0 turns it off."""
     grounding_layer: int = 1
     grounding_heads: tuple[int, ...] = (0, 1)
-    token_dropout: float = 0.0
+    order_layer: int = 0
+    """Decoder layer whose ``grounding_heads`` are taught a third hop for position questions (0: off):
+    head 0 looks at whichever of the two objects comes first along the asked axis, head 1 at the
+    other (:func:`order_targets`). Off: in 1200 steps the heads still split their mass ~50/50
+    between the two objects (the keys do not carry position sharply enough); see ``coord_weight``."""
+    coord_weight: float = 1.0
+    """Weight of the coordinate read-out loss (:func:`coordinate_loss`); 0 turns it off."""
+    coord_layer: int = 2
+    """Residual stream (input of this decoder layer) the coordinates are read from."""
+    token_dropout: float = 0.5
     """Probability that a batch sees only a random, order-kept subset of its visual tokens (10-100 %),
-    so that the LM does not learn to depend on the image's length (off in the shipped recipe; see
-    the model card's "pruning robustness")."""
+    so that the LM does not learn to depend on the image's length: without it, the LM trained on
+    full-length images only answers "left"/"right" to presence questions once any token is pruned
+    (see the model card's "pruning robustness")."""
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class DemoConfig(LmStageConfig):
+    """Every knob of the ``demo`` recipe (recorded in the output folder)."""
+
+    vit: VitConfig = field(default_factory=VitConfig)
+    lm: LmConfig = field(default_factory=LmConfig)
+    vit_steps: int = 1500
+    vit_batch: int = 32
+    vit_lr: float = 2e-3
+    align_init: bool = True
+    aligned_lr_scale: float = 0.1
 
 
 # --- tokenizer, processor, model --------------------------------------------------------------------
@@ -215,13 +235,18 @@ class QuestionBatcher:
         return ids, lab, pos.pop()
 
 
-def lm_forward(model, ids: torch.Tensor, image_pos: int, feats: torch.Tensor, all_hidden: bool = False):
-    """Last hidden states (B, T - 1 + P, d) of the LLM over text with projected features spliced in
-    (and, with ``all_hidden``, the residual stream entering every decoder layer: (embeds, l1, ...)).
+def project_llava(model, feats: torch.Tensor) -> torch.Tensor:
+    """(B, P, c) cached ViT features -> (B, P, d) visual tokens of a LLaVA-1.5 model."""
+    return model.model.multi_modal_projector(feats.float())
+
+
+def lm_forward(model, ids: torch.Tensor, image_pos: int, visual: torch.Tensor, all_hidden: bool = False):
+    """Last hidden states (B, T - 1 + n, d) of the LLM over text with the (B, n, d) visual tokens
+    spliced in (and, with ``all_hidden``, the residual stream entering every decoder layer:
+    (embeds, l1, ...)).
 
     Right padding needs no attention mask: causal attention never lets a real token see a pad."""
     embed = model.get_input_embeddings()(ids)  # (B, T, d)
-    visual = model.model.multi_modal_projector(feats.float())  # (B, P, d)
     embeds = torch.cat([embed[:, :image_pos], visual, embed[:, image_pos + 1 :]], dim=1)
     out = model.model.language_model(inputs_embeds=embeds, output_hidden_states=all_hidden)
     if not all_hidden:
@@ -249,15 +274,15 @@ def grounding_loss(
     lm = model.model.language_model
     decoder = lm.layers[layer]
     length = layer_in.shape[1]
-    cos, sin = lm.rotary_emb(layer_in[:1], torch.arange(length)[None])
+    cos, sin = lm.rotary_emb(layer_in[:1], torch.arange(length, device=layer_in.device)[None])
     terms = []
     for b, row_pos in enumerate(rows):
         if not row_pos:
             continue
         q, k = decoder_layer_qk(decoder, layer_in[b], (cos, sin))  # (L, H, D), (L, Hkv, D)
-        r = torch.tensor(row_pos)
+        r = torch.tensor(row_pos, device=layer_in.device)
         probs = attention_rows(q[r], k, r)[list(heads)]  # (h, t, L)
-        target = torch.from_numpy(np.stack([np.stack(m) for m in masks[b]], 1))  # (h, t, L)
+        target = torch.from_numpy(np.stack([np.stack(m) for m in masks[b]], 1)).to(layer_in.device)  # (h, t, L)
         valid = target.any(-1)  # (h, t)
         if valid.any():
             mass = (probs * target).sum(-1)[valid]
@@ -311,6 +336,44 @@ def head_targets(scene, owner: np.ndarray, family: str, targets, n_heads: int) -
     if family == "position" and len(targets) == 2:
         return [of([targets[h]]) if h < 2 else of(targets) for h in range(n_heads)]
     return [of(targets)] * n_heads
+
+
+def order_targets(scene, owner: np.ndarray, family: str, answer: str, targets, n_heads: int) -> list[np.ndarray]:
+    """(P,) bool target patches per head for the third hop of a position question ("is A left or
+    right of B ?"): head 0 -> the object that comes first along the asked axis (left / upper), head 1
+    -> the other; nothing (all-False) for every other family.
+
+    The idea: attention picks the first object, and the answer only asks whether it is the one
+    named first (identity matching). Measured: the heads never learnt to choose (mass 0.52 / 0.53
+    on the two objects after 1200 steps), so it is off in the recipe (``DemoConfig.order_layer``);
+    :func:`coordinate_loss` is what fixed position questions."""
+    none = np.zeros(owner.shape, dtype=bool)
+    if family != "position" or len(targets) != 2:
+        return [none] * n_heads
+    a, b = targets
+    first, second = (a, b) if answer in ("left", "above") else (b, a)
+    return [scenes.item_patches(scene, owner, [first if h == 0 else second]) for h in range(n_heads)]
+
+
+def coordinate_loss(head: nn.Linear, layer_in: torch.Tensor, rows: list[list[int]], coords: list[list]) -> torch.Tensor:
+    """MSE of a linear read-out of both objects' centres (xA, yA, xB, yB in [-1, 1]) from the
+    residual stream at the rows that answer position questions.
+
+    Position was the one family the LM did not learn (0.51, chance 0.36): a linear probe on the
+    residual after the two supervised hops recovered the objects' coordinates with R^2 ~0.3 only,
+    so the later layers had no clean positions to compare. Asking the stream to carry them makes
+    the comparison a small function of two linear features. The head is a training-only probe
+    (not part of the saved model)."""
+    picked, targets = [], []
+    for b, (row_pos, row_coords) in enumerate(zip(rows, coords)):
+        for r, c in zip(row_pos, row_coords):
+            if c is not None:
+                picked.append(layer_in[b, r])
+                targets.append(c)
+    if not picked:
+        return layer_in.new_zeros(())
+    target = torch.tensor(np.stack(targets), dtype=layer_in.dtype, device=layer_in.device) * 2 - 1
+    return nn.functional.mse_loss(head(torch.stack(picked)), target)
 
 
 def answer_rows(labels: torch.Tensor, image_pos: int, n_visual: int) -> list[list[int]]:
@@ -401,15 +464,14 @@ def param_groups(model, lr: float, aligned_lr_scale: float, freeze_projector: bo
     return [{"params": rest, "lr": lr}, {"params": aligned, "lr": lr * aligned_lr_scale}]
 
 
-def answer_loss(model, ids, labels, image_pos, feats, all_hidden: bool = False):
+def answer_loss(model, ids, labels, image_pos, visual, all_hidden: bool = False):
     """Cross-entropy on the answer tokens (and, with ``all_hidden``, the layer inputs
-    :func:`grounding_loss` needs)."""
-    out = lm_forward(model, ids, image_pos, feats, all_hidden)
+    :func:`grounding_loss` needs); ``visual`` (B, n, d) projected visual tokens."""
+    out = lm_forward(model, ids, image_pos, visual, all_hidden)
     hidden, layer_ins = out if all_hidden else (out, None)  # (B, L, d)
-    p = feats.shape[1]
-    full_labels = torch.cat(
-        [labels[:, :image_pos], torch.full((labels.shape[0], p), -100, dtype=labels.dtype), labels[:, image_pos + 1 :]], 1
-    )
+    n = visual.shape[1]
+    fill = torch.full((labels.shape[0], n), -100, dtype=labels.dtype, device=labels.device)
+    full_labels = torch.cat([labels[:, :image_pos], fill, labels[:, image_pos + 1 :]], 1)
     sel = full_labels != -100  # (B, L): positions whose next token is an answer token
     logits = model.lm_head(hidden[sel])  # (n, V)
     loss = nn.functional.cross_entropy(logits, full_labels[sel])
@@ -418,25 +480,189 @@ def answer_loss(model, ids, labels, image_pos, feats, all_hidden: bool = False):
 
 @torch.no_grad()
 def first_token_accuracy(
-    model, batcher: QuestionBatcher, feats: torch.Tensor, qa: list[tuple[str, str]], families: list[str] | None = None
+    model, batcher: QuestionBatcher, feats: torch.Tensor, qa: list[tuple[str, str]], families: list[str] | None = None,
+    project=project_llava, chunk: int = 64,
 ):
-    """Accuracy of the greedy first answer token (the answer is one word) on cached features;
-    with ``families`` also the accuracy per family, as ``(overall, {family: acc})``."""
+    """Accuracy of the greedy first answer token (the answer is one word) on cached features
+    (``project`` turns them into visual tokens); with ``families`` also the accuracy per family,
+    as ``(overall, {family: acc})``."""
     hits = []
-    for start in range(0, len(qa), 64):
-        pairs = qa[start : start + 64]
+    device = next(model.parameters()).device
+    for start in range(0, len(qa), chunk):
+        pairs = qa[start : start + chunk]
         ids, labels, pos = batcher.batch(pairs)
-        hidden = lm_forward(model, ids, pos, feats[start : start + 64])
-        p = feats.shape[1]
-        first = (labels != -100).float().argmax(1) + p - 1  # position predicting the first answer token
-        logits = model.lm_head(hidden[torch.arange(len(pairs)), first])
-        target = torch.tensor([batcher.ids(a, special=False)[0] for _, a in pairs])
+        visual = project(model, feats[start : start + chunk].to(device))
+        hidden = lm_forward(model, ids.to(device), pos, visual)
+        first = (labels != -100).float().argmax(1) + visual.shape[1] - 1  # position predicting the first answer token
+        logits = model.lm_head(hidden[torch.arange(len(pairs)), first.to(device)])
+        target = torch.tensor([batcher.ids(a, special=False)[0] for _, a in pairs], device=device)
         hits += (logits.argmax(-1) == target).tolist()
     overall = sum(hits) / max(1, len(hits))
     if families is None:
         return overall
     per = {f: round(float(np.mean([h for h, g in zip(hits, families) if g == f])), 3) for f in dict.fromkeys(families)}
     return overall, per
+
+
+@dataclass
+class LmBatch:
+    """One LM-stage batch, whatever the model: conversations (one scene each), their raw ViT
+    features, and the grounding targets as (n,) bool masks over the visual tokens in the order the
+    LM sees them, per row, turn and supervised head (hop two: the asked-about objects; hop three:
+    the position order, see :func:`order_targets`)."""
+
+    idx: list[int]
+    convs: list[list[tuple[str, str]]]
+    families: list[list[str]]
+    feats: torch.Tensor
+    look: list[list[list[np.ndarray]]]
+    order: list[list[list[np.ndarray]]]
+    coords: list[list[np.ndarray | None]]
+    """Per row and turn: (xA, yA, xB, yB) of a position question's two objects, else None."""
+
+
+def question_batch(cfg, r: random.Random, seeds: list[int], feats: torch.Tensor, owner_of, scale: float = 1.0) -> LmBatch:
+    """``cfg.batch`` cached scenes with ``cfg.turns`` of their fixed question pool each (the pool is
+    fixed by (scene, k): finite and reproducible); ``owner_of(i, scene)`` gives scene ``i``'s owner
+    map over the visual tokens (item index + 1 per token, 0 background, -1 for non-image tokens)."""
+    idx = [r.randrange(len(seeds)) for _ in range(cfg.batch)]
+    n_heads = len(cfg.grounding_heads)
+    convs, look, order, families, coords = [], [], [], [], []
+    for i in idx:
+        scene = scenes.make_scene(seeds[i], scale)
+        owner = owner_of(i, scene)
+        turns, turn_look, turn_order, turn_families, turn_coords = [], [], [], [], []
+        for k in r.sample(range(cfg.questions_per_scene), cfg.turns):
+            qrng = random.Random(seeds[i] * 31 + k)
+            family = scenes.FAMILIES[(i + k) % len(scenes.FAMILIES)]
+            q, a, meta = scenes.question_for(scene, family, qrng)
+            turns.append((q, a))
+            turn_families.append(family)
+            turn_look.append(head_targets(scene, owner, family, meta["targets"], n_heads))
+            turn_order.append(order_targets(scene, owner, family, a, meta["targets"], n_heads))
+            pair = meta["targets"] if family == "position" else []
+            turn_coords.append(np.array([pair[0].x, pair[0].y, pair[1].x, pair[1].y]) if len(pair) == 2 else None)
+        convs.append(turns)
+        coords.append(turn_coords)
+        look.append(turn_look)
+        order.append(turn_order)
+        families.append(turn_families)
+    return LmBatch(idx, convs, families, feats[idx], look, order, coords)
+
+
+def drop_visual_tokens(visual: torch.Tensor, masks: list, prunable: np.ndarray | None, r: random.Random):
+    """Token dropout: every row keeps a random, order-kept subset of its prunable visual tokens (one
+    count k for the batch, 10-100 %) and all the others (LLaVA-NeXT's newlines); the per-token
+    target masks are cut the same way."""
+    n_all = visual.shape[1]
+    pool = list(range(n_all)) if prunable is None else np.nonzero(prunable)[0].tolist()
+    fixed = [] if prunable is None else np.nonzero(~prunable)[0].tolist()
+    k = r.randint(max(1, len(pool) // 10), len(pool))
+    keep = [sorted(fixed + r.sample(pool, k)) for _ in range(visual.shape[0])]
+    visual = torch.stack([visual[b, keep[b]] for b in range(visual.shape[0])])
+    cut = [[[[m[keep[b]] for m in heads] for heads in turns] for b, turns in enumerate(group)] for group in masks]
+    return visual, cut
+
+
+def train_lm(
+    model, tokenizer, cfg, groups: list[dict], next_batch, project, val, ckpt: Path, log=print, progress: bool = True,
+    prunable: np.ndarray | None = None, device: str = "cpu",
+) -> list[dict]:
+    """The LM stage (projector + LM; the vision tower is frozen), resumable from ``ckpt``.
+
+    ``next_batch(rng) -> LmBatch``; ``project(model, feats) -> (B, n, d)`` visual tokens; ``val`` =
+    (features, [(question, answer)], families). Loss: answer cross-entropy + ``cfg.grounding_weight``
+    x the supervised attention of three hops (:func:`grounding_loss`). Returns the history (val
+    accuracy per family every 200 steps)."""
+    from tqdm import tqdm
+
+    coord_head = nn.Linear(model.config.text_config.hidden_size, 4).to(device)  # training-only probe
+    groups = [*groups, {"params": list(coord_head.parameters()), "lr": groups[0]["lr"]}]
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, cfg.steps // 25)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: float(min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(1.0, s / cfg.steps)))))
+    )
+    batcher = QuestionBatcher(tokenizer)
+    naming_ids = {tokenizer.convert_tokens_to_ids(w) for w in (*scenes.COLOURS, *scenes.SHAPES, "box")}
+    n_heads = len(cfg.grounding_heads)
+    val_feats, val_qa, val_families = val
+    start, history, t = 0, [], time.time()
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location=device, weights_only=False)  # our own checkpoint
+        model.load_state_dict(state["model"])
+        coord_head.load_state_dict(state["coord_head"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start, history = state["step"], state["history"]
+        log(f"lm: resumed at step {start}")
+    model.train()
+    bar = tqdm(range(start, cfg.steps), desc="lm train", disable=not progress, initial=start, total=cfg.steps)
+    for step in bar:
+        r = random.Random(cfg.seed * 1_000_003 + 7 + step)
+        batch = next_batch(r)
+        ids, labels, pos = batcher.conversations(batch.convs)
+        ids, labels = ids.to(device), labels.to(device)
+        visual = project(model, batch.feats.to(device))  # (B, n, d)
+        look, order = batch.look, batch.order
+        if cfg.token_dropout > 0 and r.random() < cfg.token_dropout:
+            visual, (look, order) = drop_visual_tokens(visual, [look, order], prunable, r)
+        if cfg.grounding_weight > 0:
+            n_vis = visual.shape[1]
+            answer, layer_ins = answer_loss(model, ids, labels, pos, visual, all_hidden=True)
+            length = layer_ins[0].shape[1]
+            rows = answer_rows(labels.cpu(), pos, n_vis)
+            keys = [[visual_keys(m, pos, length) for m in row_masks] for row_masks in look]
+            ground = grounding_loss(model, cfg.grounding_layer, cfg.grounding_heads, layer_ins[cfg.grounding_layer],
+                                    rows, keys)
+            if cfg.grounding_layer > 0:  # the hop before: gather the naming words
+                gather = [
+                    naming_word_keys(ids[b].tolist(), rows[b], batch.families[b], naming_ids, pos, n_vis, length, n_heads)
+                    for b in range(len(batch.idx))
+                ]
+                ground = ground + grounding_loss(model, 0, cfg.grounding_heads, layer_ins[0], rows, gather)
+            if cfg.order_layer > 0:  # the hop after, for position questions
+                keys = [[visual_keys(m, pos, length) for m in row_masks] for row_masks in order]
+                ground = ground + grounding_loss(model, cfg.order_layer, cfg.grounding_heads, layer_ins[cfg.order_layer],
+                                                 rows, keys)
+            if cfg.coord_weight > 0:
+                ground = ground + cfg.coord_weight * coordinate_loss(coord_head, layer_ins[cfg.coord_layer], rows,
+                                                                     batch.coords)
+        else:
+            answer, ground = answer_loss(model, ids, labels, pos, visual), torch.zeros(())
+        loss = answer + cfg.grounding_weight * ground
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(answer=f"{answer.item():.3f}", ground=f"{ground.item():.3f}")
+        if (step + 1) % 200 == 0 or step + 1 == cfg.steps:
+            model.eval()
+            acc, per_family = first_token_accuracy(model, batcher, val_feats, val_qa, val_families, project)
+            model.train()
+            history.append({"step": step + 1, "answer_loss": answer.item(), "grounding_loss": ground.item(),
+                            "val_first_token_acc": acc, "val_per_family": per_family})
+            log(f"lm step {step + 1}/{cfg.steps} answer loss {answer.item():.4f} grounding {ground.item():.3f} "
+                f"val acc {acc:.3f} {per_family} ({time.time() - t:.0f} s)")
+            torch.save(
+                {"model": model.state_dict(), "coord_head": coord_head.state_dict(), "opt": opt.state_dict(),
+                 "sched": sched.state_dict(), "step": step + 1, "history": history},
+                ckpt,
+            )
+    return history
+
+
+def prepare_run(out: Path, work: Path | None, cfg, threads: int) -> tuple[Path, Path]:
+    """(out, work folder) of a training run; the work folder (default ``OUT.work``) is created and
+    gets the recipe as ``config.json``."""
+    torch.set_num_threads(threads)
+    out = Path(out)
+    work = Path(work) if work is not None else out.with_name(out.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    return out, work
 
 
 def train_demo(
@@ -448,13 +674,7 @@ def train_demo(
     log=print,
 ) -> Path:
     """Train ``demo`` end to end and write it (hub layout) to ``out``; returns ``out``."""
-    from tqdm import tqdm
-
-    torch.set_num_threads(threads)
-    out = Path(out)
-    work = Path(work) if work is not None else out.with_name(out.name + ".work")
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    out, work = prepare_run(out, work, cfg, threads)
     t_start = time.time()
     timings: dict[str, float] = {}
 
@@ -487,92 +707,20 @@ def train_demo(
     balance_scales(model, feats[:256])
     if cfg.align_init:
         align_init(model, tokenizer, load_dense_head(work, cfg.vit), seed=cfg.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
     groups = param_groups(model, cfg.lr, cfg.aligned_lr_scale if cfg.align_init else 1.0)
-    opt = torch.optim.AdamW(groups, weight_decay=0.01, betas=(0.9, 0.98))
-    warmup = max(1, cfg.steps // 25)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: float(min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(1.0, s / cfg.steps)))))
-    )
-    batcher = QuestionBatcher(tokenizer)
     owners: dict[int, np.ndarray] = {}  # scene index -> patch owner map (for the grounding targets)
-    naming_ids = {tokenizer.convert_tokens_to_ids(w) for w in (*scenes.COLOURS, *scenes.SHAPES, "box")}
-    ckpt = work / "lm_ckpt.pt"
-    start, history = 0, []
-    if ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)  # our own checkpoint
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        start, history = state["step"], state["history"]
-        log(f"lm: resumed at step {start}")
-    model.train()
-    bar = tqdm(range(start, cfg.steps), desc="lm train", disable=not progress, initial=start, total=cfg.steps)
-    for step in bar:
-        r = random.Random(cfg.seed * 1_000_003 + 7 + step)
-        idx = [r.randrange(cfg.cache_scenes) for _ in range(cfg.batch)]
-        convs, patch_masks, families = [], [], []
-        for i in idx:
-            # The scene's question pool is fixed by (scene, k): finite and reproducible.
-            scene = scenes.make_scene(train_seeds[i])
-            if i not in owners:
-                owners[i] = scenes.patch_owner(scene, cfg.vit.image_size, cfg.vit.patch_size)
-            turns, turn_masks, turn_families = [], [], []
-            for k in r.sample(range(cfg.questions_per_scene), cfg.turns):
-                qrng = random.Random(train_seeds[i] * 31 + k)
-                family = scenes.FAMILIES[(i + k) % len(scenes.FAMILIES)]
-                q, a, meta = scenes.question_for(scene, family, qrng)
-                turns.append((q, a))
-                turn_families.append(family)
-                turn_masks.append(head_targets(scene, owners[i], family, meta["targets"], len(cfg.grounding_heads)))
-            convs.append(turns)
-            patch_masks.append(turn_masks)
-            families.append(turn_families)
-        ids, labels, pos = batcher.conversations(convs)
-        batch_feats = feats[idx]
-        if cfg.token_dropout > 0 and r.random() < cfg.token_dropout:
-            n_all = batch_feats.shape[1]
-            k = r.randint(max(1, n_all // 10), n_all)
-            keep = [sorted(r.sample(range(n_all), k)) for _ in idx]
-            batch_feats = torch.stack([batch_feats[b, keep[b]] for b in range(len(idx))])
-            patch_masks = [[[m[keep[b]] for m in heads] for heads in turns] for b, turns in enumerate(patch_masks)]
-        if cfg.grounding_weight > 0:
-            n_vis = batch_feats.shape[1]
-            answer, layer_ins = answer_loss(model, ids, labels, pos, batch_feats, all_hidden=True)
-            length = layer_ins[0].shape[1]
-            rows = answer_rows(labels, pos, n_vis)
-            n_heads = len(cfg.grounding_heads)
-            look = [[visual_keys(m, pos, length) for m in row_masks] for row_masks in patch_masks]
-            ground = grounding_loss(model, cfg.grounding_layer, cfg.grounding_heads, layer_ins[cfg.grounding_layer],
-                                    rows, look)
-            if cfg.grounding_layer > 0:  # the hop before: gather the naming words
-                gather = [
-                    naming_word_keys(ids[b].tolist(), rows[b], families[b], naming_ids, pos, n_vis, length, n_heads)
-                    for b in range(len(idx))
-                ]
-                ground = ground + grounding_loss(model, 0, cfg.grounding_heads, layer_ins[0], rows, gather)
-        else:
-            answer, ground = answer_loss(model, ids, labels, pos, batch_feats), torch.zeros(())
-        loss = answer + cfg.grounding_weight * ground
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        bar.set_postfix(answer=f"{answer.item():.3f}", ground=f"{ground.item():.3f}")
-        if (step + 1) % 200 == 0 or step + 1 == cfg.steps:
-            model.eval()
-            acc, per_family = first_token_accuracy(model, batcher, val_feats, val_qa, [s.family for s in val])
-            model.train()
-            history.append({"step": step + 1, "answer_loss": answer.item(), "grounding_loss": ground.item(),
-                            "val_first_token_acc": acc, "val_per_family": per_family})
-            log(f"lm step {step + 1}/{cfg.steps} answer loss {answer.item():.4f} grounding {ground.item():.3f} "
-                f"val acc {acc:.3f} {per_family} ({time.time() - t:.0f} s)")
-            torch.save(
-                {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                 "step": step + 1, "history": history},
-                ckpt,
-            )
+
+    def owner_of(i: int, scene) -> np.ndarray:
+        if i not in owners:
+            owners[i] = scenes.patch_owner(scene, cfg.vit.image_size, cfg.vit.patch_size)
+        return owners[i]
+
+    history = train_lm(
+        model, tokenizer, cfg, groups,
+        next_batch=lambda r: question_batch(cfg, r, train_seeds, feats, owner_of),
+        project=project_llava, val=(val_feats, val_qa, [s.family for s in val]), ckpt=work / "lm_ckpt.pt",
+        log=log, progress=progress,
+    )
     timings["lm_train_s"] = time.time() - t
     timings["total_s"] = time.time() - t_start
 
@@ -656,10 +804,17 @@ def run_cli(args) -> int:
     import dataclasses
     import sys
 
-    if args.model != "demo":
-        raise ValueError(f"model: only 'demo' can be trained so far, got {args.model!r}")
+    if args.model not in ("demo", "demo-next"):
+        raise ValueError(f"model: 'demo' or 'demo-next' can be trained, got {args.model!r}")
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.model == "demo-next":
+        return _run_next(args)
+    for flag, value in (("--base", args.base), ("--workers", args.workers)):
+        if value is not None:
+            raise ValueError(f"{flag} applies to `vlmprune train demo-next` only")
+    if args.device != "cpu":
+        raise ValueError("--device: `vlmprune train demo` runs on the CPU only (demo-next takes --device cuda)")
     cfg = DemoConfig(seed=args.seed)
     if args.steps is not None:
         if args.steps < 1:
@@ -673,6 +828,36 @@ def run_cli(args) -> int:
     train_demo(
         out, cfg, work=Path(args.work) if args.work else None, threads=args.threads,
         log=lambda msg: print(msg, file=sys.stderr, flush=True),
+    )
+    print(json.dumps({"model": args.model, "out": str(out)}))
+    return 0
+
+
+def _run_next(args) -> int:
+    """``vlmprune train demo-next``: see :mod:`vlmprune.testbed.train_next`."""
+    import dataclasses
+    import sys
+
+    from vlmprune.testbed.train_next import NextConfig, train_next
+
+    if args.vit_steps is not None:
+        raise ValueError("--vit-steps: demo-next reuses the ViT of its --base model")
+    cfg = NextConfig(seed=args.seed)
+    if args.base is not None:
+        cfg = dataclasses.replace(cfg, base=args.base)
+    if args.steps is not None:
+        if args.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {args.steps}")
+        cfg = dataclasses.replace(cfg, steps=args.steps)
+    workers = 1 if args.workers is None else args.workers
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: torch sees no CUDA device here")
+    out = Path(args.out) if args.out else Path("runs") / args.model
+    train_next(
+        out, cfg, work=Path(args.work) if args.work else None, threads=args.threads, device=args.device,
+        workers=workers, log=lambda msg: print(msg, file=sys.stderr, flush=True),
     )
     print(json.dumps({"model": args.model, "out": str(out)}))
     return 0

@@ -247,6 +247,7 @@ def label_samples(
 
     from vlmprune.backends.hf import ReferenceBackend
     from vlmprune.testbed import scenes
+    from vlmprune.testbed.registry import scene_layout
 
     cache = _load_cache(cache_path, model_fingerprint(model_dir), log)
     records: list[dict[str, Any]] = cache["records"]
@@ -258,7 +259,7 @@ def label_samples(
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backend = ReferenceBackend.from_pretrained(model_dir, device=device)
-    size = int(backend.model.config.vision_config.image_size)
+    size, scale = scene_layout(backend.model.config)
     need = (lambda correct: correct or not only_correct)
     last_save = time.time()
     t0 = time.time()
@@ -268,7 +269,7 @@ def label_samples(
         for start in range(0, len(todo_missing), batch):  # cached answers that now need a teacher
             idx = todo_missing[start : start + batch]
             t = time.time()
-            fresh = _label_batch(backend, [scenes.sample("train", records[i]["index"]) for i in idx], size,
+            fresh = _label_batch(backend, [scenes.sample("train", records[i]["index"], scale) for i in idx], size,
                                  lambda _c: True)
             for i, rec in zip(idx, fresh):
                 records[i] = rec
@@ -278,7 +279,7 @@ def label_samples(
         for start in range(0, len(todo_new), batch):
             idx = todo_new[start : start + batch]
             t = time.time()
-            records += _label_batch(backend, [scenes.sample("train", i) for i in idx], size, need)
+            records += _label_batch(backend, [scenes.sample("train", i, scale) for i in idx], size, need)
             cache["label_s"] += time.time() - t
             cache["processed"] += len(idx)
             new += len(idx)
