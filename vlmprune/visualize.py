@@ -295,8 +295,6 @@ def visualize(engine: Any, image: Image.Image, policy: Any, question: str = DEFA
     LLaVA-1.5 and Qwen the raster index of the patch; LLaVA-NeXT the adapter's packed order). For
     in-LLM methods they are the tokens that reach the last decoder layer. ``answer`` is the
     model's greedy answer under the same pruning (is the answer still right with these tokens?)."""
-    import torch
-
     from vlmprune.backends.hf.pipeline import Request
 
     family = engine.family
@@ -323,16 +321,7 @@ def visualize(engine: Any, image: Image.Image, policy: Any, question: str = DEFA
     title = title_for(policy.method, policy.ratio, len(kept_indices), int(prunable.sum()), last_stage)
     overlay = render_overlay(rgb, kept, layout, title)
 
-    with torch.no_grad():
-        eos = engine._eos_ids()
-        answer_ids: list[int] = []
-        logits = pre.logits
-        while True:
-            token = int(logits.argmax())
-            answer_ids.append(token)
-            if token in eos or len(answer_ids) >= max_new_tokens:
-                break
-            logits = pre.decoder.extend([token])[-1]
+    answer_ids = engine.greedy_tokens(pre, max_new_tokens)
     answer = engine.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
 
     result = {

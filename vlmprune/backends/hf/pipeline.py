@@ -383,17 +383,9 @@ class ReferenceBackend:
         """Greedy decoding; stops at an end-of-sequence token or after ``max_new_tokens``."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        eos = self._eos_ids()
         results = []
         for pre in self.prefill(requests, policy):
-            tokens: list[int] = []
-            logits = pre.logits
-            while True:
-                token = int(logits.argmax())
-                tokens.append(token)
-                if token in eos or len(tokens) >= max_new_tokens:
-                    break
-                logits = pre.decoder.extend([token])[-1]
+            tokens = self.greedy_tokens(pre, max_new_tokens)
             results.append(
                 Generation(
                     token_ids=tokens,
@@ -404,6 +396,20 @@ class ReferenceBackend:
                 )
             )
         return results
+
+    @torch.no_grad()
+    def greedy_tokens(self, pre: Prefill, max_new_tokens: int) -> list[int]:
+        """Greedy continuation of one prefill: token ids up to and including an end-of-sequence
+        token, at most ``max_new_tokens``."""
+        eos = self._eos_ids()
+        tokens: list[int] = []
+        logits = pre.logits
+        while True:
+            token = int(logits.argmax())
+            tokens.append(token)
+            if token in eos or len(tokens) >= max_new_tokens:
+                return tokens
+            logits = pre.decoder.extend([token])[-1]
 
     @torch.no_grad()
     def score(
