@@ -110,3 +110,20 @@ def test_grounding_targets_and_token_dropout(tmp_path):
     T.train_demo(tmp_path / "model", cfg, threads=1, progress=False, log=lambda m: None)
     history = json.loads((tmp_path / "model" / "training.json").read_text())["history"]
     assert history[-1]["step"] == 2 and history[-1]["grounding_loss"] > 0
+
+
+def test_resumable_cache_resumes_after_the_saved_part(tmp_path):
+    """An interrupted cache resumes after its saved batches, encodes only the rest, and cleans up."""
+    calls = []
+
+    def encode(batches):
+        for batch in batches:
+            calls.append(tuple(batch))
+            yield torch.tensor(batch, dtype=torch.float16)[:, None]
+
+    torch.save([torch.tensor([0.0, 1.0], dtype=torch.float16)[:, None]], tmp_path / "f.part.pt")
+    out = T.resumable_cache(tmp_path / "f.pt", list(range(5)), 2, encode, log=lambda _m: None, progress=False)
+    assert out.flatten().tolist() == [0, 1, 2, 3, 4] and calls == [(2, 3), (4,)]
+    assert (tmp_path / "f.pt").is_file() and not (tmp_path / "f.part.pt").exists()
+    assert T.resumable_cache(tmp_path / "f.pt", list(range(5)), 2, encode, progress=False).shape == (5, 1)
+    assert len(calls) == 2  # complete: loaded, nothing encoded again

@@ -159,6 +159,21 @@ def penultimate_features(vision_tower, images, vit: VitConfig) -> torch.Tensor:
 
 def cache_features(vision_tower, seeds: list[int], vit: VitConfig, path: Path, log=print, progress=True) -> torch.Tensor:
     """Penultimate features of the scenes ``seeds`` (fp16, (N, P, d)), computed once, resumable."""
+    vision_tower.eval()
+
+    def encode(batches):
+        for batch in batches:
+            images = [scenes.render(scenes.make_scene(s), vit.image_size) for s in batch]
+            yield penultimate_features(vision_tower, images, vit).half()
+
+    return resumable_cache(path, seeds, 64, encode, log, progress, save_every=20)
+
+
+def resumable_cache(path: Path, seeds: list[int], step: int, encode, log=print, progress: bool = True,
+                    save_every: int = 8) -> torch.Tensor:
+    """``encode(batches)`` -> one (b, ...) tensor per batch of ``step`` seeds, concatenated and saved
+    to ``path``; returned from there when complete. Finished batches go to ``PATH.part.pt`` every
+    ``save_every`` batches, so an interrupted run resumes after the last of them."""
     from tqdm import tqdm
 
     if path.is_file():
@@ -168,13 +183,10 @@ def cache_features(vision_tower, seeds: list[int], vit: VitConfig, path: Path, l
     part = path.with_suffix(".part.pt")
     chunks: list[torch.Tensor] = torch.load(part, weights_only=False) if part.is_file() else []
     done = sum(c.shape[0] for c in chunks)
-    step = 64
-    vision_tower.eval()
-    for start in tqdm(range(done, len(seeds), step), desc=f"cache {path.stem}", disable=not progress):
-        batch = seeds[start : start + step]
-        images = [scenes.render(scenes.make_scene(s), vit.image_size) for s in batch]
-        chunks.append(penultimate_features(vision_tower, images, vit).half())
-        if len(chunks) % 20 == 0:
+    batches = [seeds[start : start + step] for start in range(done, len(seeds), step)]
+    for feats in tqdm(encode(batches), total=len(batches), desc=f"cache {path.stem}", disable=not progress):
+        chunks.append(feats)
+        if len(chunks) % save_every == 0:
             torch.save(chunks, part)
     feats = torch.cat(chunks)
     torch.save(feats, path)

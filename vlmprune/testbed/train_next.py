@@ -29,7 +29,15 @@ import numpy as np
 import torch
 
 from vlmprune.testbed import scenes
-from vlmprune.testbed.train import LmStageConfig, prepare_run, save_hub_layout, train_lm
+from vlmprune.testbed.registry import resolve_model, scene_layout
+from vlmprune.testbed.train import (
+    LmStageConfig,
+    prepare_run,
+    question_batch,
+    resumable_cache,
+    save_hub_layout,
+    train_lm,
+)
 
 
 @dataclass(frozen=True)
@@ -104,13 +112,6 @@ def build_next(base_dir: Path, cfg: NextConfig):
     return model, processor
 
 
-def canvas_of(model) -> tuple[int, float]:
-    """(canvas px, object scale) of the testbed scenes for this model."""
-    from vlmprune.testbed.registry import scene_layout
-
-    return scene_layout(model.config)
-
-
 # --- features and layout ----------------------------------------------------------------------------
 
 
@@ -163,41 +164,26 @@ def cache_view_features(model, processor, seeds: list[int], path: Path, device: 
     import functools
     import multiprocessing
 
-    from tqdm import tqdm
-
-    if path.is_file():
-        feats = torch.load(path, map_location="cpu")
-        if feats.shape[0] == len(seeds):
-            return feats
-    canvas, scale = canvas_of(model)
-    part = path.with_suffix(".part.pt")
-    chunks: list[torch.Tensor] = torch.load(part, weights_only=False) if part.is_file() else []
-    done = sum(c.shape[0] for c in chunks)
-    step = 32
+    canvas, scale = scene_layout(model.config)
     model.model.vision_tower.eval()
-    batches = [seeds[start : start + step] for start in range(done, len(seeds), step)]
     pixels_of = functools.partial(scene_pixels, processor.image_processor, canvas=canvas, scale=scale)
-    pool = multiprocessing.get_context("fork").Pool(workers, _worker_init) if workers > 1 else None
-    try:
-        pixel_batches = pool.imap(pixels_of, batches) if pool is not None else map(pixels_of, batches)
-        for pixels in tqdm(pixel_batches, total=len(batches), desc=f"cache {path.stem}", disable=not progress):
-            chunks.append(view_features(model, pixels, device))
-            if len(chunks) % 8 == 0:
-                torch.save(chunks, part)
-    finally:
-        if pool is not None:
-            pool.terminate()
-    feats = torch.cat(chunks)
-    torch.save(feats, path)
-    part.unlink(missing_ok=True)
-    log(f"cached {tuple(feats.shape)} view features to {path}")
-    return feats
+
+    def encode(batches):
+        pool = multiprocessing.get_context("fork").Pool(workers, _worker_init) if workers > 1 else None
+        try:
+            for pixels in pool.imap(pixels_of, batches) if pool is not None else map(pixels_of, batches):
+                yield view_features(model, pixels, device)
+        finally:
+            if pool is not None:
+                pool.terminate()
+
+    return resumable_cache(path, seeds, 32, encode, log, progress)
 
 
 def project_next(model, feats: torch.Tensor) -> torch.Tensor:
     """(B, V, P, c) cached view features -> (B, n, d) packed visual tokens (projector, then the
     model's own AnyRes packing with ``image_newline``); every image is the square canvas."""
-    canvas, _ = canvas_of(model)
+    canvas, _ = scene_layout(model.config)
     b, v, p, _ = feats.shape
     visual = model.model.multi_modal_projector(feats.float().flatten(0, 2)).view(b, v, p, -1)
     sizes = torch.tensor([[canvas, canvas]] * b, device=feats.device)
@@ -222,9 +208,6 @@ def train_next(
 ) -> Path:
     """Train ``demo-next`` from ``cfg.base`` and write it (hub layout) to ``out``; returns ``out``.
     ``workers``: processes that render and preprocess scenes for the feature cache."""
-    from vlmprune.testbed.registry import resolve_model
-    from vlmprune.testbed.train import question_batch
-
     out, work = prepare_run(out, work, cfg, threads)
     t_start = time.time()
     timings: dict[str, float] = {}
@@ -233,7 +216,7 @@ def train_next(
     model.to(device)
     for p in model.model.vision_tower.parameters():
         p.requires_grad_(False)
-    canvas, scale = canvas_of(model)
+    canvas, scale = scene_layout(model.config)
     vc = model.config.vision_config
     log(f"demo-next from {cfg.base}: canvas {canvas} px, object scale {scale}, pinpoints {list(cfg.pinpoints)}")
 
