@@ -142,12 +142,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     """Train a testbed model (vlmprune.testbed.train) or a model's explain relevance CNN
     (vlmprune.testbed.train_explain), chosen by the positional argument; argument checks live there."""
     try:
-        if args.model == "explain":
-            for flag, value in (("--base", args.base), ("--workers", args.workers)):
-                if value is not None:
+        if args.model != "demo-next":  # demo runs on the CPU; explain picks the GPU itself
+            for flag, given in (("--base", args.base is not None), ("--workers", args.workers is not None),
+                                ("--device", args.device != "cpu")):
+                if given:
                     raise ValueError(f"{flag} applies to `vlmprune train demo-next` only")
-            if args.device != "cpu":
-                raise ValueError("--device: `vlmprune train explain` picks the GPU itself when there is one")
+        if args.model == "explain":
             from vlmprune.testbed.train_explain import run_cli
         else:
             # `train demo[-next]` rejects the explain-only flags instead of silently ignoring them.

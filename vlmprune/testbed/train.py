@@ -521,7 +521,7 @@ class LmBatch:
     """One LM-stage batch, whatever the model: conversations (one scene each), their raw ViT
     features, and the grounding targets as (n,) bool masks over the visual tokens in the order the
     LM sees them, per row, turn and supervised head (hop two: the asked-about objects; hop three:
-    the position order, see :func:`order_targets`)."""
+    the position order, see :func:`order_targets`; empty when that hop is off)."""
 
     idx: list[int]
     convs: list[list[tuple[str, str]]]
@@ -551,7 +551,10 @@ def question_batch(cfg, r: random.Random, seeds: list[int], feats: torch.Tensor,
             turns.append((q, a))
             turn_families.append(family)
             turn_look.append(head_targets(scene, owner, family, meta["targets"], n_heads))
-            turn_order.append(order_targets(scene, owner, family, a, meta["targets"], n_heads))
+            if cfg.order_layer:  # the third hop's targets, only when it is trained
+                turn_order.append(order_targets(scene, owner, family, a, meta["targets"], n_heads))
+            else:
+                turn_order.append([])
             pair = meta["targets"] if family == "position" else []
             turn_coords.append(np.array([pair[0].x, pair[0].y, pair[1].x, pair[1].y]) if len(pair) == 2 else None)
         convs.append(turns)
@@ -822,11 +825,6 @@ def run_cli(args) -> int:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.model == "demo-next":
         return _run_next(args)
-    for flag, value in (("--base", args.base), ("--workers", args.workers)):
-        if value is not None:
-            raise ValueError(f"{flag} applies to `vlmprune train demo-next` only")
-    if args.device != "cpu":
-        raise ValueError("--device: `vlmprune train demo` runs on the CPU only (demo-next takes --device cuda)")
     cfg = DemoConfig(seed=args.seed)
     if args.steps is not None:
         if args.steps < 1:
