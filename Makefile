@@ -2,18 +2,31 @@
 SHELL := /bin/bash
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
-UV    ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+# uv: the one on PATH, else a private copy that `make` installs with pip into $(TOOLS) (a known
+# path, unlike `pip install uv`, whose script folder depends on the Python and the user scheme).
+TOOLS ?= .tools
+UV    ?= $(shell command -v uv 2>/dev/null || echo $(TOOLS)/bin/uv)
+# The venv's interpreter: Python 3.11 where there is one, else python3 (requires-python >= 3.11).
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 # CUDA host -> official vLLM wheel; otherwise the community CPU build (../shared/SETUP.md).
 FLAVOUR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.vlmprune-setup-$(FLAVOUR)
 
-.PHONY: setup test serve clean flops
+.PHONY: setup test serve clean flops uv
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
-	@command -v $(UV) >/dev/null 2>&1 || { echo "installing uv"; python3 -m pip install --quiet uv || curl -LsSf https://astral.sh/uv/install.sh | sh; }
-	@test -x $(PY) || $(UV) venv $(VENV) -p 3.11
+# Prints the uv that set-up uses, installing the private copy first when there is none.
+uv: $(UV)
+	@echo $(UV)
+
+$(TOOLS)/bin/uv:
+	@echo "uv not found on PATH: installing it into $(TOOLS)/ with pip"
+	@$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-warn-script-location --target $(TOOLS) uv
+	@test -x $@ || { echo "pip installed uv but $@ is missing" >&2; exit 1; }
+
+$(STAMP): pyproject.toml | $(UV)
+	@test -x $(PY) || $(UV) venv $(VENV) -p $(PYTHON)
 	@printf 'torch==2.13.0\ntorchvision==0.28.0\n' > $(VENV)/overrides.txt
 	VIRTUAL_ENV=$(VENV) $(UV) pip install --override $(VENV)/overrides.txt -e ".[$(FLAVOUR),server,dev]"
 	@touch $(STAMP)
@@ -30,4 +43,4 @@ flops: setup
 	$(VENV)/bin/vlmprune flops
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(TOOLS)
