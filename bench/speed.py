@@ -51,8 +51,6 @@ from speedbench.runs import ENGINE_KWARGS, Worker, measure  # noqa: E402
 from speedbench.summary import summarize, targets  # noqa: E402
 from speedbench.workload import INSTRUCTION_METHODS, Config, make_configs, plugin_methods  # noqa: E402
 
-# --- Main -----------------------------------------------------------------------------------------
-
 
 def rerender(path: Path, out_dir: Path) -> int:
     """Recompute rows and targets of a saved result from its raw samples and write it again."""
