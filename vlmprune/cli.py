@@ -139,7 +139,7 @@ _EXPLAIN_ONLY_FLAGS = (("--model", "explain_model"), ("--samples", "samples"), (
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    """Train a testbed model (vlmprune.testbed.train) or a model's explain relevance CNN
+    """Train a testbed model (vlmprune.testbed.train_cli) or a model's explain relevance CNN
     (vlmprune.testbed.train_explain), chosen by the positional argument; argument checks live there."""
     try:
         if args.model != "demo-next":  # demo runs on the CPU; explain picks the GPU itself
@@ -154,7 +154,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             for flag, dest in _EXPLAIN_ONLY_FLAGS:
                 if getattr(args, dest) not in (None, False):
                     raise ValueError(f"{flag} applies to `vlmprune train explain` only")
-            from vlmprune.testbed.train import run_cli
+            from vlmprune.testbed.train_cli import run_cli
         return run_cli(args)
     except ValueError as exc:
         raise UserError(str(exc)) from None

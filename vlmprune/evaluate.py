@@ -148,7 +148,7 @@ def _evaluate_vllm(
     params = SamplingParams(max_tokens=3, temperature=0.0)
     data = [scenes.sample(split, i, scale) for i in range(samples)]
     spec = ModelVisionSpec.from_pretrained(path)
-    stock_counts: dict[tuple[int, int], Any] = {}  # image size -> geometry.ImageTokens
+    stock_counts: dict[tuple[int, int], Any] = {}  # image size -> geometry.ImageTokenCounts
     records = []
     t0 = time.time()
     try:

@@ -31,7 +31,7 @@ from server.errors import GatewayError, sse_error_event
 from server.images import decode_data_url, fetch_remote, image_url_of, iter_image_parts
 from server.policies import HEADER_APPLIED, ResolvedPolicy, resolve_policy
 from server.upstreams import Upstream
-from vlmprune.geometry import ImageTokens
+from vlmprune.geometry import ImageTokenCounts
 from vlmprune.policy import PolicyError
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class Prepared:
     payload: bytes
     stream: bool
     resolved: ResolvedPolicy | None
-    images: list[ImageTokens] = field(default_factory=list)
+    images: list[ImageTokenCounts] = field(default_factory=list)
     kept: list[int] = field(default_factory=list)
     """Prunable tokens kept per image (the served model's rule, :meth:`ServedModel.kept`)."""
 

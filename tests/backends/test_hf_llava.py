@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vlmprune.testbed.tiny import make_image
-from vlmprune.backends.hf.base import CLS_ATTENTION, CLS_LOGITS, MERGE_METRIC
+from vlmprune.reduction.image_tokens import CLS_ATTENTION, CLS_LOGITS, MERGE_METRIC
 from vlmprune.backends.hf.llava import LlavaAdapter
 from vlmprune.backends.hf.llava_next import LlavaNextAdapter
 from vlmprune.backends.hf.vision_hooks import vit_layers

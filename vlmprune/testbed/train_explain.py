@@ -207,12 +207,12 @@ def _save_cache(path: Path, cache: dict[str, Any]) -> None:
 def _label_batch(backend, samples, size: int, need_teacher: Callable[[bool], bool]) -> list[dict[str, Any]]:
     """Greedy answers, student inputs and (where ``need_teacher(correct)``) teacher relevance."""
     from vlmprune.backends.hf import Request
-    from vlmprune.backends.hf.reduce import prunable_values
+    from vlmprune.reduction.reduce import prunable_values
     from vlmprune.testbed import scenes
 
     requests = [Request(s.question, [scenes.render(s.scene, size)]) for s in samples]
     gens = backend.generate(requests, None, max_new_tokens=MAX_NEW_TOKENS)  # ratio 0: the stock model
-    eos = backend._eos_ids()  # the backend's own stop rule, so "answer tokens" match generate()
+    eos = backend.eos_ids()  # the backend's own stop rule, so "answer tokens" match generate()
     records = []
     for s, gen, (seq, images) in zip(samples, gens, backend.sequences(requests)):
         if len(images) != 1:

@@ -36,10 +36,7 @@ The explain method's CNN weights are ``checkpoint`` or ``vlmprune_explain_cnn.pt
 
 from __future__ import annotations
 
-import ast
-import importlib.util
 import logging
-from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -54,26 +51,6 @@ MODELS: dict[str, str] = {
 _registered = False
 
 
-def _class_defined(target: str) -> bool:
-    """Whether ``module:Class`` names a class defined in an importable module, without importing it.
-
-    Lets a module that is missing or still incomplete (no such class yet) be skipped instead of
-    breaking every engine that serves that architecture.
-    """
-    module, _, cls = target.partition(":")
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        return False
-    if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
-        return False
-    try:
-        tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
-    except (OSError, SyntaxError):
-        return False
-    return any(isinstance(node, ast.ClassDef) and node.name == cls for node in tree.body)
-
-
 def register() -> None:
     """Register the pruning model subclasses (their processors come with them); idempotent."""
     global _registered
@@ -81,17 +58,11 @@ def register() -> None:
         return
     from vllm import ModelRegistry
 
-    done = []
     for arch, target in MODELS.items():
-        if not _class_defined(target):
-            logger.info("vlmprune: %s not found, %s stays stock", target, arch)
-            continue
         ModelRegistry.register_model(arch, target)
-        done.append(arch)
     _registered = True
-    logger.info("vlmprune: pruning enabled for %s", ", ".join(done) or "no architecture")
-    # Added for the Qwen models (M-RoPE): the CPU runner must recompute positions; see common.py.
-    if any(arch.startswith("Qwen2") for arch in done):
-        from vlmprune.vllm_plugin.common import install_cpu_runner_hook
+    logger.info("vlmprune: pruning enabled for %s", ", ".join(MODELS))
+    # For the Qwen models (M-RoPE): the CPU runner must recompute positions; see common.py.
+    from vlmprune.vllm_plugin.common import install_cpu_runner_hook
 
-        install_cpu_runner_hook()
+    install_cpu_runner_hook()

@@ -20,7 +20,7 @@ How a policy travels (vLLM 0.32, see ``../shared/design/VLLM_INTEGRATION.md`` §
 3. The plugin's key never reaches the Hugging Face processor: :class:`PolicyFreeContext` drops it
    from every merge vLLM does on the processor's behalf, and the processors pop it as well.
 4. The model (worker) pops the fields in ``embed_multimodal`` (:func:`pop_item_policies`), decides
-   with :mod:`vlmprune.core` (through :func:`vlmprune.backends.hf.reduce.reduce_image`, the same
+   with :mod:`vlmprune.core` (through :func:`vlmprune.reduction.reduce.reduce_image`, the same
    routing the transformers backend uses) and returns exactly ``count`` rows per image.
 
 Instruction-aware methods (``transprune``, ``explain``, AIM's prune stage; ``PROBE_METHODS``) need
@@ -37,7 +37,7 @@ per image. For the progressive methods this is *not* the reference backend's LLM
 first stage of the scaled schedule): vLLM prunes once, at the LLM input, so it keeps the count whose
 LLM FLOPs equal the layer-averaged ``ratio`` of the schedule (every layer sees ``kept_count(n,
 ratio)`` tokens; :func:`vlmprune.flops.method_visual_per_layer` with ``in_llm=False``). The gateway
-reports the same count (``ImageTokens.kept(ratio)`` in :mod:`vlmprune.geometry`).
+reports the same count (``ImageTokenCounts.kept(ratio)`` in :mod:`vlmprune.geometry`).
 
 Engine default vs request (:func:`merged_request`): vLLM merges the request's ``vlmprune`` mapping over
 the default's recursively. When the request names a *different* method than the default, the

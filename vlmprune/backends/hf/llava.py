@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from vlmprune.backends.hf.base import ImageTokens, ModelAdapter, Sequence
+from vlmprune.backends.hf.base import ModelAdapter, Sequence
 from vlmprune.backends.hf.vision_hooks import cls_signal_capture
+from vlmprune.reduction.image_tokens import ImageTokens
 
 
 class LlavaFamilyAdapter(ModelAdapter):

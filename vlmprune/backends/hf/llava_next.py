@@ -14,9 +14,9 @@ from collections.abc import Mapping
 
 import torch
 
-from vlmprune.backends.hf.base import ImageTokens
 from vlmprune.backends.hf.llava import LlavaFamilyAdapter
 from vlmprune.backends.hf.vision_hooks import cls_signal_capture
+from vlmprune.reduction.image_tokens import ImageTokens
 
 _GEOMETRY = 4  # side channels: view, crop, row, col
 

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from vlmprune.backends.hf.base import CLS_ATTENTION, CLS_LOGITS, MERGE_METRIC
+from vlmprune.reduction.image_tokens import CLS_ATTENTION, CLS_LOGITS, MERGE_METRIC
 from vlmprune.signals.attention import cls_attention_from_qk
 
 CLS_SIGNALS = frozenset({CLS_ATTENTION, CLS_LOGITS, MERGE_METRIC})
