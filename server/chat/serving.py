@@ -1,8 +1,10 @@
 """Chat completions: validate, resolve the policy, count tokens, forward, stream back, measure.
 
 One request, step by step:
-1. read the body (413 past ``max_body_bytes``), parse it (400);
-2. find the images, decode and measure them (400 for corrupt data, too many, remote URLs off);
+1. read the body (413 past ``max_body_bytes``), parse it and validate it against
+   :class:`ChatCompletionRequest` (400 with one sentence naming the field, :mod:`server.validation`);
+2. find the images, decode and measure them (400 for corrupt data, too many, remote URLs off or
+   refused by :mod:`server.remote_images`);
 3. resolve the policy from headers, body and named policy (:mod:`server.policies`; 400 naming
    the header or field), check the method fits the served model's family;
 4. write it into ``mm_processor_kwargs.vlmprune`` and count visual tokens in / kept;

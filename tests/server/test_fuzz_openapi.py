@@ -104,4 +104,3 @@ def test_healthy_and_serving_after_fuzzing(engine_gateway):
     applied = AppliedPolicy.parse(r.headers["x-vlmprune-applied"])
     assert (applied.visual_tokens, applied.kept) == (36, kept_count(36, applied.ratio))
     assert r.json()["usage"]["prompt_tokens"] > applied.kept
-    assert sum(TRIED.values()) >= 4 * MAX_EXAMPLES, TRIED  # the fuzz test ran before this one
