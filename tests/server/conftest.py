@@ -7,6 +7,7 @@ import contextlib
 import io
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,39 @@ def running_gateway(settings):
     finally:
         server.should_exit = True
         thread.join(timeout=15)
+
+
+@contextlib.contextmanager
+def vllm_engine(model_dir: Path, log_path: Path, max_images: int = 8, timeout_s: float = 600) -> Iterator[str]:
+    """A real ``vllm serve`` CPU engine with the plugin, started by the launcher's own functions
+    (the command, flags and process-group stop that ``vlmprune serve`` uses); yields its URL."""
+    import argparse
+
+    from server import launcher
+
+    port = launcher.free_port()
+    args = argparse.Namespace(max_model_len=512, max_images=max_images, vllm_arg=[])
+    cmd = launcher.vllm_command(model_dir, str(model_dir), port, args, gpu=False)
+    proc = launcher.start_vllm(cmd, log_path, gpu=False)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        launcher.wait_ready(url, proc, log_path, timeout_s)
+        yield url
+    finally:
+        launcher.stop_group(proc)
+
+
+@pytest.fixture(scope="module")
+def engine_gateway(tiny_llava_dir, tmp_path_factory):
+    """One real vLLM CPU engine (tiny LLaVA) for the module, with the gateway in front of it;
+    yields ``(gateway URL, vLLM URL, served model id)``."""
+    from server.config import GatewaySettings
+
+    log = tmp_path_factory.mktemp("engine") / "vllm.log"
+    with vllm_engine(tiny_llava_dir, log) as vllm_url:
+        settings = GatewaySettings(upstreams=[vllm_url], model_dir=str(tiny_llava_dir), health_interval_s=0.5)
+        with running_gateway(settings) as url:
+            yield url, vllm_url, str(tiny_llava_dir)
 
 
 @pytest.fixture
