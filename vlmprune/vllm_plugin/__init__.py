@@ -1,4 +1,8 @@
-"""vLLM general plugin: per-request visual-token pruning inside stock vLLM 0.32.
+"""vLLM general plugin: per-request visual-token pruning inside stock vLLM 0.32 / 0.33.
+
+Versions: 0.32.x is engine-tested (the CPU build, every test here); 0.33.x is source-checked (the
+modules the plugin uses are unchanged from 0.32, ``../shared/design/INLLM_VLLM.md``); any other
+version refuses to start (:func:`vlmprune.vllm_plugin.common.check_engine`).
 
 Entry point (``pyproject.toml``)::
 
