@@ -241,6 +241,16 @@ def _last_line(path: Path) -> str:
     return ""
 
 
+def log_tail(path: Path | None, lines: int = 25) -> str:
+    """The last lines of vLLM's log, for the error message when it exits."""
+    if path is None:
+        return ""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
 def wait_ready(url: str, proc: subprocess.Popen | None, log_path: Path | None, timeout_s: float) -> float:
     """Poll ``url/health`` until 200; progress every 5 s; LaunchError if the child exits."""
     start = time.monotonic()
@@ -248,11 +258,8 @@ def wait_ready(url: str, proc: subprocess.Popen | None, log_path: Path | None, t
     while True:
         elapsed = time.monotonic() - start
         if proc is not None and proc.poll() is not None:
-            tail = ""
-            if log_path is not None:
-                with contextlib.suppress(OSError):
-                    tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
-            raise LaunchError(f"vLLM exited with status {proc.returncode} while starting; log {log_path}:\n{tail}")
+            raise LaunchError(f"vLLM exited with status {proc.returncode} while starting; log {log_path}:\n"
+                              f"{log_tail(log_path)}")
         try:
             with urllib.request.urlopen(url + "/health", timeout=2) as resp:
                 if resp.status == 200:
@@ -315,6 +322,7 @@ def run(args: argparse.Namespace) -> int:
         raise LaunchError(f"port {args.port} on {args.host} is in use; choose another with --port")
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)  # clean stop while vLLM starts
     child: subprocess.Popen | None = None
+    log_path: Path | None = None
     try:
         if args.upstream:
             model_dir, served, note = (None, None, None)
@@ -358,10 +366,13 @@ def run(args: argparse.Namespace) -> int:
                 print(f"vlmprune serve: started in {total:.1f} s (vLLM {vllm_s:.1f} s)", flush=True)
 
         def watch_child() -> None:
-            """A gateway without its engine only answers 503: stop, so a supervisor can restart."""
+            """A gateway without its engine only answers 503: stop (exit 1), so a supervisor restarts
+            both. Streams open at that moment end with an error event (the gateway's relay)."""
             while child is not None and not server.should_exit:
                 if child.poll() is not None:
-                    print(f"vlmprune serve: error: vLLM exited with status {child.returncode}; stopping", flush=True)
+                    print(f"vlmprune serve: error: vLLM exited with status {child.returncode} while serving; "
+                          f"stopping the gateway (exit 1). Last lines of its log {log_path}:\n"
+                          f"{log_tail(log_path, 10)}", file=sys.stderr, flush=True)
                     state["child_died"] = True
                     server.should_exit = True
                 time.sleep(0.5)
