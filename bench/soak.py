@@ -264,10 +264,20 @@ def start_serve(model: str, log: Path, timeout_s: float, mm_cache_gb: float) -> 
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     while "started in" not in log.read_text(errors="replace"):
         if proc.poll() is not None or time.monotonic() - t0 > timeout_s:
-            proc.kill()
+            stop_serve(proc)  # SIGTERM: `vlmprune serve` then stops its vLLM process group too
             raise RuntimeError(f"vlmprune serve did not start (rc={proc.poll()}):\n{log.read_text()[-3000:]}")
         time.sleep(0.5)
     return Served(proc, f"http://127.0.0.1:{port}", log, time.monotonic() - t0)
+
+
+def stop_serve(proc: subprocess.Popen) -> int | str:
+    """SIGTERM (the launcher stops vLLM's whole process group), SIGKILL after 120 s; the exit code."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return "killed after 120 s"
 
 
 def rss_mib(serve_pid: int) -> dict[str, float]:
@@ -428,6 +438,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         if not all(o.ok for o in warm_up):
             raise RuntimeError(f"warm-up failed: {Counter(o.failure for o in warm_up if not o.ok)}")
         start = rss_mib(served.proc.pid)
+        checks["host"] += f", load average {os.getloadavg()[0]:.1f} when the load began"
         samples: list[dict[str, float]] = []
         stop = asyncio.Event()
         sampler = asyncio.create_task(sample_rss(served.proc.pid, 5.0, samples, stop))
@@ -445,12 +456,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                          if line.startswith("vlmprune_in_flight_requests "))
         checks.update(in_flight_after=in_flight, health_after=httpx.get(served.url + "/health", timeout=30).status_code)
     finally:
-        served.proc.send_signal(signal.SIGTERM)
-        try:
-            checks["serve_exit_code"] = served.proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            served.proc.kill()
-            checks["serve_exit_code"] = "killed after 120 s"
+        checks["serve_exit_code"] = stop_serve(served.proc)
     rss = {"start": start, "end": end, "peak": peak, "samples": samples}
     return summarize(outcomes, rss, args, {"methods": methods, "checks": checks})
 

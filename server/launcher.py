@@ -7,7 +7,9 @@
 3. wait for its ``/health`` with progress lines (and stop early if it exits);
 4. run the gateway (uvicorn) and print the URL and a curl example;
 5. on SIGINT/SIGTERM (or any failure) stop uvicorn, then the whole vLLM process group: SIGTERM,
-   then SIGKILL after a grace period, so no engine process is left behind.
+   then SIGKILL after a grace period, so no engine process is left behind;
+6. if vLLM exits while serving, say so on stderr with its log's tail, stop and exit 1 (open
+   streams end with the gateway's error event), so a supervisor restarts both.
 """
 
 from __future__ import annotations

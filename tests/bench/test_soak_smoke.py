@@ -72,9 +72,9 @@ def test_mix_is_seeded_and_has_its_share_of_bad_requests():
 @pytest.mark.slow
 def test_a_short_real_soak_passes_and_writes_its_results(tmp_path):
     """A few seconds of 4 clients against `vlmprune serve --model demo`: exit 0, nothing lost."""
-    cmd = [sys.executable, str(SOAK), "--clients", "4", "--duration", "6", "--warmup", "3", "--out", str(tmp_path),
-           "--tag", "smoke"]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    cmd = [sys.executable, str(SOAK), "--clients", "4", "--duration", "6", "--warmup", "3", "--startup-timeout", "1200",
+           "--out", str(tmp_path), "--tag", "smoke"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     s = json.loads((tmp_path / "smoke.json").read_text())
     assert s["passed"] and s["requests"]["good"]["sent"] > 0 and s["requests"]["good"]["lost"] == 0

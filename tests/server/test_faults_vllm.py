@@ -30,7 +30,7 @@ LONG_ANSWER = 440  # tokens; with ignore_eos the tiny model needs seconds for it
 
 @pytest.fixture(scope="module")
 def served(tiny_llava_dir, tmp_path_factory):
-    with serve_process(tiny_llava_dir, tmp_path_factory.mktemp("serve-faults") / "serve.log") as out:
+    with serve_process(tiny_llava_dir, tmp_path_factory.mktemp("serve-faults") / "serve.log", 1200) as out:
         yield out
 
 
