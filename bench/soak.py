@@ -434,7 +434,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         model_id = httpx.get(served.url + "/v1/models", timeout=30).json()["data"][0]["id"]
         warm = Mix(model_id, methods, questions, bad_share=0.0, stream_share=0.5, max_tokens=args.max_tokens,
                    seed=args.seed + 1)
-        warm_up = await drive(served.url, warm, min(args.clients, 4), args.warmup, args.timeout)
+        warm_up = await drive(served.url, warm, args.clients, args.warmup, args.timeout)
         if not all(o.ok for o in warm_up):
             raise RuntimeError(f"warm-up failed: {Counter(o.failure for o in warm_up if not o.ok)}")
         start = rss_mib(served.proc.pid)
@@ -470,7 +470,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stream-share", type=float, default=0.5, help="share of streaming requests (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--warmup", type=float, default=10.0, help="seconds of warm-up before RSS is first read")
+    p.add_argument("--warmup", type=float, default=30.0,
+                   help="seconds of good requests from every client before RSS is first read, so that the "
+                        "engine's batch sizes and kernel shapes are warm (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout, seconds")
     p.add_argument("--startup-timeout", type=float, default=900.0)
     p.add_argument("--max-gateway-growth-mib", type=float, default=100.0,
