@@ -64,8 +64,15 @@ class GatewaySettings(BaseSettings):
     """Whole fetch of one image: DNS, connections, redirects and body."""
     remote_image_max_redirects: int = Field(3, ge=0)
     connect_timeout_s: float = Field(5.0, gt=0.0)
+    """Longest wait for a TCP connection to an upstream (and for its /health, /metrics answers);
+    past it the upstream counts as unreachable and the next one is tried."""
     request_timeout_s: float = Field(600.0, gt=0.0)
-    """Longest wait for an upstream byte (a whole non-streaming answer, or between stream chunks)."""
+    """Longest wait for an upstream's answer to begin: the whole non-streaming answer, or a
+    stream's first chunk (vLLM sends it with the first token). Past it the next upstream is tried;
+    504 when none answered in time."""
+    stream_idle_timeout_s: float = Field(60.0, gt=0.0)
+    """Longest silence between two chunks of a stream that has begun; past it the stream ends with
+    a 504 error event and the upstream request is closed (vLLM then aborts it)."""
     health_interval_s: float = Field(1.0, gt=0.0)
     """How often every upstream's /health and /metrics are read (and the load pressure updated)."""
     adaptive: AdaptiveSettings = Field(default_factory=AdaptiveSettings)

@@ -72,7 +72,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (400, "invalid request: bad header, policy, image or body"),
         (401, "missing or wrong API key"),
         (413, "request body too large"),
-        (502, "every upstream failed before answering"),
-        (503, "no healthy upstream"),
+        (502, "every upstream failed before answering (a 5xx, garbage, a dropped connection)"),
+        (503, "no upstream could be reached"),
+        (504, "no upstream began its answer within request_timeout_s"),
     )
 }

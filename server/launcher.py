@@ -7,7 +7,9 @@
 3. wait for its ``/health`` with progress lines (and stop early if it exits);
 4. run the gateway (uvicorn) and print the URL and a curl example;
 5. on SIGINT/SIGTERM (or any failure) stop uvicorn, then the whole vLLM process group: SIGTERM,
-   then SIGKILL after a grace period, so no engine process is left behind.
+   then SIGKILL after a grace period, so no engine process is left behind;
+6. if vLLM exits while serving, say so on stderr with its log's tail, stop and exit 1 (open
+   streams end with the gateway's error event), so a supervisor restarts both.
 """
 
 from __future__ import annotations
@@ -241,6 +243,16 @@ def _last_line(path: Path) -> str:
     return ""
 
 
+def log_tail(path: Path | None, lines: int = 25) -> str:
+    """The last lines of vLLM's log, for the error message when it exits."""
+    if path is None:
+        return ""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
 def wait_ready(url: str, proc: subprocess.Popen | None, log_path: Path | None, timeout_s: float) -> float:
     """Poll ``url/health`` until 200; progress every 5 s; LaunchError if the child exits."""
     start = time.monotonic()
@@ -248,11 +260,8 @@ def wait_ready(url: str, proc: subprocess.Popen | None, log_path: Path | None, t
     while True:
         elapsed = time.monotonic() - start
         if proc is not None and proc.poll() is not None:
-            tail = ""
-            if log_path is not None:
-                with contextlib.suppress(OSError):
-                    tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
-            raise LaunchError(f"vLLM exited with status {proc.returncode} while starting; log {log_path}:\n{tail}")
+            raise LaunchError(f"vLLM exited with status {proc.returncode} while starting; log {log_path}:\n"
+                              f"{log_tail(log_path)}")
         try:
             with urllib.request.urlopen(url + "/health", timeout=2) as resp:
                 if resp.status == 200:
@@ -315,6 +324,7 @@ def run(args: argparse.Namespace) -> int:
         raise LaunchError(f"port {args.port} on {args.host} is in use; choose another with --port")
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)  # clean stop while vLLM starts
     child: subprocess.Popen | None = None
+    log_path: Path | None = None
     try:
         if args.upstream:
             model_dir, served, note = (None, None, None)
@@ -358,10 +368,13 @@ def run(args: argparse.Namespace) -> int:
                 print(f"vlmprune serve: started in {total:.1f} s (vLLM {vllm_s:.1f} s)", flush=True)
 
         def watch_child() -> None:
-            """A gateway without its engine only answers 503: stop, so a supervisor can restart."""
+            """A gateway without its engine only answers 503: stop (exit 1), so a supervisor restarts
+            both. Streams open at that moment end with an error event (the gateway's relay)."""
             while child is not None and not server.should_exit:
                 if child.poll() is not None:
-                    print(f"vlmprune serve: error: vLLM exited with status {child.returncode}; stopping", flush=True)
+                    print(f"vlmprune serve: error: vLLM exited with status {child.returncode} while serving; "
+                          f"stopping the gateway (exit 1). Last lines of its log {log_path}:\n"
+                          f"{log_tail(log_path, 10)}", file=sys.stderr, flush=True)
                     state["child_died"] = True
                     server.should_exit = True
                 time.sleep(0.5)

@@ -8,10 +8,13 @@ One request, step by step:
 3. resolve the policy from headers, body and named policy (:mod:`server.policies`; 400 naming
    the header or field), check the method fits the served model's family;
 4. write it into ``mm_processor_kwargs.vlmprune`` and count visual tokens in / kept;
-5. forward to the least-loaded healthy upstream; a connection error or a 5xx before any byte
-   reached the client is retried on the next upstream (502/503 when none is left);
+5. forward to the least-loaded healthy upstream; a connection error, a timeout, a 5xx or garbage
+   before any byte reached the client is retried on the next upstream (503 / 504 / 502 when none
+   is left, :func:`failure_status`);
 6. pass the answer through unchanged (streams chunk by chunk) with ``X-VLMPrune-Applied``; a
-   stream whose upstream dies ends with an OpenAI error event; metrics are recorded at the end.
+   stream whose upstream dies or falls silent (``stream_idle_timeout_s``) ends with an OpenAI
+   error event; a client that leaves closes the upstream request (vLLM aborts it); metrics are
+   recorded at the end.
 """
 
 from __future__ import annotations
@@ -229,9 +232,10 @@ class ChatServing:
         return h
 
     async def _open(self, prep: Prepared) -> tuple[Upstream, httpx.Response, bytes, AsyncIterator[bytes] | None]:
-        """The first upstream that answers below 500 with a first chunk (stream) or a whole body."""
+        """The first upstream that answers something relayable: below 500, a JSON body or an event
+        stream that has sent its first chunk. Failures before that are retried on the next one."""
         pool, client, metrics = self.state.pool, self.state.client, self.state.metrics
-        failures = []
+        failures: list[tuple[int, str]] = []
         for attempt, up in enumerate(pool.ordered()):
             if attempt:
                 metrics.retries.inc()
@@ -243,30 +247,33 @@ class ChatServing:
                 resp = await client.send(req, stream=True)
                 if resp.status_code >= 500:
                     detail = (await resp.aread())[:200].decode(errors="replace")
-                    raise RuntimeError(f"HTTP {resp.status_code}: {detail}")
+                    raise UpstreamAnswerError(f"HTTP {resp.status_code}: {detail}")
                 rest = None
                 if prep.stream and resp.status_code == 200:
                     rest = resp.aiter_raw()
-                    first = b""
-                    while not first:  # skip empty reads; StopAsyncIteration = closed before a byte
-                        try:
-                            first = await rest.__anext__()
-                        except StopAsyncIteration:
-                            raise RuntimeError("stream closed before its first byte") from None
+                    first = await _first_event(resp, rest)
                 else:
                     first = await resp.aread()
+                    _require_json_object(resp.status_code, first)
                 return up, resp, first, rest
-            except Exception as exc:  # connection errors, timeouts, 5xx: try the next upstream
+            except Exception as exc:  # connection errors, timeouts, 5xx, garbage: try the next upstream
                 if resp is not None:
                     await resp.aclose()
                 self._track(up, -1)
-                reason = f"{type(exc).__name__}: {exc}"
+                reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 pool.mark_failed(up, reason)
-                failures.append(f"{up.url}: {reason}")
+                failures.append((failure_status(exc), f"{up.url}: {reason}"))
         if not failures:
             raise GatewayError(503, "no upstream configured")
-        status = 502 if any("HTTP 5" in f for f in failures) else 503
-        raise GatewayError(status, f"every upstream failed before answering ({'; '.join(failures)})")
+        statuses = {status for status, _ in failures}
+        detail = "; ".join(reason for _, reason in failures)
+        if 502 in statuses:
+            raise GatewayError(502, f"every upstream failed before answering ({detail})")
+        if 504 in statuses:
+            timeout_s = self.state.settings.request_timeout_s
+            raise GatewayError(504, f"no upstream began its answer within request_timeout_s = {timeout_s:g} s "
+                               f"({detail})")
+        raise GatewayError(503, f"no upstream could be reached ({detail})")
 
     def _track(self, up: Upstream, delta: int) -> None:
         """This gateway's open requests on ``up`` (routing uses it; the gauge shows it live)."""
@@ -340,22 +347,74 @@ class ChatServing:
                      rest: AsyncIterator[bytes], started: float) -> AsyncIterator[bytes]:
         observer = _StreamObserver()
         status = 200
+        idle_s = self.state.settings.stream_idle_timeout_s
         try:
             observer.feed(first)
             yield first
-            async for chunk in rest:
+            while True:
+                try:
+                    async with asyncio.timeout(idle_s):
+                        chunk = await anext(rest)
+                except StopAsyncIteration:
+                    break
                 observer.feed(chunk)
                 yield chunk
         except (GeneratorExit, asyncio.CancelledError):
-            status = 499  # the client went away (nginx's code for it)
+            status = 499  # the client went away (nginx's code for it); closing resp aborts it upstream
             raise
-        except Exception as exc:  # the upstream died mid-stream: end this stream with an error event
-            status = 502
+        except Exception as exc:  # the upstream died or fell silent mid-stream: end with an error event
+            status = failure_status(exc)
             self.state.pool.mark_failed(up, f"mid-stream {type(exc).__name__}: {exc}")
-            yield sse_error_event(502, f"upstream failed during the stream ({type(exc).__name__}); "
-                                  "the answer is incomplete, retry the request")
+            if status == 504:
+                message = (f"upstream sent nothing for stream_idle_timeout_s = {idle_s:g} s during the stream; "
+                           "the answer is incomplete, retry the request")
+            else:
+                message = (f"upstream failed during the stream ({type(exc).__name__}); "
+                           "the answer is incomplete, retry the request")
+            yield sse_error_event(status, message)
         finally:
             await resp.aclose()
             self._track(up, -1)
             self.state.metrics.in_flight.dec()
             self._record(prep, status, started, observer.usage, observer.first_token_at)
+
+
+class UpstreamAnswerError(Exception):
+    """The upstream answered, but with nothing the gateway can relay (a 5xx, a body that is not
+    JSON, a stream that is not an event stream)."""
+
+
+def failure_status(exc: BaseException) -> int:
+    """The status an upstream failure becomes: 503 unreachable, 504 too slow, 502 a bad answer
+    (5xx, garbage, a connection dropped after the request was sent)."""
+    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
+        return 503
+    if isinstance(exc, (httpx.TimeoutException, TimeoutError)):
+        return 504
+    return 502
+
+
+async def _first_event(resp: httpx.Response, rest: AsyncIterator[bytes]) -> bytes:
+    """A stream's first non-empty chunk, checked to be the start of an event stream."""
+    media = resp.headers.get("content-type", "")
+    if not media.startswith("text/event-stream"):
+        raise UpstreamAnswerError(f"HTTP 200 stream with content-type {media or 'none'!r}, not text/event-stream")
+    first = b""
+    while not first:  # skip empty reads; StopAsyncIteration = closed before a byte
+        try:
+            first = await anext(rest)
+        except StopAsyncIteration:
+            raise UpstreamAnswerError("stream closed before its first byte") from None
+    if not first.lstrip().startswith((b"data:", b":", b"event:", b"id:", b"retry:")):
+        raise UpstreamAnswerError(f"stream does not begin with a server-sent event: {first[:60]!r}")
+    return first
+
+
+def _require_json_object(status: int, body: bytes) -> None:
+    """vLLM answers JSON objects (a completion or an OpenAI error); anything else is garbage."""
+    try:
+        parsed = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise UpstreamAnswerError(f"HTTP {status} with a body that is not a JSON object: {body[:60]!r}")

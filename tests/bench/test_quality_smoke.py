@@ -4,22 +4,12 @@ accuracy: bench/results/quality_demo.* holds the real run on the shipped demo)."
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "quality.py"
-
-
-def _load_quality():
-    spec = importlib.util.spec_from_file_location("bench_quality", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_quality"] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.bench import load_bench
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +22,7 @@ def micro(tmp_path_factory) -> Path:
 def test_quality_writes_table_plot_and_json(micro, tmp_path, capsys):
     """Two methods x two ratios: ratio 0 shared, kept tokens match the ratio, explain without CNN
     weights is reported as skipped (with the reason) instead of silently dropped."""
-    quality = _load_quality()
+    quality = load_bench("quality")
     stem = tmp_path / "q"
     assert quality.main(["--model", str(micro), "--methods", "fastervlm,random,explain", "--ratios", "0.5,0.9",
                          "--samples", "5", "--out", str(stem)]) == 0

@@ -7,27 +7,19 @@ benchmark on the quick model with real stock and plugin vLLM engines (about 1-3 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "speed.py"
+from tests.bench import BENCH_DIR, load_bench
+
+BENCH = BENCH_DIR / "speed.py"
 
 
-def _load_speed():
-    spec = importlib.util.spec_from_file_location("bench_speed", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_speed"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-speed = _load_speed()  # puts bench/ on sys.path, where its parts live (bench/speedbench/)
+speed = load_bench("speed")  # puts bench/ on sys.path, where its parts live (bench/speedbench/)
 from speedbench import bench_model, report, summary, workload  # noqa: E402
 
 

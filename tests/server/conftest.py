@@ -15,7 +15,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.server.fake_upstream import FakeUpstream, free_port
 
@@ -96,26 +98,27 @@ def engine_gateway(tiny_llava_dir, tmp_path_factory):
         settings = GatewaySettings(upstreams=[vllm_url], model_dir=str(tiny_llava_dir), health_interval_s=0.5)
         with running_gateway(settings) as url:
             yield url, vllm_url, str(tiny_llava_dir)
-REPO = Path(__file__).resolve().parents[2]
 
 
 @contextlib.contextmanager
-def vlmprune_serve(model: str, log: Path, timeout_s: float = 600):
-    """`python -m vlmprune serve --model MODEL` (real vLLM + gateway) until it reports "started in";
-    yields (gateway URL, vLLM URL, process, seconds to start); SIGTERM (then kill) afterwards."""
+def serve_process(model_dir: Path | str, log: Path, startup_timeout_s: float = 600):
+    """``python -m vlmprune serve --model DIR`` (DIR: a path or a shipped model's name) (a real vLLM child + the gateway) in a subprocess;
+    yields (gateway url, vLLM url, process, log path, start-up seconds); SIGTERM at the end."""
     port, vllm_port = free_port(), free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "vlmprune", "serve", "--model", model, "--port", str(port),
+    cmd = [sys.executable, "-m", "vlmprune", "serve", "--model", str(model_dir), "--port", str(port),
            "--vllm-port", str(vllm_port), "--max-model-len", "512", "--vllm-log", str(log.with_suffix(".vllm.log"))]
     t0 = time.monotonic()
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[2], env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
     try:
         while "started in" not in log.read_text():
-            if proc.poll() is not None or time.monotonic() - t0 > timeout_s:
+            if proc.poll() is not None or time.monotonic() - t0 > startup_timeout_s:
                 pytest.fail(f"vlmprune serve did not start (rc={proc.poll()}):\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{vllm_port}", proc, time.monotonic() - t0
+        seconds = time.monotonic() - t0
+        yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{vllm_port}", proc, log, seconds
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -123,6 +126,20 @@ def vlmprune_serve(model: str, log: Path, timeout_s: float = 600):
                 proc.wait(timeout=90)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def metric_samples(url: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of ``url/metrics`` by (name, sorted labels)."""
+    out = {}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def metric_sum(url: str, name: str) -> float:
+    """A metric summed over all its label sets (vLLM labels its gauges by engine and model)."""
+    return sum(v for (n, _), v in metric_samples(url).items() if n == name)
 
 
 @pytest.fixture

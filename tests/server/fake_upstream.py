@@ -5,16 +5,29 @@ module, so the upstream that fails, saturates or dies mid-stream is this server:
 parts of vLLM's HTTP API the gateway uses (``/health``, ``/metrics`` with vLLM's metric names,
 ``/v1/models``, ``/v1/chat/completions`` streaming and not), records the bodies it receives, and
 misbehaves on demand (``mode``): ``ok``, ``error500``, ``die_mid_stream`` (drops the connection
-after two chunks), ``unhealthy`` (``/health`` answers 503).
+after two chunks), ``unhealthy`` (``/health`` answers 503), ``hang`` (never answers a chat
+request), ``hang_mid_stream`` (two chunks, then silence), ``garbage`` (200 with an HTML body or a
+plain-text "stream"), ``slow`` (answers after ``delay_s``).
+
+The fault tests need a process they can kill or hang, so ``python -m tests.server.fake_upstream
+--port P --mode M`` runs the same server as a process of its own (:class:`FakeUpstreamProcess`),
+and ``--mode not_http`` runs a TCP server that answers every connection with bytes that are not
+HTTP.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import uvicorn
 from starlette.applications import Starlette
@@ -30,14 +43,18 @@ def free_port() -> int:
 
 
 class FakeUpstream:
-    def __init__(self, model_root: str = "fake-model", mode: str = "ok") -> None:
+    def __init__(self, model_root: str = "fake-model", mode: str = "ok", port: int | None = None,
+                 delay_s: float = 1.0) -> None:
         self.mode = mode
         self.model_root = model_root
+        self.delay_s = delay_s
+        self.running = 0
+        """Chat requests being answered right now (reported as ``vllm:num_requests_running``)."""
         self.waiting = 0.0
         self.ttft_sum = 0.0
         self.ttft_count = 0
         self.bodies: list[dict] = []
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         app = Starlette(routes=[
             Route("/health", self._health),
@@ -45,7 +62,8 @@ class FakeUpstream:
             Route("/v1/models", self._models),
             Route("/v1/chat/completions", self._chat, methods=["POST"]),
         ])
-        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="critical"))
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="critical",
+                                                   timeout_graceful_shutdown=1))
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 
     def start(self) -> FakeUpstream:
@@ -71,7 +89,7 @@ class FakeUpstream:
             f'vllm:num_requests_waiting{{engine="0",model_name="fake"}} {self.waiting}\n'
             "# HELP vllm:num_requests_running Number of requests running.\n"
             "# TYPE vllm:num_requests_running gauge\n"
-            'vllm:num_requests_running{engine="0",model_name="fake"} 0.0\n'
+            f'vllm:num_requests_running{{engine="0",model_name="fake"}} {self.running}\n'
             "# HELP vllm:time_to_first_token_seconds TTFT.\n"
             "# TYPE vllm:time_to_first_token_seconds histogram\n"
             f'vllm:time_to_first_token_seconds_bucket{{engine="0",le="+Inf",model_name="fake"}} {self.ttft_count}\n'
@@ -86,6 +104,21 @@ class FakeUpstream:
     async def _chat(self, request: Request):
         body = await request.json()
         self.bodies.append(body)
+        self.running += 1
+        try:
+            return await self._answer(body)
+        finally:
+            self.running -= 1
+
+    async def _answer(self, body: dict):
+        if self.mode == "hang":
+            await asyncio.sleep(3600)
+        if self.mode == "slow":
+            await asyncio.sleep(self.delay_s)
+        if self.mode == "garbage":
+            if body.get("stream"):
+                return PlainTextResponse("this is not an event stream\n")
+            return PlainTextResponse("<html><body>502 Bad Gateway</body></html>", media_type="text/html")
         if self.mode == "error500":
             return JSONResponse({"error": {"message": "boom", "type": "InternalServerError", "code": 500}},
                                 status_code=500)
@@ -109,9 +142,83 @@ class FakeUpstream:
             if self.mode == "die_mid_stream":
                 await asyncio.sleep(0.05)
                 raise ConnectionResetError("fake upstream killed mid-stream")
+            if self.mode == "hang_mid_stream":
+                await asyncio.sleep(3600)
             for word in (" answer", " here"):
                 yield chunk({"content": word})
             yield chunk({}, "stop")
             yield b"data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def _serve_not_http(port: int) -> None:
+    """Answers every connection with bytes that are not an HTTP response, then closes it."""
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        writer.write(b"\x00\x01 SSH-2.0-not-http \xff\xfe\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", port)
+    async with server:
+        await server.serve_forever()
+
+
+class FakeUpstreamProcess:
+    """The fake upstream as a process of its own, for the tests that kill or hang an upstream."""
+
+    def __init__(self, mode: str = "ok", model_root: str = "fake-model", delay_s: float = 1.0) -> None:
+        self.mode = mode
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "tests.server.fake_upstream", "--port", str(self.port), "--mode", mode,
+               "--model-root", model_root, "--delay-s", str(delay_s)]
+        repo = Path(__file__).resolve().parents[2]
+        self.proc = subprocess.Popen(cmd, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
+
+    def __enter__(self) -> FakeUpstreamProcess:
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"fake upstream process ({self.mode}) did not start") from None
+                time.sleep(0.05)
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def kill(self) -> None:
+        """SIGKILL: the process dies at once, its connections drop without a goodbye."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="A fake vLLM upstream that misbehaves on demand.")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--mode", default="ok")
+    p.add_argument("--model-root", default="fake-model")
+    p.add_argument("--delay-s", type=float, default=1.0)
+    args = p.parse_args(argv)
+    if args.mode == "not_http":
+        asyncio.run(_serve_not_http(args.port))
+        return
+    up = FakeUpstream(model_root=args.model_root, mode=args.mode, port=args.port, delay_s=args.delay_s)
+    up._server.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server.conftest import vlmprune_serve
+from tests.server.conftest import serve_process
 from vlmprune.testbed import scenes
 from vlmprune.testbed.example import EXAMPLE_QUESTION, example_sample
 from vlmprune.testbed.registry import MODELS_DIR
@@ -39,7 +39,7 @@ APPLIED_AT_09 = "method=fastervlm; ratio=0.9; visual_tokens=256; kept=26"  # kep
 def served(tmp_path_factory):
     """`python -m vlmprune serve --model demo`; yields (gateway URL, vLLM URL)."""
     log = tmp_path_factory.mktemp("serve-demo") / "serve.log"
-    with vlmprune_serve("demo", log, STARTUP_TIMEOUT_S) as (url, vllm_url, _, _):
+    with serve_process("demo", log, STARTUP_TIMEOUT_S) as (url, vllm_url, _, _, _):
         yield url, vllm_url
 
 

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.chat.protocol import AppliedPolicy
 from server.config import GatewaySettings
-from tests.server.conftest import image_message, running_gateway, vlmprune_serve
+from tests.server.conftest import image_message, running_gateway, serve_process
 from tests.server.fake_upstream import FakeUpstream
 from vlmprune.policy import kept_count
 
@@ -32,9 +32,8 @@ STARTUP_TIMEOUT_S = 600
 @pytest.fixture(scope="module")
 def served(tiny_llava_dir, tmp_path_factory):
     """`python -m vlmprune serve --model DIR` in a subprocess; yields (url, vllm_url, proc, log, seconds)."""
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with vlmprune_serve(str(tiny_llava_dir), log, STARTUP_TIMEOUT_S) as (url, vllm_url, proc, seconds):
-        yield url, vllm_url, proc, log, seconds
+    with serve_process(tiny_llava_dir, tmp_path_factory.mktemp("serve") / "serve.log", STARTUP_TIMEOUT_S) as out:
+        yield out
 
 
 @pytest.fixture(scope="module")

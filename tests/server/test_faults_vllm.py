@@ -1,0 +1,146 @@
+"""Faults with a real engine: `vlmprune serve` (the real launcher, a real `vllm serve` CPU child on
+the tiny LLaVA) whose client goes away mid-stream, whose fellow upstream is killed, and whose vLLM
+child is killed mid-stream. One engine for the module; the test that kills it runs last.
+
+The fellow upstream that is SIGKILLed while requests wait on it is the fake upstream run as a
+process (tests/server/fake_upstream.py, ``slow`` mode): a second vLLM engine would double the
+module's cost on a 2-core machine, and what is checked is that the real engine behind the same
+gateway answers every request the dead one had not begun to answer.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import signal
+import time
+
+import httpx
+import psutil
+import pytest
+
+from server.config import GatewaySettings
+from tests.server.conftest import image_message, metric_samples, metric_sum, running_gateway, serve_process
+from tests.server.fake_upstream import FakeUpstreamProcess
+
+pytestmark = pytest.mark.slow
+CHAT = "/v1/chat/completions"
+LONG_ANSWER = 440  # tokens; with ignore_eos the tiny model needs seconds for it (prompt + 440 < 512)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_llava_dir, tmp_path_factory):
+    with serve_process(tiny_llava_dir, tmp_path_factory.mktemp("serve-faults") / "serve.log", 1200) as out:
+        yield out
+
+
+def long_stream_body(model: str) -> dict:
+    return {"model": model, "messages": image_message(), "max_tokens": LONG_ANSWER, "ignore_eos": True,
+            "stream": True}
+
+
+def wait_for(predicate, timeout_s: float, what: str) -> float:
+    """Poll ``predicate`` until it holds; the seconds it took."""
+    t0 = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - t0 < timeout_s, f"{what} not within {timeout_s} s"
+        time.sleep(0.1)
+    return time.monotonic() - t0
+
+
+def finished_normally(vllm_url: str) -> float:
+    """Requests vLLM finished by a stop or their length (an aborted one is neither)."""
+    return sum(v for (name, labels), v in metric_samples(vllm_url).items()
+               if name == "vllm:request_success_total" and dict(labels).get("finished_reason") in ("stop", "length"))
+
+
+def model_id(url: str) -> str:
+    return httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
+
+
+def test_client_disconnect_mid_stream_cancels_the_request_in_vllm(served):
+    """The client reads a few chunks of a 440-token stream and hangs up: vLLM's running count
+    (1 while the client listens) goes back to 0 at once, the request never finishes (vLLM aborted
+    it), the gateway records a 499 and holds nothing open, and it serves the next request."""
+    url, vllm_url = served[0], served[1]
+    finished_before = finished_normally(vllm_url)
+    tokens_before = metric_sum(vllm_url, "vllm:generation_tokens_total")
+    with httpx.stream("POST", url + CHAT, json=long_stream_body(model_id(url)), timeout=60) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()  # kept: a generator dropped mid-iteration would close the connection itself
+        chunks = 0
+        while chunks < 5:
+            chunks += next(lines).startswith("data: {")
+        wait_for(lambda: metric_sum(vllm_url, "vllm:num_requests_running") == 1, 10, "vLLM running the stream")
+        r.close()
+    seconds = wait_for(lambda: metric_sum(vllm_url, "vllm:num_requests_running") == 0, 15,
+                       "vLLM's running count back to 0")
+    generated = metric_sum(vllm_url, "vllm:generation_tokens_total") - tokens_before
+    assert generated < LONG_ANSWER, f"{generated} tokens: the request ran to its end after the client left"
+    assert finished_normally(vllm_url) == finished_before, "the request finished normally"
+    samples = metric_samples(url)
+    assert samples[("vlmprune_upstream_in_flight", (("upstream", vllm_url),))] == 0
+    assert samples[("vlmprune_in_flight_requests", ())] == 0
+    assert sum(v for (n, labels), v in samples.items()
+               if n == "vlmprune_requests_total" and ("status", "499") in labels) == 1
+    ok = httpx.post(url + CHAT, json={"model": model_id(url), "messages": image_message(), "max_tokens": 2},
+                    timeout=60)
+    assert ok.status_code == 200
+    print(f"\nvLLM running count back to 0 {seconds:.2f} s after the disconnect ({generated:.0f} of "
+          f"{LONG_ANSWER} tokens generated)")
+
+
+def test_upstream_killed_while_requests_wait_on_it_they_are_retried_elsewhere(served, tiny_llava_dir):
+    """Gateway over [slow stand-in, real vLLM]; 8 concurrent requests (half streaming), some waiting
+    for the stand-in's first byte when it is SIGKILLed: every one is answered 200 (by vLLM), the
+    retries are counted, and later requests go on being served with the dead one unhealthy."""
+    model = model_id(served[0])
+    with FakeUpstreamProcess("slow", str(tiny_llava_dir), delay_s=60) as doomed:
+        settings = GatewaySettings(upstreams=[doomed.url, served[1]], model_dir=str(tiny_llava_dir),
+                                   health_interval_s=0.2)
+        with running_gateway(settings) as url:
+            def one(i: int) -> tuple[int, str]:
+                body = {"model": model, "messages": image_message(), "max_tokens": 4, "stream": bool(i % 2)}
+                r = httpx.post(url + CHAT, json=body, timeout=120)
+                return r.status_code, r.text
+
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                futures = [pool.submit(one, i) for i in range(8)]
+                wait_for(lambda: metric_sum(doomed.url, "vllm:num_requests_running") >= 2, 30,
+                         "two requests waiting on the doomed upstream")
+                waiting = metric_sum(doomed.url, "vllm:num_requests_running")
+                doomed.kill()
+                results = [f.result(timeout=120) for f in futures]
+            assert [status for status, _ in results] == [200] * 8, [t[:200] for _, t in results]
+            assert all("[DONE]" in text for status, text in results[1::2])
+            samples = metric_samples(url)
+            assert samples[("vlmprune_upstream_retries_total", ())] >= waiting
+            for _ in range(3):
+                assert one(0)[0] == 200
+            health = httpx.get(url + "/health", timeout=10).json()
+            assert [u["healthy"] for u in health["upstreams"]] == [False, True]
+
+
+def test_vllm_child_killed_mid_stream_error_event_and_serve_exits_1(served):
+    """SIGKILL to the vLLM child while a stream is open: the stream ends with an OpenAI error event
+    and [DONE], `vlmprune serve` says why on stderr and exits 1, and no process of it is left."""
+    url, _, proc, log, _ = served
+    vllm_child = psutil.Process(proc.pid).children()[0]
+    family = [vllm_child, *vllm_child.children(recursive=True)]
+    events = []
+    with httpx.stream("POST", url + CHAT, json=long_stream_body(model_id(url)), timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+            if len(events) == 3:
+                vllm_child.send_signal(signal.SIGKILL)
+    error = json.loads(events[-2])["error"]
+    assert events[-1] == "[DONE]" and error["code"] == 502 and "upstream failed during the stream" in error["message"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert len(events) < LONG_ANSWER
+    assert proc.wait(timeout=60) == 1, log.read_text()[-2000:]
+    text = log.read_text()
+    assert "vLLM exited with status -9 while serving" in text and "exit 1" in text
+    _, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, [p.pid for p in alive]
