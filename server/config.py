@@ -57,6 +57,10 @@ class GatewaySettings(BaseSettings):
     connect_timeout_s: float = Field(5.0, gt=0.0)
     request_timeout_s: float = Field(600.0, gt=0.0)
     """Longest wait for an upstream byte (a whole non-streaming answer, or between stream chunks)."""
+    trace_dir: str | None = None
+    """Folder the vLLM engines write kept-token traces to (their own ``VLMPRUNE_TRACE_DIR``: the
+    same variable when both run on one host); the playground's overlay reads them. None = the
+    playground shows answers and costs without the overlay. ``vlmprune serve`` sets both."""
     health_interval_s: float = Field(1.0, gt=0.0)
     """How often every upstream's /health and /metrics are read (and the load pressure updated)."""
     adaptive: AdaptiveSettings = Field(default_factory=AdaptiveSettings)

@@ -5,6 +5,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -12,6 +16,10 @@ from pathlib import Path
 import pytest
 
 from tests.server.fake_upstream import FakeUpstream, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+STARTUP_TIMEOUT_S = 900
+"""As long as `vlmprune serve` itself waits for vLLM (its --startup-timeout default)."""
 
 
 @pytest.fixture(scope="session")
@@ -57,6 +65,34 @@ def running_gateway(settings):
     finally:
         server.should_exit = True
         thread.join(timeout=15)
+
+
+@contextlib.contextmanager
+def vlmprune_serve(model: str, log_dir: Path, *args: str):
+    """`python -m vlmprune serve --model MODEL ARGS` (a real vLLM engine + the gateway) in a
+    subprocess; yields (url, vllm_url, proc, log, seconds to start); stops it with SIGTERM."""
+    log = log_dir / "serve.log"
+    port, vllm_port = free_port(), free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "vlmprune", "serve", "--model", model, "--port", str(port),
+           "--vllm-port", str(vllm_port), "--vllm-log", str(log.with_suffix(".vllm.log")), *args]
+    t0 = time.monotonic()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        while "started in" not in log.read_text():
+            if proc.poll() is not None or time.monotonic() - t0 > STARTUP_TIMEOUT_S:
+                pytest.fail(f"vlmprune serve did not start (rc={proc.poll()}):\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        seconds = time.monotonic() - t0
+        yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{vllm_port}", proc, log, seconds
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 @pytest.fixture
