@@ -36,6 +36,9 @@ from vlmprune.methods import METHODS
 from vlmprune.policy import PROGRESSIVE_METHODS, RATIO_STEP
 from vlmprune.trace import check_trace_id, pop_trace
 
+MIN_SCENE_PX = 224
+"""Smallest canvas a demo scene is drawn on: a model with a smaller input (the tests' tiny models)
+still gets a legible scene, which its processor resizes like any upload."""
 MAX_RATIO = 0.95
 """The slider's top: the highest ratio of the project's tables."""
 EXPLAIN_WEIGHTS = "vlmprune_explain_cnn.pt"
@@ -109,13 +112,15 @@ def methods_for(state: Any, model: Any) -> MethodsResponse:
 
 def demo_scene(model: Any, index: int | None) -> DemoScene:
     """A test-split sample drawn at the canvas and object scale the served model reads the testbed
-    at (``vlmprune.testbed.registry.scene_layout``); random when ``index`` is None."""
+    at (``vlmprune.testbed.registry.scene_layout``; at least :data:`MIN_SCENE_PX`); random when
+    ``index`` is None."""
     from vlmprune.testbed import scenes
     from vlmprune.testbed.registry import scene_layout
 
     if index is None:
         index = random.randrange(scenes.SPLIT_SIZE)
     size, scale = scene_layout(model.config)
+    size = max(size, MIN_SCENE_PX)
     try:
         sample = scenes.sample("test", index, scale)
     except ValueError as exc:
