@@ -18,7 +18,7 @@ STAMP := $(VENV)/.vlmprune-setup-$(FLAVOUR)
 CPU_OVERRIDES := torch==2.13.0 torchvision==0.28.0
 OVERRIDES := $(if $(filter cpu,$(FLAVOUR)),$(VENV)/overrides.txt)
 
-.PHONY: setup test serve clean flops uv
+.PHONY: setup test serve clean flops uv browser
 
 setup: $(STAMP)
 
@@ -37,8 +37,24 @@ $(STAMP): pyproject.toml | $(UV)
 	VIRTUAL_ENV=$(VENV) $(UV) pip install $(if $(OVERRIDES),--override $(OVERRIDES) )-e ".[$(FLAVOUR),server,dev]"
 	@touch $(STAMP)
 
+# The playground's browser tests drive a real headless Chromium: Debian's `chromium`, installed
+# here with apt-get when missing and we are root; otherwise a clear failure (tests never skip it).
+CHROMIUM ?= $(shell command -v chromium 2>/dev/null || command -v chromium-browser 2>/dev/null)
+browser:
+ifeq ($(CHROMIUM),)
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "chromium not found: installing Debian's chromium with apt-get"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	else \
+	  echo "the playground tests need a Chromium: install it (Debian/Ubuntu: sudo apt-get install chromium)" \
+	    "or set CHROMIUM=/path/to/chromium" >&2; exit 1; \
+	fi
+else
+	@echo "chromium: $(CHROMIUM)"
+endif
+
 # pytest exits 5 when it collects nothing: that is a failure here, never a silent pass.
-test: setup
+test: setup browser
 	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo 'pytest collected no tests' >&2; exit 1; fi; exit $$rc
 

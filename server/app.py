@@ -2,7 +2,7 @@
 
 Per resource a router (HTTP) and a serving object (logic), as in vLLM's OpenAI server:
 ``server.chat`` (chat completions), ``server.models`` (/v1/models), ``server.ops`` (/health,
-/metrics). Every error leaves as OpenAI's error JSON; no traceback ever reaches a client.
+/metrics), ``server.playground`` (the /playground page and its /v1/vlmprune/ routes). Every error leaves as OpenAI's error JSON; no traceback ever reaches a client.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from server.metrics import GatewayMetrics
 from server.model_info import ServedModel
 from server.models.router import router as models_router
 from server.ops import router as ops_router
+from server.playground.router import router as playground_router
+from server.playground.router import static_files as playground_static
+from server.playground.serving import Overlays, RunStore
 from server.policies import HEADER_POLICY, LoadAdapter, load_policies
 from server.upstreams import UpstreamPool
 
@@ -46,6 +49,9 @@ class GatewayState:
         self.client: httpx.AsyncClient | None = None
         self.pool: UpstreamPool | None = None
         self.chat = ChatServing(self)
+        self.runs = RunStore()
+        """Finished playground (traced) runs, for ``/v1/vlmprune/traces/{id}``."""
+        self._overlays: Overlays | None = None
         self._model_lock = asyncio.Lock()
         self._publish_policy_ratios()
 
@@ -70,6 +76,12 @@ class GatewayState:
     def _publish_policy_ratios(self) -> None:
         for name, named in self.policies.policies.items():
             self.metrics.policy_ratio.labels(name).set(named.ratio_at(self.adapter.pressure))
+
+    def overlays(self) -> Overlays:
+        """Placement of traced kept tokens on images; needs the served model (known after a run)."""
+        if self._overlays is None:
+            self._overlays = Overlays(self.model)
+        return self._overlays
 
     async def served_model(self, required: bool = True) -> ServedModel | None:
         """The served model's geometry; discovered from an upstream's /v1/models ``root`` (a local
@@ -153,6 +165,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(chat_router)
     app.include_router(models_router)
     app.include_router(ops_router)
+    app.include_router(playground_router)
+    app.mount("/playground/static", playground_static, name="playground-static")
     _complete_openapi(app, list(app.state.gateway.policies.policies))
     return app
 

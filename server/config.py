@@ -73,6 +73,10 @@ class GatewaySettings(BaseSettings):
     stream_idle_timeout_s: float = Field(60.0, gt=0.0)
     """Longest silence between two chunks of a stream that has begun; past it the stream ends with
     a 504 error event and the upstream request is closed (vLLM then aborts it)."""
+    trace_dir: str | None = None
+    """Folder the vLLM engines write kept-token traces to (their own ``VLMPRUNE_TRACE_DIR``: the
+    same variable when both run on one host); the playground's overlay reads them. None = the
+    playground shows answers and costs without the overlay. ``vlmprune serve`` sets both."""
     health_interval_s: float = Field(1.0, gt=0.0)
     """How often every upstream's /health and /metrics are read (and the load pressure updated)."""
     adaptive: AdaptiveSettings = Field(default_factory=AdaptiveSettings)

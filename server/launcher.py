@@ -5,7 +5,7 @@
 2. start vLLM on a free port in its own process group, with CPU-safe flags when there is no GPU
    (float32, eager, small max-model-len, ``VLLM_CPU_KVCACHE_SPACE=1``), its log in a file;
 3. wait for its ``/health`` with progress lines (and stop early if it exits);
-4. run the gateway (uvicorn) and print the URL and a curl example;
+4. run the gateway (uvicorn) and print the URL, the playground's URL and a curl example;
 5. on SIGINT/SIGTERM (or any failure) stop uvicorn, then the whole vLLM process group: SIGTERM,
    then SIGKILL after a grace period, so no engine process is left behind;
 6. if vLLM exits while serving, say so on stderr with its log's tail, stop and exit 1 (open
@@ -32,6 +32,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from vlmprune.trace import TRACE_DIR_ENV
 
 DEFAULT_MODEL = "demo"
 FALLBACK_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vlmprune" / "random-tiny-llava"
@@ -191,8 +193,11 @@ def _child_setup() -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def start_vllm(cmd: list[str], log_path: Path, gpu: bool) -> subprocess.Popen:
+def start_vllm(cmd: list[str], log_path: Path, gpu: bool, trace_dir: Path | None = None) -> subprocess.Popen:
+    """``trace_dir``: where the engine writes kept-token traces for the playground (vlmprune.trace)."""
     env = dict(os.environ)
+    if trace_dir is not None:
+        env[TRACE_DIR_ENV] = str(trace_dir)
     env.setdefault("HF_HUB_OFFLINE", "1")
     if not gpu:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -299,6 +304,7 @@ def banner(url: str, served_name: str, api_key: str | None) -> str:
     auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
     return (
         f"vlmprune gateway ready: {url}  (OpenAI API at {url}/v1, metrics at {url}/metrics)\n"
+        f"playground (what each policy keeps, answers and costs): {url}/playground\n"
         f"try:\n  curl -s -i {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' \\\n"
         f"    -H 'X-VLMPrune-Method: fastervlm' -H 'X-VLMPrune-Ratio: 0.9' \\\n"
         f"    -d '{json.dumps(body)}'\n"
@@ -325,6 +331,7 @@ def run(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)  # clean stop while vLLM starts
     child: subprocess.Popen | None = None
     log_path: Path | None = None
+    traces: Path | None = None
     try:
         if args.upstream:
             model_dir, served, note = (None, None, None)
@@ -345,9 +352,10 @@ def run(args: argparse.Namespace) -> int:
             cmd = vllm_command(model_dir, served, port, args, gpu)
             print(f"vlmprune serve: starting vLLM ({'GPU' if gpu else 'CPU, float32, eager'}) for {model_dir}\n"
                   f"  log: {log_path}\n  command: {' '.join(cmd)}", flush=True)
-            child = start_vllm(cmd, log_path, gpu)
+            traces = Path(tempfile.mkdtemp(prefix="vlmprune-traces-"))  # shared by the child and the gateway
+            child = start_vllm(cmd, log_path, gpu, traces)
             upstreams = [f"http://127.0.0.1:{port}"]
-            app = _make_app(create_app, GatewaySettings, upstreams, model_dir, args)  # while vLLM boots
+            app = _make_app(create_app, GatewaySettings, upstreams, model_dir, args, traces)  # while vLLM boots
             vllm_s = wait_ready(upstreams[0], child, log_path, args.startup_timeout)
             print(f"vlmprune serve: vLLM ready in {vllm_s:.1f} s", flush=True)
         if args.upstream:
@@ -399,12 +407,17 @@ def run(args: argparse.Namespace) -> int:
             print("vlmprune serve: stopping vLLM", flush=True)
             stop_group(child)
             print("vlmprune serve: stopped", flush=True)
+        if traces is not None:
+            shutil.rmtree(traces, ignore_errors=True)
 
 
-def _make_app(create_app, settings_cls, upstreams: list[str], model_dir: Path | None, args: argparse.Namespace):
+def _make_app(create_app, settings_cls, upstreams: list[str], model_dir: Path | None, args: argparse.Namespace,
+              trace_dir: Path | None = None):
+    """``trace_dir`` None: the gateway's own setting (``VLMPRUNE_TRACE_DIR`` when fronting upstreams)."""
+    extra = {"trace_dir": str(trace_dir)} if trace_dir is not None else {}
     settings = settings_cls(
         upstreams=upstreams, model_dir=str(model_dir) if model_dir else None, policies_file=args.policies,
-        api_keys=args.api_key or [], max_images=args.max_images,
+        api_keys=args.api_key or [], max_images=args.max_images, **extra,
     )
     return create_app(settings)
 

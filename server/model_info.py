@@ -30,6 +30,7 @@ class ServedModel:
 
         self.model_dir = str(model_dir)
         config = AutoConfig.from_pretrained(model_dir)
+        self.config = config
         self.spec = ModelVisionSpec.from_pretrained(model_dir, config.to_dict())
         self.family = self.spec.family
         self.vision, self.lm = from_hf_config(config)

@@ -31,11 +31,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from server.validation import shorten
 from vlmprune.methods import METHODS, require_support
 from vlmprune.policy import PolicyError, PolicyT, bucket_ratio, parse_policy
+from vlmprune.trace import TRACE_KEY, check_trace_id
 
 HEADER_POLICY = "X-VLMPrune-Policy"
 HEADER_METHOD = "X-VLMPrune-Method"
 HEADER_RATIO = "X-VLMPrune-Ratio"
 HEADER_APPLIED = "X-VLMPrune-Applied"
+HEADER_TRACE = "X-VLMPrune-Trace"
+"""Optional trace id: the engine records the kept token indices (:mod:`vlmprune.trace`)."""
 INSTRUCTION_KEY = "instruction"
 
 
@@ -128,6 +131,8 @@ class ResolvedPolicy:
     ratio_source: str
     """``policy``, ``adaptive``, ``body`` or ``header``."""
     instruction: str | None = None
+    trace: str | None = None
+    """``X-VLMPrune-Trace``: forwarded to the engine as the policy's ``trace`` entry."""
 
     @property
     def method(self) -> str:
@@ -142,6 +147,8 @@ class ResolvedPolicy:
         out = self.policy.model_dump()
         if self.instruction is not None:
             out[INSTRUCTION_KEY] = self.instruction
+        if self.trace is not None:
+            out[TRACE_KEY] = self.trace
         return out
 
 
@@ -232,10 +239,16 @@ def resolve_policy(
     policy = parse_policy(data)
     if family is not None:  # None: a text-only request, nothing to check the method against
         require_support(policy.method, family)
+    trace = _header(headers, HEADER_TRACE)
+    if trace is not None:
+        try:
+            check_trace_id(trace, f"header {HEADER_TRACE}")
+        except ValueError as exc:
+            raise PolicyError(str(exc)) from None
     text = body_instruction if body_instruction is not None else instruction
     return ResolvedPolicy(
         policy=policy, name=name, ratio_source=ratio_source,
-        instruction=(text or "") if needs_instruction(policy.method) else None,
+        instruction=(text or "") if needs_instruction(policy.method) else None, trace=trace,
     )
 
 

@@ -138,29 +138,41 @@ def token_layout(family: str, image: Any, image_size: tuple[int, int], image_pro
 
     ``image`` is a :class:`~vlmprune.reduction.image_tokens.ImageTokens`; ``family`` is the model type (``config.model_type``); ``image_processor`` is needed for
     LLaVA-1.5's resize/crop box. ValueError for a family whose geometry is not known here."""
-    n = int(image.features.shape[0])
+    def array(name: str) -> np.ndarray | None:
+        value = getattr(image, name, None)  # LLaVA-NeXT only
+        return None if value is None else value.cpu().numpy()
+
+    return layout_of(family, int(image.features.shape[0]), image.grid, image_size, image_processor,
+                     view=array("view"), coords=array("coords"), view_shape=getattr(image, "view_shape", None))
+
+
+def layout_of(family: str, n: int, grid: Any, image_size: tuple[int, int], image_processor: Any = None, *,
+              view: Any = None, coords: Any = None, view_shape: Any = None) -> TokenLayout:
+    """:func:`token_layout` from the geometry alone (the shape of an ``ImageTokens`` without its
+    features), as the vLLM plugin's kept-token traces carry it (``vlmprune.trace``): ``n`` tokens,
+    the ``grid``; LLaVA-NeXT also ``view`` (n,), ``coords`` (n, 2) and ``view_shape``."""
     width, height = image_size
     whole: Box = (0.0, 0.0, float(width), float(height))
     if family == "llava":
-        rows, cols = image.grid
+        rows, cols = grid
         if rows * cols != n:
             raise ValueError(f"LLaVA image has {n} tokens, not its {rows}x{cols} patch grid")
         box = model_input_box(image_size, image_processor) if image_processor is not None else whole
         panel = Panel("", np.arange(n), grid_boxes(rows, cols, box))
         return TokenLayout((width, height), (panel,), n)
     if family in ("qwen2_vl", "qwen2_5_vl"):
-        rows, cols = image.grid
+        rows, cols = grid
         if rows * cols != n:
             raise ValueError(f"Qwen image has {n} tokens, not its {rows}x{cols} merged grid")
         return TokenLayout((width, height), (Panel("", np.arange(n), grid_boxes(rows, cols, whole)),), n)
     if family == "llava_next":
-        if image.view is None or image.coords is None or image.view_shape is None:
+        if view is None or coords is None or view_shape is None:
             raise ValueError("LLaVA-NeXT image lacks the adapter's per-token geometry (view, coords)")
-        view = image.view.cpu().numpy()
-        coords = image.coords.cpu().numpy()
+        view = np.asarray(view)
+        coords = np.asarray(coords).reshape(-1, 2)
         panels = []
         for v, label in ((0, "base view"), (1, "AnyRes crops")):
-            rows, cols = (int(x) for x in image.view_shape[v])
+            rows, cols = (int(x) for x in view_shape[v])
             members = np.nonzero(view == v)[0]
             if members.size == 0 or rows < 1 or cols < 1:
                 continue

@@ -38,10 +38,13 @@ from server.errors import GatewayError, sse_error_event
 from server.images import DecodedImage, check_image_bytes, decode_data_url, iter_image_parts
 from server.remote_images import fetch_remote
 from server.validation import shorten, summarize
+from server.playground.serving import Run
 from server.policies import HEADER_APPLIED, ResolvedPolicy, resolve_policy
+from server.model_info import RequestCost
 from server.upstreams import Upstream
 from vlmprune.geometry import ImageTokenCounts
 from vlmprune.policy import PolicyError
+from vlmprune.trace import TRACE_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +57,12 @@ class Prepared:
     images: list[ImageTokenCounts] = field(default_factory=list)
     kept: list[int] = field(default_factory=list)
     """Prunable tokens kept per image (the served model's rule, :meth:`ServedModel.kept`)."""
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    """(width, height) per image, for the playground's overlay."""
+
+    @property
+    def trace(self) -> str | None:
+        return self.resolved.trace if self.resolved is not None and self.images else None
 
     @property
     def method_label(self) -> str:
@@ -206,9 +215,12 @@ class ChatServing:
             except ValueError as exc:
                 raise GatewayError(400, f"image cannot be served: {exc}", param="messages") from None
             kept = [model.kept(resolved.policy, t) for t in images]
-            body["mm_processor_kwargs"] = {**(mm_kwargs or {}), "vlmprune": resolved.processor_kwargs()}
+            vlmprune = resolved.processor_kwargs()
+            if s.trace_dir is None:  # the engines would refuse it; the run still gets its costs
+                vlmprune.pop(TRACE_KEY, None)
+            body["mm_processor_kwargs"] = {**(mm_kwargs or {}), "vlmprune": vlmprune}
         return Prepared(payload=json.dumps(body).encode(), stream=stream, resolved=resolved, images=images,
-                        kept=kept)
+                        kept=kept, sizes=sizes)
 
     async def _load_image(self, url: str) -> DecodedImage:
         s = self.state.settings
@@ -290,8 +302,14 @@ class ChatServing:
         m.latency.labels(label).observe(time.perf_counter() - started)
         if first_token_at is not None:
             m.ttft.labels(label).observe(first_token_at - started)
-        if status != 200 or not prep.images or prep.resolved is None:
-            return
+        served = status == 200 and prep.images and prep.resolved is not None
+        cost = self._account(prep, usage) if served else None
+        if prep.trace is not None:  # a playground run: its outcome for /v1/vlmprune/traces/{id}
+            self.state.runs.add(prep.trace, Run.finished(prep, status, self.state.model.family, cost))
+
+    def _account(self, prep: Prepared, usage: dict[str, Any] | None) -> RequestCost | None:
+        """Visual-token and FLOPs counters of a served request; its cost (None if it failed)."""
+        m = self.state.metrics
         placeholders = sum(prep.kept) + sum(t.newline for t in prep.images)
         prompt = (usage or {}).get("prompt_tokens")
         n_text = prompt - placeholders if isinstance(prompt, int) else 0  # unknown (stream without usage): 0
@@ -300,11 +318,12 @@ class ChatServing:
             cost = self.state.model.cost(prep.images, prep.resolved.policy, n_text, n_instr)
         except Exception:  # accounting must never break serving
             logger.exception("FLOPs accounting failed")
-            return
+            return None
         m.visual_tokens.labels("input").inc(cost.visual_in)
         m.visual_tokens.labels("kept").inc(cost.visual_kept)
         m.prefill_flops.labels("baseline").inc(cost.baseline_flops)
         m.prefill_flops.labels("actual").inc(cost.actual_flops)
+        return cost
 
     async def handle(self, request: Request) -> Response:
         started = time.perf_counter()

@@ -21,6 +21,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.server.fake_upstream import FakeUpstream, free_port
 
+REPO = Path(__file__).resolve().parents[2]
+STARTUP_TIMEOUT_S = 900
+"""As long as `vlmprune serve` itself waits for vLLM (its --startup-timeout default)."""
+
 
 @pytest.fixture(scope="session")
 def tiny_llava_dir(tmp_path_factory) -> Path:
@@ -101,17 +105,17 @@ def engine_gateway(tiny_llava_dir, tmp_path_factory):
 
 
 @contextlib.contextmanager
-def serve_process(model_dir: Path | str, log: Path, startup_timeout_s: float = 600):
-    """``python -m vlmprune serve --model DIR`` (DIR: a path or a shipped model's name) (a real vLLM child + the gateway) in a subprocess;
-    yields (gateway url, vLLM url, process, log path, start-up seconds); SIGTERM at the end."""
+def serve_process(model: Path | str, log: Path, startup_timeout_s: float = STARTUP_TIMEOUT_S, *args: str):
+    """``python -m vlmprune serve --model MODEL ARGS`` (MODEL: a folder or a shipped model's name; a
+    real vLLM child + the gateway) in a subprocess; yields (gateway url, vLLM url, process, log path,
+    start-up seconds); SIGTERM at the end."""
     port, vllm_port = free_port(), free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "vlmprune", "serve", "--model", str(model_dir), "--port", str(port),
-           "--vllm-port", str(vllm_port), "--max-model-len", "512", "--vllm-log", str(log.with_suffix(".vllm.log"))]
+    cmd = [sys.executable, "-m", "vlmprune", "serve", "--model", str(model), "--port", str(port),
+           "--vllm-port", str(vllm_port), "--max-model-len", "512", "--vllm-log", str(log.with_suffix(".vllm.log")), *args]
     t0 = time.monotonic()
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[2], env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         while "started in" not in log.read_text():
             if proc.poll() is not None or time.monotonic() - t0 > startup_timeout_s:

@@ -119,6 +119,7 @@ BAD_REQUESTS = [
     ("remote", {}, {"messages": image_message(url="http://example.com/a.png")}, 400, "remote"),
     ("too-many", {}, {"messages": image_message(n_images=9)}, 400, "limit of 8"),
     ("no-messages", {}, {"messages": []}, 400, "messages"),
+    ("trace-id", {"X-VLMPrune-Trace": "../../etc/passwd"}, None, 400, "X-VLMPrune-Trace"),
 ]
 
 
@@ -294,3 +295,32 @@ def test_instruction_extraction():
             {"role": "assistant", "content": "x"}, {"role": "user", "content": "c"}]
     assert instruction_text(msgs) == "b c"
     assert instruction_text([{"role": "user", "content": "no image"}]) == ""
+
+
+def test_playground_page_and_routes_without_a_trace_folder(gateway):
+    """/playground serves the page and its script; methods fit the model (tiny LLaVA: no globalcom2,
+    no explain CNN); a traced run without trace_dir forwards no trace id and reports its cost with
+    a note instead of an overlay; an unknown run is a 404 in OpenAI's shape."""
+    url, up = gateway
+    page = httpx.get(url + "/playground")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "/playground/static/playground.js" in page.text
+    assert httpx.get(url + "/playground/static/playground.js").status_code == 200
+    meta = httpx.get(url + "/v1/vlmprune/methods").json()
+    assert meta["family"] == "llava" and meta["tracing"] is False and meta["ratio_step"] == 0.005
+    assert [m["name"] for m in meta["methods"]] == ["fastervlm", "aim", "transprune", "random", "pool"]
+    assert {p["name"] for p in meta["policies"]} == {"quality", "balanced", "fast"}
+    scene = httpx.get(url + "/v1/vlmprune/demo-scene", params={"index": 3}).json()
+    assert scene["image"].startswith("data:image/png;base64,") and scene["question"] and scene["answer"]
+
+    payload = {"model": "fake", "messages": image_message(), "max_tokens": 3}
+    r = httpx.post(url + "/v1/chat/completions", json=payload,
+                   headers={"X-VLMPrune-Trace": "run-12345678", "X-VLMPrune-Ratio": "0.5"})
+    assert r.status_code == 200
+    assert "trace" not in up.bodies[-1]["mm_processor_kwargs"]["vlmprune"]
+    trace = httpx.get(url + "/v1/vlmprune/traces/run-12345678").json()
+    assert trace["status"] == 200 and trace["stages"] == [{"where": "LLM input", "kept": 18, "of": N_VISUAL}]
+    assert 0 < trace["cost"]["saved_fraction"] < 1 and "trace_dir" in trace["overlay_note"]
+    assert trace["images"][0]["kept"] is None and trace["images"][0]["kept_count"] == 18
+    missing = httpx.get(url + "/v1/vlmprune/traces/run-00000000")
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "trace_id"

@@ -26,7 +26,6 @@ from vlmprune.policy import kept_count
 
 pytestmark = pytest.mark.slow
 N_VISUAL = 36
-STARTUP_TIMEOUT_S = 600
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +75,7 @@ def test_startup_prints_url_and_curl_example(served):
     text = log.read_text()
     assert "waiting for vLLM" in text or "vLLM ready" in text
     assert f"vlmprune gateway ready: {url}" in text and "curl -s -i" in text and "X-VLMPrune-Ratio" in text
+    assert f"playground (what each policy keeps, answers and costs): {url}/playground" in text
     m = re.search(r"started in ([\d.]+) s \(vLLM ([\d.]+) s\)", text)
     assert m and float(m.group(1)) <= seconds + 1
     print(f"\nvlmprune serve start-up: {m.group(1)} s (vLLM {m.group(2)} s)")

@@ -107,10 +107,11 @@ def test_image_count_is_kept_count_plus_fixed_tokens():
 
 
 def test_fields_roundtrip_through_vllm_batching():
-    """encode_fields -> vLLM's own batched-field reduction -> pop_item_policies gives every image's policy."""
+    """encode_fields -> vLLM's own batched-field reduction -> pop_item_policies gives every image's
+    policy (and trace id with the image's place in its request)."""
     from vllm.multimodal.inputs import MultiModalBatchedField, MultiModalFieldElem
 
-    a = common.RequestPolicy(parse_policy({"method": "random", "ratio": 0.5, "seed": 7}), "what is this")
+    a = common.RequestPolicy(parse_policy({"method": "random", "ratio": 0.5, "seed": 7}), "what is this", "run-0001")
     b = common.RequestPolicy(None)
     fa = common.encode_fields(a, [18, 18], [5, 6, 7])
     fb = common.encode_fields(b, [36], [])
@@ -131,6 +132,7 @@ def test_fields_roundtrip_through_vllm_batching():
     assert [g.active for g in got] == [True, True, False]
     assert got[0].policy == a.policy and got[2].policy is None
     assert got[1].instruction_ids.tolist() == [5, 6, 7] and got[2].instruction_ids.numel() == 0
+    assert [g.trace for g in got] == [("run-0001", 0), ("run-0001", 1), None]
     assert common.pop_item_policies({"pixel_values": 1}) is None
 
 
@@ -260,3 +262,11 @@ def test_next_layout_reproduces_vllm_packing_and_reference_geometry(next_model, 
     for name in ("prunable", "view", "crop", "coords"):
         assert torch.equal(getattr(mine, name).cpu(), getattr(ref, name).cpu()), name
     assert mine.view_shape == ref.view_shape and mine.crop_grid == ref.crop_grid
+
+
+def test_trace_id_is_split_from_the_policy_and_checked():
+    """``trace`` is not a policy option: it is split off the mapping, and only a plain file name passes."""
+    request = common.parse_request({"method": "pool", "ratio": 0.5, "trace": "run-0001"})
+    assert request.trace == "run-0001" and request.policy.method == "pool"
+    with pytest.raises(PolicyError, match="'trace'"):
+        common.parse_request({"method": "pool", "ratio": 0.5, "trace": "../../x"})

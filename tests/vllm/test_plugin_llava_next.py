@@ -9,6 +9,8 @@ splits every image (about 70 placeholders) over several prefill steps.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +18,7 @@ import torch
 from engine_helpers import Engine, StockRun, assert_same_output, build_model, hf_request, median_latency, spec
 
 from vlmprune.policy import kept_count, parse_policy
+from vlmprune.trace import TRACE_DIR_ENV, pop_trace
 
 pytestmark = pytest.mark.slow
 
@@ -34,6 +37,8 @@ def env(tmp_path_factory, timings):
     root = tmp_path_factory.mktemp("llava_next_vllm")
     model_dir, model, processor = build_model("llava_next", root)
     stock = StockRun(model_dir, STOCK_SPECS, root)
+    saved_trace_dir = os.environ.get(TRACE_DIR_ENV)
+    os.environ[TRACE_DIR_ENV] = str(root / "traces")  # front end (this process) and worker
     try:
         engine = Engine(model_dir, mm_processor_kwargs=DEFAULT)
     except BaseException:
@@ -43,6 +48,10 @@ def env(tmp_path_factory, timings):
     yield SimpleNamespace(engine=engine, stock=stock, ref=ReferenceBackend(model, processor), tokenizer=processor.tokenizer)
     engine.shutdown()
     stock.stop()
+    if saved_trace_dir is None:
+        os.environ.pop(TRACE_DIR_ENV, None)
+    else:
+        os.environ[TRACE_DIR_ENV] = saved_trace_dir
 
 
 def n_image_tokens(env, out) -> int:
@@ -162,3 +171,24 @@ def test_latency_ratio0_vs_0_9(env, timings):
     t0, t9 = median_latency(env.engine, (90, 90), 0.0, 0), median_latency(env.engine, (90, 90), 0.9, 10)
     timings["latency_ratio0_s"], timings["latency_ratio0.9_s"] = t0, t9
     assert t9 < t0 + 0.25
+
+
+def test_trace_records_the_reference_selection_with_thumbnail_and_crop_geometry(env):
+    """A traced request: the engine records the prunable tokens it kept (the reference backend's
+    FasterVLM choice; newline tokens never listed) and the per-token views and coordinates that
+    place every prunable token on the thumbnail panel or the crops panel."""
+    from vlmprune.testbed.tiny import make_image
+    from vlmprune.visualize import layout_of, visualize
+
+    policy = {"method": "fastervlm", "ratio": 0.75}
+    env.engine.run_one(spec(images=(IMG_C,), policy={**policy, "trace": "next-trace-1"}))
+    (record,) = pop_trace(Path(os.environ[TRACE_DIR_ENV]), "next-trace-1", 1)
+    w, h, seed = IMG_C
+    _, ref = visualize(env.ref, make_image(w, h, seed=seed), parse_policy(policy), "what is this ?")
+    prunable = record["prunable"]
+    assert len(prunable) == ref["visual_tokens"] < record["n_tokens"]  # newlines are not prunable
+    assert len(record["kept"]) == kept_count(len(prunable), 0.75) and record["kept"] == ref["kept_indices"]
+    layout = layout_of("llava_next", record["n_tokens"], record["grid"], (w, h), view=record["view"],
+                       coords=record["coords"], view_shape=record["view_shape"])
+    assert [p.name.split()[0] for p in layout.panels] == ["base", "AnyRes"]
+    assert sorted(t for p in layout.panels for t in p.tokens.tolist()) == prunable

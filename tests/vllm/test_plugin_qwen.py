@@ -23,6 +23,7 @@ import torch
 from conftest import Engine, StockRun, assert_same_output, build_model, hf_request
 
 from vlmprune.policy import PolicyError, kept_count, parse_policy
+from vlmprune.trace import TRACE_DIR_ENV, pop_trace
 from vlmprune.vllm_plugin.qwen2_vl import (
     POSITION_CHANNELS,
     PrunedQwen2_5_VL,
@@ -186,8 +187,8 @@ def env(request, tmp_path_factory, timings):
     # Engine core in this process (its worker is still a fresh process that loads the plugin through
     # the entry point): one process spawn less per engine on the shared 2-core machine. The position
     # log is read with apply_model, which ships a function to the worker (pickle).
-    saved = {k: os.environ.get(k) for k in ENGINE_ENV}
-    os.environ.update(ENGINE_ENV)
+    saved = {k: os.environ.get(k) for k in (*ENGINE_ENV, TRACE_DIR_ENV)}
+    os.environ.update(ENGINE_ENV, **{TRACE_DIR_ENV: str(root / "traces")})
     stock = StockRun(model_dir, stock_specs(processor), root)
     try:
         engine = Engine(model_dir)
@@ -348,3 +349,22 @@ def test_bad_policy_fails_only_that_request(env, policy, match):
     out = env.engine.run_one(good)
     assert out["prompt_token_ids"].count(env.image_id) == kept_count(N_IMG, 0.5)
 
+
+
+@pytest.mark.slow
+def test_trace_records_the_reference_selection_on_the_merged_grid(env):
+    """A traced request: the engine records the merged tokens it kept (the reference backend's
+    FasterVLM choice) and the merged grid (rows x cols) that places them on the image."""
+    from pathlib import Path
+
+    from vlmprune.testbed.tiny import make_image
+    from vlmprune.visualize import visualize
+
+    s = qwen_spec(env.processor, policy={"method": "fastervlm", "ratio": 0.75, "trace": "qwen-trace-1"})
+    env.engine.run_one(s)
+    (record,) = pop_trace(Path(os.environ[TRACE_DIR_ENV]), "qwen-trace-1", 1)
+    w, h, seed = IMG_P
+    _, ref = visualize(env.ref, make_image(w, h, seed=seed), parse_policy({"method": "fastervlm", "ratio": 0.75}),
+                       s["prompt"])
+    assert record["grid"] == [6, 4] and record["n_tokens"] == N_IMG and record["prunable"] is None
+    assert len(record["kept"]) == kept_count(N_IMG, 0.75) and record["kept"] == ref["kept_indices"]

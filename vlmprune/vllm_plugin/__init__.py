@@ -36,6 +36,10 @@ progressive methods (``transprune``, ``aim``) ``ratio`` is the layer-averaged re
 pruning everything at the LLM input to ``kept_count(n, ratio)`` gives the same LLM FLOPs as the
 in-LLM schedule of the reference backend (which keeps more at the input and prunes further inside).
 The explain method's CNN weights are ``checkpoint`` or ``vlmprune_explain_cnn.pt`` beside the model.
+
+Kept-token traces (the gateway's playground): with ``VLMPRUNE_TRACE_DIR`` set on the engine, a
+request whose policy holds ``"trace": "<id>"`` gets its kept token indices written there, one file
+per image, from ``embed_multimodal`` (:mod:`vlmprune.trace`, :mod:`vlmprune.vllm_plugin.tracing`).
 """
 
 from __future__ import annotations

@@ -61,6 +61,7 @@ from vllm.multimodal.processing import InputProcessingContext
 
 from vlmprune.methods import require_support
 from vlmprune.policy import PolicyError, PolicyT, kept_count, parse_policy
+from vlmprune.trace import TRACE_DIR_ENV, TRACE_KEY, check_trace_id, trace_dir
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,10 @@ FIELD_COUNT = "vlmprune_count"
 """(num_images,) int64: tokens the processor reserved for the image (kept prunable + fixed)."""
 FIELD_INSTRUCTION = "vlmprune_instruction_ids"
 """(num_images, T) int64: the instruction's token ids (no special tokens); T = 0 = none given."""
-FIELDS = (FIELD_POLICY, FIELD_COUNT, FIELD_INSTRUCTION)
+FIELD_TRACE = "vlmprune_trace"
+"""(num_images, L) uint8: ``<trace id>.<image index>`` as ASCII, L = 0 = not traced
+(:mod:`vlmprune.trace`)."""
+FIELDS = (FIELD_POLICY, FIELD_COUNT, FIELD_INSTRUCTION, FIELD_TRACE)
 
 PRE_LLM_METHODS = frozenset({"fastervlm", "globalcom2", "random", "pool", "aim"})
 """Methods decided from vision-side signals (``aim``: its ToMe merge stage)."""
@@ -105,6 +109,8 @@ class RequestPolicy:
 
     policy: PolicyT | None = None
     instruction: str | None = None
+    trace: str | None = None
+    """Trace id (:mod:`vlmprune.trace`): record the kept token indices of this request."""
 
     @property
     def active(self) -> bool:
@@ -133,7 +139,13 @@ def parse_request(raw: Any) -> RequestPolicy:
     instruction = data.pop(INSTRUCTION_KEY, None)
     if instruction is not None and not isinstance(instruction, str):
         raise PolicyError(f"field {INSTRUCTION_KEY!r}: must be a string (got {instruction!r})")
-    return RequestPolicy(policy=parse_policy(data), instruction=instruction)
+    trace_id = data.pop(TRACE_KEY, None)
+    if trace_id is not None:
+        try:
+            check_trace_id(trace_id)
+        except ValueError as exc:
+            raise PolicyError(str(exc)) from None
+    return RequestPolicy(policy=parse_policy(data), instruction=instruction, trace=trace_id)
 
 
 def check_method(request: RequestPolicy, family: str, available: frozenset[str], model_name: str) -> None:
@@ -282,9 +294,19 @@ def instruction_ids(tokenizer: Any, request: RequestPolicy) -> list[int]:
     return list(tokenizer.encode(request.instruction, add_special_tokens=False))
 
 
+def _ascii_rows(values: list[bytes]) -> torch.Tensor:
+    """(n, L) uint8 of equal-length byte strings (L = 0 when they are empty)."""
+    width = max((len(v) for v in values), default=0)
+    rows = [torch.frombuffer(bytearray(v), dtype=torch.uint8) if v else torch.zeros(0, dtype=torch.uint8) for v in values]
+    return torch.stack(rows) if rows else torch.zeros(0, width, dtype=torch.uint8)
+
+
 def encode_fields(request: RequestPolicy, counts: list[int], instruction: list[int]) -> dict[str, torch.Tensor]:
     """Per-image tensor fields for one processed request: every image gets the same policy."""
     n = len(counts)
+    # Trace rows ``<id>.<j>`` are padded to one width with leading zeros in j (a batched field).
+    digits = len(str(max(n - 1, 0)))
+    traces = [f"{request.trace}.{j:0{digits}d}".encode() if request.trace else b"" for j in range(n)]
     payload = b"" if request.policy is None else json.dumps(request.policy.model_dump(), sort_keys=True).encode()
     policy_row = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.zeros(0, dtype=torch.uint8)
     ids = torch.tensor(instruction, dtype=torch.int64)  # (T,)
@@ -292,6 +314,7 @@ def encode_fields(request: RequestPolicy, counts: list[int], instruction: list[i
         FIELD_POLICY: policy_row[None].expand(n, -1).clone(),  # (n, L)
         FIELD_COUNT: torch.tensor(counts, dtype=torch.int64),  # (n,)
         FIELD_INSTRUCTION: ids[None].expand(n, -1).clone(),  # (n, T)
+        FIELD_TRACE: _ascii_rows(traces),  # (n, L)
     }
 
 
@@ -316,10 +339,20 @@ class ItemPolicy:
     count: int
     instruction_ids: torch.Tensor
     """(T,) int64, empty when no instruction was given."""
+    trace: tuple[str, int] | None = None
+    """(trace id, image index in its request) when the request asked for a trace."""
 
     @property
     def active(self) -> bool:
         return self.policy is not None and self.policy.ratio > 0.0
+
+
+def _trace_of(row: torch.Tensor) -> tuple[str, int] | None:
+    text = bytes(row.to(torch.uint8).cpu().numpy().tobytes()).decode("ascii")
+    if not text:
+        return None
+    trace_id, _, image = text.rpartition(".")
+    return trace_id, int(image)
 
 
 def _rows(value: Any) -> list[torch.Tensor]:
@@ -340,16 +373,17 @@ def pop_item_policies(kwargs: dict[str, Any]) -> list[ItemPolicy] | None:
         return None
     if not all(present):
         raise ValueError(f"incomplete vlmprune fields in the model inputs: {dict(zip(FIELDS, present))}")
-    policies, counts, instructions = (_rows(v) for v in values)
-    if not len(policies) == len(counts) == len(instructions):
+    policies, counts, instructions, traces = (_rows(v) for v in values)
+    if not len(policies) == len(counts) == len(instructions) == len(traces):
         raise ValueError("vlmprune fields disagree in the number of images")
     out = []
     cache: dict[bytes, PolicyT | None] = {}
-    for p, c, ids in zip(policies, counts, instructions):
+    for p, c, ids, t in zip(policies, counts, instructions, traces):
         raw = bytes(p.to(torch.uint8).cpu().numpy().tobytes())
         if raw not in cache:
             cache[raw] = parse_policy(json.loads(raw)) if raw else None
-        out.append(ItemPolicy(policy=cache[raw], count=int(c), instruction_ids=ids.to(torch.int64).reshape(-1)))
+        out.append(ItemPolicy(policy=cache[raw], count=int(c), instruction_ids=ids.to(torch.int64).reshape(-1),
+                              trace=_trace_of(t)))
     return out
 
 
@@ -416,6 +450,9 @@ class PolicyProcessorMixin:
         mm_config = self.info.ctx.get_mm_config()  # type: ignore[attr-defined]
         request = merged_request(mm_config, request_kwargs)
         check_method(request, self.vlmprune_family, self.vlmprune_methods, self._vlmprune_model_name())
+        if request.trace is not None and trace_dir() is None:
+            raise PolicyError(f"field {TRACE_KEY!r}: kept-token traces are off on this engine "
+                              f"(start vLLM with {TRACE_DIR_ENV}=<folder>)")
         if request.policy is not None:
             reason = self._vlmprune_unsupported()
             if reason is not None:

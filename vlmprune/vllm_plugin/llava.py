@@ -45,6 +45,7 @@ from vlmprune.reduction.image_tokens import CLS_ATTENTION, CLS_LOGITS, MERGE_MET
 from vlmprune.reduction.reduce import reduce_image, signals_needed
 from vlmprune.signals.attention import cls_attention_from_qk
 from vlmprune.vllm_plugin.probe import ModelProbe
+from vlmprune.vllm_plugin.tracing import record_kept
 from vlmprune.vllm_plugin.common import (
     PLUGIN_METHODS,
     POLICY_KEY,
@@ -126,19 +127,24 @@ def reduce_rows(
     rows + ``item.instruction_ids``]); the others through :func:`reduce_image`, with ``extra``
     passed on.
     """
+    reduction = None
     if item.active and item.policy.method in PROBE_METHODS:
         if probe is None:
             raise RuntimeError(f"vlmprune: method {item.policy.method!r} needs the model's probe")
-        rows = probe.reduce(item, image, family, num_layers).apply(image.features)
+        reduction = probe.reduce(item, image, family, num_layers)
     elif item.active:
-        rows = reduce_image(item.policy, family, image, num_layers=num_layers, **extra).apply(image.features)
-    else:
-        rows = image.features
+        reduction = reduce_image(item.policy, family, image, num_layers=num_layers, **extra)
+    rows = image.features if reduction is None else reduction.apply(image.features)
     if rows.shape[0] != item.count:
         raise RuntimeError(
             f"vlmprune: image {index} gives {rows.shape[0]} rows but the processor reserved {item.count} "
             f"placeholders (policy {item.policy}); the processor and the model disagree"
         )
+    if reduction is not None:
+        record_kept(item, family, reduction.index, image.n_tokens, image)
+    else:  # kept whole; LLaVA-NeXT's placeholder ImageTokens here carries no geometry
+        record_kept(item, family, torch.arange(image.n_tokens), image.n_tokens,
+                    grid=None if family == "llava_next" else image.grid)
     return rows
 
 
@@ -248,12 +254,22 @@ class LlavaPruningMixin:
         self._vlmprune_layers = int(self.config.text_config.num_hidden_layers)
         self._vlmprune_probe = ModelProbe(self.language_model.model, model_name)
 
+    def _vlmprune_stock_grid(self) -> tuple[int, int] | None:
+        """The token grid of an unpruned image (LLaVA-NeXT has several views: None)."""
+        if self.vlmprune_family != "llava":
+            return None
+        vc = self.config.vision_config
+        return (vc.image_size // vc.patch_size,) * 2
+
     def _vlmprune_items(self, kwargs: dict) -> tuple[list[ItemPolicy] | None, Any]:
         """``(items, None)`` when some image has an active policy, else ``(items, stock embeddings)``."""
         items = pop_item_policies(kwargs)  # type: ignore[arg-type]
         if items is None or not any(item.active for item in items):
             embeds = super().embed_multimodal(**kwargs)  # the stock path, untouched
             check_stock_counts(items, embeds)
+            for item, rows in zip(items or (), embeds):
+                record_kept(item, self.vlmprune_family, torch.arange(rows.shape[0]), rows.shape[0],
+                            grid=self._vlmprune_stock_grid())
             return items, embeds
         if self._vlmprune_reason is not None:
             raise RuntimeError(f"vlmprune: {self._vlmprune_reason}")

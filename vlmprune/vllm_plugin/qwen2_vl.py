@@ -107,6 +107,7 @@ from vlmprune.vllm_plugin.common import (
 )
 from vlmprune.vllm_plugin.llava import needed_signals
 from vlmprune.vllm_plugin.probe import ModelProbe
+from vlmprune.vllm_plugin.tracing import record_kept
 
 logger = logging.getLogger(__name__)
 
@@ -448,6 +449,7 @@ class QwenPruningMixin:
                     f"vlmprune: image {i} gives {rows.shape[0]} rows but the processor reserved {item.count} "
                     f"placeholders (policy {item.policy}); the processor and the model disagree"
                 )
+            record_kept(item, self.vlmprune_family, index, feats.shape[0], grid=(t * llm_h, llm_w))
             row_ids = torch.arange(rows.shape[0], device=rows.device)
             out.append(torch.cat([rows, encode_position_channels(thw[index], row_ids, rows.dtype)], dim=1))
         return out

@@ -1,0 +1,58 @@
+"""Worker side of kept-token traces (:mod:`vlmprune.trace`): one record per traced image.
+
+Called by the models right after an image's rows are chosen (and checked against the processor's
+count), with the reduction's ``index``: the record is the serving path's own selection. Untraced
+items cost one attribute test.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from vlmprune.trace import trace_dir, write_trace
+
+logger = logging.getLogger(__name__)
+
+
+def _ints(value: torch.Tensor | None) -> list | None:
+    return None if value is None else value.detach().cpu().tolist()
+
+
+def record_kept(item: Any, family: str, index: torch.Tensor, n_tokens: int, image: Any = None,
+                grid: tuple[int, int] | None = None) -> None:
+    """Write the trace record of one image if ``item`` (an ``ItemPolicy``) asked for it.
+
+    ``index`` (k,): image-local indices of the rows the model returned (fixed tokens included);
+    ``image``: the ``ImageTokens`` the reduction saw (its prunable mask and geometry), None on the
+    stock path (every token kept, ``grid`` the token grid when the family has a single one).
+    Never raises: a trace that cannot be written is logged, the request is still served.
+    """
+    if item is None or item.trace is None:
+        return
+    folder = trace_dir()
+    if folder is None:
+        return
+    trace_id, position = item.trace
+    prunable = None if image is None else image.prunable.bool().cpu()
+    kept = index.detach().cpu().long()
+    if prunable is not None:
+        kept = kept[prunable[kept]]
+    record = {
+        "method": None if item.policy is None else item.policy.method,
+        "ratio": 0.0 if item.policy is None else float(item.policy.ratio),
+        "family": family,
+        "n_tokens": int(n_tokens),
+        "prunable": None if prunable is None or bool(prunable.all()) else _ints(prunable.nonzero().flatten()),
+        "kept": sorted(kept.tolist()),
+        "grid": list(image.grid) if image is not None else (list(grid) if grid is not None else None),
+        "view": _ints(getattr(image, "view", None)),
+        "coords": _ints(getattr(image, "coords", None)),
+        "view_shape": None if getattr(image, "view_shape", None) is None else [list(v) for v in image.view_shape],
+    }
+    try:
+        write_trace(folder, trace_id, position, record)
+    except OSError as exc:
+        logger.warning("vlmprune: cannot write trace %s.%s to %s: %s", trace_id, position, folder, exc)
