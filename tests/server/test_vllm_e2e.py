@@ -31,7 +31,7 @@ N_VISUAL = 36
 @pytest.fixture(scope="module")
 def served(tiny_llava_dir, tmp_path_factory):
     """`python -m vlmprune serve --model DIR` in a subprocess; yields (url, vllm_url, proc, log, seconds)."""
-    with serve_process(tiny_llava_dir, tmp_path_factory.mktemp("serve") / "serve.log", STARTUP_TIMEOUT_S) as out:
+    with serve_process(tiny_llava_dir, tmp_path_factory.mktemp("serve") / "serve.log") as out:
         yield out
 
 
