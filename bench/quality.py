@@ -12,9 +12,15 @@ Ratio 0 keeps every token for every method (the stock model), so it is evaluated
 A method whose requirements are missing (``explain`` without trained CNN weights) is reported as
 skipped with the reason, not silently dropped.
 
+Two rows are not methods but bracket ``explain`` (the same pipeline, another token ranking; see
+``explain_scores`` in :mod:`vlmprune.evaluate`): ``explain-input``, the CNN replaced by its own raw
+input (the floor the CNN must beat), and ``oracle``, the teacher's relevance itself (the ceiling
+a student could reach; evaluation only, never served: it needs a backward pass per sample).
+
     python bench/quality.py                      # demo, every method that fits it, 300 samples
     python bench/quality.py --model demo-next    # the AnyRes model (adds globalcom2)
     python bench/quality.py --samples 100 --methods fastervlm,random
+    python bench/quality.py --methods aim --merge   # re-run rows, keep the others of the saved json
 """
 
 from __future__ import annotations
@@ -27,6 +33,13 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_RATIOS = (0.0, 0.5, 0.75, 0.9, 0.95)
+EXPLAIN_ROWS = {"explain": "cnn", "explain-input": "input", "oracle": "oracle"}
+"""Row name -> what ranks the tokens in the explain pipeline (``evaluate(explain_scores=...)``)."""
+
+
+def _row_call(row: str) -> tuple[str, str]:
+    """(method, explain_scores) that evaluate one benchmark row."""
+    return ("explain", EXPLAIN_ROWS[row]) if row in EXPLAIN_ROWS else (row, "cnn")
 
 
 def run(model: str, methods: list[str], ratios: list[float], samples: int, seed: int, device: str | None = None) -> dict:
@@ -42,7 +55,9 @@ def run(model: str, methods: list[str], ratios: list[float], samples: int, seed:
             if ratio == 0:
                 continue
             try:
-                result = evaluate(model, method, ratio, samples=samples, seed=seed, progress=False, device=device)
+                real, scores = _row_call(method)
+                result = evaluate(model, real, ratio, samples=samples, seed=seed, progress=False, device=device,
+                                  explain_scores=scores)
             except (ValueError, FileNotFoundError) as exc:  # e.g. explain without trained weights
                 skipped[method] = str(exc)
                 print(f"{method}: skipped ({exc})", file=sys.stderr)
@@ -64,7 +79,25 @@ def fitting_methods(model: str) -> list[str]:
     from vlmprune.testbed.registry import resolve_model
 
     family = AutoConfig.from_pretrained(resolve_model(model)).model_type
-    return [name for name, spec in METHODS.items() if family in spec.models]
+    names = [name for name, spec in METHODS.items() if family in spec.models]
+    if "explain" in names:  # its floor and ceiling right after it
+        at = names.index("explain") + 1
+        names[at:at] = [row for row in EXPLAIN_ROWS if row != "explain"]
+    return names
+
+
+def merged(old: dict, new: dict) -> dict:
+    """``new``'s rows over ``old``'s (same model, samples, seed and ratios required): re-running some
+    rows keeps the others of an earlier run, in the earlier run's order, new rows last."""
+    for key in ("model", "samples", "seed", "ratios"):
+        if old.get(key) != new.get(key):
+            raise ValueError(f"--merge: the saved run has {key}={old.get(key)!r}, this one {new.get(key)!r}")
+    cells = {m: new["cells"].get(m, row) for m, row in old["cells"].items()}
+    cells.update({m: row for m, row in new["cells"].items() if m not in cells})
+    skipped = {m: r for m, r in {**old.get("skipped", {}), **new["skipped"]}.items() if m not in cells}
+    rerun = sorted(set(new["cells"]) | set(new["skipped"]))
+    history = [*old.get("merges", []), {"rows": rerun, "wall_s": new.get("wall_s")}]
+    return {**old, "cells": cells, "skipped": skipped, "merges": history}
 
 
 def overall_chance(data: dict) -> float:
@@ -140,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="torch device (default: cuda when there is a GPU, else cpu)")
     parser.add_argument("--out", default=None, help="output stem (default bench/results/quality_<model>)")
     parser.add_argument("--from-json", default=None, help="re-render the table and plot of an earlier run")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the saved json's other rows (same model, samples, seed and ratios)")
     args = parser.parse_args(argv)
     if args.from_json:
         data = json.loads(Path(args.from_json).read_text())
@@ -157,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     data["wall_s"] = time.time() - t0
     stem = Path(args.out) if args.out else RESULTS / f"quality_{Path(args.model).name}"
     stem.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge and stem.with_suffix(".json").is_file():
+        data = merged(json.loads(stem.with_suffix(".json").read_text()), data)
     stem.with_suffix(".json").write_text(json.dumps(data, indent=1))
     stem.with_suffix(".md").write_text(markdown(data))
     plot(data, stem.with_suffix(".png"))

@@ -159,6 +159,16 @@ def chefer_relevance(backend, seq, answer_ids: list[int]) -> torch.Tensor:
     return (total / n)[:prompt_len]
 
 
+def teacher_relevance(backend, seq, image, answer_ids: list[int], eos: set[int]) -> torch.Tensor:
+    """``R_v``: :func:`chefer_relevance` of the greedy answer (end-of-sequence tokens dropped) at
+    one image's prunable tokens, (n_prunable,) fp32 on the CPU, in the order explain scores them."""
+    from vlmprune.backends.hf.reduce import prunable_values
+
+    answer = [t for t in answer_ids if t not in eos] or answer_ids[:1]
+    rel = chefer_relevance(backend, seq, answer)  # (L,)
+    return prunable_values(image, rel[seq.image_spans[0]])[1].float().cpu()
+
+
 # --- labelling (cached, resumable) -----------------------------------------------------------------
 
 
@@ -207,7 +217,6 @@ def _save_cache(path: Path, cache: dict[str, Any]) -> None:
 def _label_batch(backend, samples, size: int, need_teacher: Callable[[bool], bool]) -> list[dict[str, Any]]:
     """Greedy answers, student inputs and (where ``need_teacher(correct)``) teacher relevance."""
     from vlmprune.backends.hf import Request
-    from vlmprune.backends.hf.reduce import prunable_values
     from vlmprune.testbed import scenes
 
     requests = [Request(s.question, [scenes.render(s.scene, size)]) for s in samples]
@@ -220,11 +229,7 @@ def _label_batch(backend, samples, size: int, need_teacher: Callable[[bool], boo
         output = gen.text.strip()
         correct = output == s.answer
         student = backend.explain_inputs(seq, images)[0].float().cpu()
-        teacher = None
-        if need_teacher(correct):
-            answer = [t for t in gen.token_ids if t not in eos] or gen.token_ids[:1]
-            rel = chefer_relevance(backend, seq, answer)  # (L,)
-            teacher = prunable_values(images[0], rel[seq.image_spans[0]])[1].float().cpu()
+        teacher = teacher_relevance(backend, seq, images[0], gen.token_ids, eos) if need_teacher(correct) else None
         records.append({"index": s.index, "family": s.family, "answer": s.answer, "output": output,
                         "correct": correct, "student": student, "teacher": teacher})
     return records
