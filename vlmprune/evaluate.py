@@ -60,10 +60,13 @@ def evaluate(
     progress: bool = True,
     device: str | None = None,
     explain_scores: str = "cnn",
+    teacher_cache: dict[int, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (a shipped name or a folder) and return the result dict (see module doc).
     ``device`` (hf backend): torch device of the model, default the GPU when there is one.
-    ``explain_scores``: see the module doc (``cnn`` unless the method is explain on the hf backend)."""
+    ``explain_scores``: see the module doc (``cnn`` unless the method is explain on the hf backend).
+    ``teacher_cache``: sample index -> teacher relevance, filled and reused by ``oracle`` runs (pass
+    the same dict to every ratio of one model: the teacher does not depend on the ratio)."""
     from vlmprune.policy import parse_policy
     from vlmprune.testbed import scenes
     from vlmprune.testbed.registry import resolve_model, scene_layout
@@ -117,12 +120,14 @@ def evaluate(
                 from vlmprune.testbed.train_explain import teacher_relevance
 
                 gens = []
+                cache = {} if teacher_cache is None else teacher_cache
                 for s in chunk:
                     req = Request(s.question, [scenes.render(s.scene, size)])
-                    answer = engine.generate([req], None, max_new_tokens=3)[0]
-                    ((seq, images),) = engine.sequences([req])
-                    scores = teacher_relevance(engine, seq, images[0], answer.token_ids, engine._eos_ids())
-                    gens += engine.generate([req], policy, max_new_tokens=3, explain_model=FixedRelevance(scores))
+                    if s.index not in cache:
+                        answer = engine.generate([req], None, max_new_tokens=3)[0]
+                        ((seq, images),) = engine.sequences([req])
+                        cache[s.index] = teacher_relevance(engine, seq, images[0], answer.token_ids, engine._eos_ids())
+                    gens += engine.generate([req], policy, max_new_tokens=3, explain_model=FixedRelevance(cache[s.index]))
             else:
                 reqs = [Request(s.question, [scenes.render(s.scene, size)]) for s in chunk]
                 stand_in = InputRelevance() if explain_scores == "input" else None

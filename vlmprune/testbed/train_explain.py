@@ -74,6 +74,11 @@ class ExplainTrainConfig:
     """False keeps wrongly answered samples: for tests and smoke runs on untrained models only."""
     keep_fraction: float = 0.5
     """The teacher label keeps this top fraction of ``R_v`` (the paper's 50 %)."""
+    channels: tuple[int, ...] = RelevanceCNNConfig.channels
+    """The CNN's block channels (the paper's 32 -> 512 by default)."""
+    grid: tuple[int, int] | None = None
+    """None: the paper's 1-D CNN over the token sequence; (rows, cols): 2-D over the patch grid
+    (``--cnn grid`` reads it from the model: LLaVA-1.5-style models only)."""
 
     def validate(self) -> None:
         """ValueError naming the CLI flag of the first bad value."""
@@ -89,6 +94,10 @@ class ExplainTrainConfig:
             raise ValueError(f"--seed must be >= 0, got {self.seed}")
         if not 0.0 < self.keep_fraction <= 1.0:
             raise ValueError(f"keep_fraction must be in (0, 1], got {self.keep_fraction}")
+        try:
+            RelevanceCNNConfig(channels=self.channels, grid=self.grid)
+        except ValueError as exc:
+            raise ValueError(f"--cnn-channels / --cnn: {exc}") from None
 
 
 # --- teacher: generic attention explainability -----------------------------------------------------
@@ -364,7 +373,7 @@ def train_student(
     from tqdm import tqdm
 
     torch.manual_seed(cfg.seed)
-    model = RelevanceCNN(RelevanceCNNConfig())
+    model = RelevanceCNN(RelevanceCNNConfig(channels=tuple(cfg.channels), grid=cfg.grid))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     xs = [x for x, _ in train]
     targets = [teacher_target(r, cfg.keep_fraction) for _, r in train]
@@ -491,6 +500,22 @@ def train_explain(
     return report
 
 
+def patch_grid(model: str | Path) -> tuple[int, int]:
+    """(rows, cols) of a single-view model's visual tokens, for the 2-D CNN (``--cnn grid``)."""
+    from transformers import AutoConfig
+
+    from vlmprune.testbed.registry import resolve_model
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model(model))
+    except ValueError as exc:
+        raise ValueError(f"--model: {exc}") from None
+    if config.model_type != "llava":
+        raise ValueError(f"--cnn grid needs a single-view LLaVA-1.5-style model, {model} is {config.model_type!r}")
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    return side, side
+
+
 def run_cli(args) -> int:
     """``vlmprune train explain``: checks the arguments (ValueError names the flag), labels,
     trains, saves, prints one JSON line. Progress and logs go to stderr."""
@@ -500,12 +525,18 @@ def run_cli(args) -> int:
     if args.explain_model is None:
         raise ValueError("--model is required: a shipped model name (demo) or a model folder")
     defaults = ExplainTrainConfig()
+    try:
+        channels = defaults.channels if args.cnn_channels is None else tuple(int(c) for c in args.cnn_channels.split(","))
+    except ValueError:
+        raise ValueError(f"--cnn-channels must be comma-separated ints, got {args.cnn_channels!r}") from None
     cfg = ExplainTrainConfig(
         samples=defaults.samples if args.samples is None else args.samples,
         epochs=defaults.epochs if args.epochs is None else args.epochs,
         batch_size=defaults.batch_size if args.batch_size is None else args.batch_size,
         seed=args.seed,
         only_correct=not args.keep_wrong,
+        channels=channels,
+        grid=patch_grid(args.explain_model) if args.cnn == "grid" else None,
     )
     report = train_explain(
         args.explain_model, args.out, cfg, threads=args.threads, progress=not args.no_progress,

@@ -1,7 +1,8 @@
 """One image's reduction at the LLM input: policy + signals -> :class:`TokenReduction`.
 
-Counts: ``keep`` prunable tokens survive, ``keep = image_kept_count(view_sizes, ratio)`` (``kept_count``
-of every view, summed: one view except on LLaVA-NeXT) for pre-LLM and instruction-aware methods; for the progressive methods (TransPrune, AIM) ``keep`` is the count of
+Counts: ``keep`` prunable tokens survive, ``keep = image_kept_count(view_sizes, ratio)``
+(``kept_count`` of every view, summed: one view except on LLaVA-NeXT) for pre-LLM and
+instruction-aware methods; for the progressive methods (TransPrune, AIM) ``keep`` is the count of
 the scaled schedule's stage at the LLM input (:func:`stage_plan`). Non-prunable tokens (LLaVA-NeXT's
 image_newline tokens) always survive, so ``count == keep + n_non_prunable``. Ratio 0 (or a stage
 that keeps everything) returns the identity.
@@ -199,9 +200,9 @@ def _per_view(
     each view's prunable tokens (one grid on LLaVA/Qwen), budgets split exactly by view size;
     non-prunable tokens pass through with their own features. Output ascending by index.
 
-    ``values`` (n, C): what is merged (default: the features); ``project`` maps merged values to
-    LLM features (AIM on LLaVA merges CLIP features, then projects). Unmerged tokens keep their
-    own features."""
+    ``values`` (n, C): what is merged (default: the features); ``project`` maps a merged view's
+    output values to LLM features (AIM on LLaVA merges CLIP features, then projects). A view with
+    nothing merged keeps its own features."""
     prunable = image.prunable.bool()
     metric = image.features if metric is None else metric
     values = image.features if values is None else values
