@@ -10,7 +10,13 @@ UV    ?= $(shell command -v uv 2>/dev/null || echo $(TOOLS)/bin/uv)
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 # CUDA host -> official vLLM wheel; otherwise the community CPU build (../shared/SETUP.md).
 FLAVOUR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+$(if $(filter $(FLAVOUR),cpu gpu),,$(error FLAVOUR must be cpu or gpu, got '$(FLAVOUR)'))
 STAMP := $(VENV)/.vlmprune-setup-$(FLAVOUR)
+# CPU only: the CPU wheel pins torch==2.13.0+cpu, whose torchvision cannot be installed from PyPI;
+# the regular PyPI torch (runs on CPU) with its matching torchvision works (../shared/SETUP.md).
+# A CUDA host keeps the official vLLM wheel's own torch pins: no override there.
+CPU_OVERRIDES := torch==2.13.0 torchvision==0.28.0
+OVERRIDES := $(if $(filter cpu,$(FLAVOUR)),$(VENV)/overrides.txt)
 
 .PHONY: setup test serve clean flops uv
 
@@ -27,8 +33,8 @@ $(TOOLS)/bin/uv:
 
 $(STAMP): pyproject.toml | $(UV)
 	@test -x $(PY) || $(UV) venv $(VENV) -p $(PYTHON)
-	@printf 'torch==2.13.0\ntorchvision==0.28.0\n' > $(VENV)/overrides.txt
-	VIRTUAL_ENV=$(VENV) $(UV) pip install --override $(VENV)/overrides.txt -e ".[$(FLAVOUR),server,dev]"
+	$(if $(OVERRIDES),@printf '%s\n' $(CPU_OVERRIDES) > $(OVERRIDES))
+	VIRTUAL_ENV=$(VENV) $(UV) pip install $(if $(OVERRIDES),--override $(OVERRIDES) )-e ".[$(FLAVOUR),server,dev]"
 	@touch $(STAMP)
 
 # pytest exits 5 when it collects nothing: that is a failure here, never a silent pass.

@@ -22,10 +22,10 @@ def fastervlm_views(samples: int) -> dict:
     import torch
 
     from vlmprune.backends.hf import ReferenceBackend, Request
-    from vlmprune.backends.hf.base import CLS_ATTENTION
     from vlmprune.core import fastervlm
     from vlmprune.core.select import allocate_exact
     from vlmprune.policy import image_kept_count, view_kept_counts
+    from vlmprune.reduction.image_tokens import CLS_ATTENTION
     from vlmprune.testbed import scenes
     from vlmprune.testbed.registry import resolve_model, scene_layout
 
@@ -61,8 +61,8 @@ def aim_projector(samples: int) -> dict:
     import torch
 
     from vlmprune.backends.hf import ReferenceBackend, Request
-    from vlmprune.backends.hf.base import MERGE_METRIC, VISION_FEATURES
     from vlmprune.core import aim
+    from vlmprune.reduction.image_tokens import MERGE_METRIC, VISION_FEATURES
     from vlmprune.testbed import scenes
     from vlmprune.testbed.registry import resolve_model, scene_layout
 

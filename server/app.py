@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.chat.router import OPENAPI_SCHEMAS as CHAT_SCHEMAS
 from server.chat.router import router as chat_router
 from server.chat.serving import ChatServing
 from server.config import GatewaySettings
@@ -26,7 +27,7 @@ from server.metrics import GatewayMetrics
 from server.model_info import ServedModel
 from server.models.router import router as models_router
 from server.ops import router as ops_router
-from server.policies import LoadAdapter, load_policies
+from server.policies import HEADER_POLICY, LoadAdapter, load_policies
 from server.upstreams import UpstreamPool
 
 logger = logging.getLogger("vlmprune.gateway")
@@ -152,4 +153,15 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(chat_router)
     app.include_router(models_router)
     app.include_router(ops_router)
+    _complete_openapi(app, list(app.state.gateway.policies.policies))
     return app
+
+
+def _complete_openapi(app: FastAPI, policy_names: list[str]) -> None:
+    """Add what only the app knows to its (cached, served) OpenAPI document: the chat request's
+    models and this gateway's named policies as the values of ``X-VLMPrune-Policy``."""
+    document = app.openapi()
+    document["components"]["schemas"].update(CHAT_SCHEMAS)
+    for param in document["paths"]["/v1/chat/completions"]["post"]["parameters"]:
+        if param["name"] == HEADER_POLICY:
+            param["schema"] = {"type": "string", "enum": policy_names}

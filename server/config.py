@@ -7,7 +7,7 @@ Environment variables use the field names (``VLMPRUNE_UPSTREAMS='["http://vllm:8
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -51,9 +51,18 @@ class GatewaySettings(BaseSettings):
     """Images per request; more is a 400 (keep it <= vLLM's --limit-mm-per-prompt)."""
     max_image_pixels: int = Field(4096 * 4096, gt=0)
     allow_remote_images: bool = False
-    """Fetch http(s) image URLs at the gateway (and forward them as data URLs); off by default."""
+    """Fetch http(s) image URLs at the gateway (and forward them as data URLs); off by default.
+    Loopback, private, link-local (cloud metadata), multicast and reserved addresses are refused
+    after DNS resolution and after every redirect (``server.remote_images``)."""
+    remote_image_allowed_hosts: list[str] = Field(default_factory=list)
+    """Host names remote images may come from (exact, or ``*.example.com``); empty = any public host."""
+    remote_image_allowed_networks: list[IPvAnyNetwork] = Field(default_factory=list)
+    """Non-public addresses that may still be fetched, listed explicitly (``["127.0.0.1/32"]`` for
+    an image server on this machine, ``["10.1.2.0/24"]`` for an internal one)."""
     remote_image_max_bytes: int = Field(10 * 1024 * 1024, gt=0)
     remote_image_timeout_s: float = Field(10.0, gt=0.0)
+    """Whole fetch of one image: DNS, connections, redirects and body."""
+    remote_image_max_redirects: int = Field(3, ge=0)
     connect_timeout_s: float = Field(5.0, gt=0.0)
     request_timeout_s: float = Field(600.0, gt=0.0)
     """Longest wait for an upstream byte (a whole non-streaming answer, or between stream chunks)."""

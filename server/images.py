@@ -3,8 +3,9 @@
 The gateway needs each image's pixel size to count its visual tokens before vLLM sees it, and it
 rejects corrupt or non-image data with a 400 here rather than a late error from the engine.
 Remote ``http(s)`` URLs are refused unless the settings allow them; then the gateway fetches the
-image (size-capped), checks it the same way and forwards it as a data URL, so the upstream never
-fetches anything.
+image (:mod:`server.remote_images`), checks it the same way and forwards it as a data URL, so the
+upstream never fetches anything. Sizes are measured as vLLM will see the image: after its EXIF
+orientation (vLLM applies it), so a portrait photo stored sideways is counted upright.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from typing import Any
 from server.errors import GatewayError
 
 ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP"})
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
+"""EXIF orientations that rotate by 90 degrees: width and height swap once applied."""
 
 
 @dataclass(frozen=True)
@@ -30,26 +34,15 @@ class DecodedImage:
     data_url: str
 
 
-def iter_image_parts(messages: Any) -> Iterator[dict[str, Any]]:
-    """Every ``{"type": "image_url", ...}`` content part, in message order."""
-    if not isinstance(messages, list):
-        raise GatewayError(400, "'messages' must be a list", param="messages")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise GatewayError(400, f"messages[{i}] must be an object", param="messages")
+def iter_image_parts(messages: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Every ``{"type": "image_url", ...}`` content part, in message order (of a body that
+    :class:`server.chat.protocol.ChatCompletionRequest` validated)."""
+    for message in messages:
         content = message.get("content")
         if isinstance(content, list):
             for part in content:
-                if isinstance(part, dict) and part.get("type") == "image_url":
+                if part.get("type") == "image_url":
                     yield part
-
-
-def image_url_of(part: dict[str, Any]) -> str:
-    value = part.get("image_url")
-    url = value.get("url") if isinstance(value, dict) else value
-    if not isinstance(url, str) or not url:
-        raise GatewayError(400, "image_url part without a url string", param="messages")
-    return url
 
 
 def decode_data_url(url: str, max_pixels: int) -> DecodedImage:
@@ -69,48 +62,36 @@ def decode_data_url(url: str, max_pixels: int) -> DecodedImage:
     return check_image_bytes(raw, max_pixels)
 
 
+def _image_error(message: str) -> GatewayError:
+    return GatewayError(400, message, param="messages")
+
+
 def check_image_bytes(raw: bytes, max_pixels: int) -> DecodedImage:
     """Open, fully decode and measure image bytes with Pillow (truncated files fail here)."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     if not raw:
-        raise GatewayError(400, "image data is empty", param="messages")
+        raise _image_error("image data is empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(raw)) as img:
+            with Image.open(io.BytesIO(raw), formats=sorted(ALLOWED_FORMATS)) as img:
                 fmt = img.format or ""
                 width, height = img.size
                 if width * height > max_pixels:
-                    raise GatewayError(
-                        400, f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}",
-                        param="messages",
-                    )
+                    raise _image_error(f"image is {width}x{height} = {width * height} pixels, over the limit of "
+                                       f"{max_pixels}")
+                if img.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSED_ORIENTATIONS:
+                    width, height = height, width
                 img.load()  # decode everything: catches truncated or corrupt data
     except GatewayError:
         raise
-    except Exception as exc:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
-        raise GatewayError(400, f"image data could not be decoded ({type(exc).__name__})", param="messages") from None
-    if fmt not in ALLOWED_FORMATS:
-        raise GatewayError(400, f"image format {fmt or 'unknown'!r} is not accepted", param="messages")
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise _image_error(f"image is over the pixel limit ({exc})") from None
+    except UnidentifiedImageError:
+        names = sorted(ALLOWED_FORMATS)
+        raise _image_error(f"image data is not a {', '.join(names[:-1])} or {names[-1]} image, or it is corrupt") from None
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        raise _image_error(f"image data is truncated or corrupt ({type(exc).__name__}: {exc})") from None
     url = f"data:image/{fmt.lower()};base64," + base64.b64encode(raw).decode()
     return DecodedImage(width=width, height=height, format=fmt, data_url=url)
-
-
-async def fetch_remote(url: str, client: Any, max_bytes: int, timeout_s: float, max_pixels: int) -> DecodedImage:
-    """Download an http(s) image (streamed, capped at ``max_bytes``) and check it."""
-    import httpx
-
-    try:
-        async with client.stream("GET", url, timeout=timeout_s, follow_redirects=True) as resp:
-            if resp.status_code != 200:
-                raise GatewayError(400, f"image URL answered HTTP {resp.status_code}", param="messages")
-            chunks, size = [], 0
-            async for chunk in resp.aiter_bytes():
-                size += len(chunk)
-                if size > max_bytes:
-                    raise GatewayError(400, f"remote image is larger than {max_bytes} bytes", param="messages")
-                chunks.append(chunk)
-    except httpx.HTTPError as exc:
-        raise GatewayError(400, f"image URL could not be fetched ({type(exc).__name__})", param="messages") from None
-    return check_image_bytes(b"".join(chunks), max_pixels)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlmprune.geometry import ImageTokens, ModelVisionSpec
+from vlmprune.geometry import ImageTokenCounts, ModelVisionSpec
 
 
 @dataclass(frozen=True)
@@ -34,17 +34,17 @@ class ServedModel:
         self.family = self.spec.family
         self.vision, self.lm = from_hf_config(config)
 
-    def image_tokens(self, width: int, height: int) -> ImageTokens:
+    def image_tokens(self, width: int, height: int) -> ImageTokenCounts:
         return self.spec.image_tokens(width, height)
 
-    def kept(self, policy: Any, image: ImageTokens) -> int:
+    def kept(self, policy: Any, image: ImageTokenCounts) -> int:
         """Prunable tokens of ``image`` that reach the LLM input in vLLM: ``kept_count(n, ratio)``
         for every method. The progressive ones (transprune, aim) included: the plugin prunes them
         once, at the LLM input, to the count with the same LLM FLOPs as their layer-averaged ratio
         (``vlmprune.vllm_plugin.common.prunable_keep``, the count its processor reserves)."""
         return image.kept(policy.ratio)
 
-    def cost(self, images: list[ImageTokens], policy: Any, n_text: int, n_instruction: int = 0) -> RequestCost:
+    def cost(self, images: list[ImageTokenCounts], policy: Any, n_text: int, n_instruction: int = 0) -> RequestCost:
         """Visual tokens in/kept and analytic prefill FLOPs at ratio 0 and under ``policy`` (pruned
         at the LLM input, as in vLLM: every decoder layer sees the kept tokens; probe costs
         included, ``in_llm=False``)."""

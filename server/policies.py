@@ -28,6 +28,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from server.validation import shorten
 from vlmprune.methods import METHODS, require_support
 from vlmprune.policy import PolicyError, PolicyT, bucket_ratio, parse_policy
 
@@ -167,9 +168,9 @@ def parse_ratio_header(value: str) -> float:
     try:
         ratio = float(value)
     except ValueError:
-        raise PolicyError(f"header {HEADER_RATIO}: {value!r} is not a number (expected e.g. 0.75)") from None
+        raise PolicyError(f"header {HEADER_RATIO}: {shorten(value)} is not a number (expected e.g. 0.75)") from None
     if not math.isfinite(ratio) or not 0.0 <= ratio < 1.0:
-        raise PolicyError(f"header {HEADER_RATIO}: ratio must be in [0, 1), got {value!r}")
+        raise PolicyError(f"header {HEADER_RATIO}: ratio must be in [0, 1), got {shorten(value)}")
     return ratio
 
 
@@ -195,7 +196,8 @@ def resolve_policy(
     name = _header(headers, HEADER_POLICY) or config.default
     named = config.policies.get(name)
     if named is None:
-        raise PolicyError(f"header {HEADER_POLICY}: unknown policy {name!r}; known policies: {', '.join(config.policies)}")
+        raise PolicyError(f"header {HEADER_POLICY}: unknown policy {shorten(name)}; known policies: "
+                          f"{', '.join(config.policies)}")
     data: dict[str, Any] = {"method": named.method, "ratio": named.ratio, **named.options}
     ratio_source = "policy"
     # 2. Body.
@@ -216,7 +218,8 @@ def resolve_policy(
     method = _header(headers, HEADER_METHOD)
     if method is not None:
         if method not in METHODS:
-            raise PolicyError(f"header {HEADER_METHOD}: unknown method {method!r}; known methods: {', '.join(METHODS)}")
+            raise PolicyError(f"header {HEADER_METHOD}: unknown method {shorten(method)}; known methods: "
+                              f"{', '.join(METHODS)}")
         data = _switch_method(data, method)
     ratio_text = _header(headers, HEADER_RATIO)
     if ratio_text is not None:

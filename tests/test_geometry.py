@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vlmprune.geometry import ImageTokens, ModelVisionSpec, crop_view_sizes
+from vlmprune.geometry import ImageTokenCounts, ModelVisionSpec, crop_view_sizes
 from vlmprune.policy import kept_count
 from vlmprune.testbed import tiny
 
@@ -38,7 +38,7 @@ def test_counts_match_the_transformers_processor(family, tmp_path):
         assert tokens.total == _processor_count(processor, tiny.make_image(w, h)), (family, w, h)
         assert tokens.prunable > 0
         if family == "llava":
-            assert tokens == ImageTokens(prunable=36)
+            assert tokens == ImageTokenCounts(prunable=36)
         if family == "llava_next":
             assert tokens.newline > 0 and tokens.views >= 2
             assert len(tokens.view_sizes) == tokens.views and sum(tokens.view_sizes) == tokens.prunable
@@ -49,7 +49,7 @@ def test_counts_match_the_transformers_processor(family, tmp_path):
 
 def test_llava_next_newlines_are_never_pruned():
     """kept() applies the ratio to prunable tokens only; newlines are added back in placeholders."""
-    t = ImageTokens(prunable=80, newline=8, views=5)
+    t = ImageTokenCounts(prunable=80, newline=8, views=5)
     assert t.kept(0.9) == kept_count(80, 0.9) == 8
     assert t.placeholders(0.9) == 16 and t.placeholders(0.0) == t.total == 88
 

@@ -33,7 +33,7 @@ SIDE, PATCH = 16, 14  # the demo architecture: 224 px / patch 14
 
 @pytest.fixture(scope="module")
 def micro_model(tmp_path_factory):
-    from testbed.micro import train_micro
+    from tests.testbed.micro import train_micro
 
     return str(train_micro(tmp_path_factory.mktemp("micro") / "model"))
 

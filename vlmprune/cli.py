@@ -1,5 +1,6 @@
 """The ``vlmprune`` command line: methods, FLOPs tables, policies, the gateway (serve), the demo,
-training (testbed models, explain relevance CNNs), evaluation and visualisation of kept tokens.
+training (testbed models, explain relevance CNNs), evaluation, visualisation of kept tokens and a
+test scene to send (``scene``).
 
 Imports are lazy (inside each subcommand), so ``vlmprune methods`` starts fast and never imports
 vLLM, transformers or torch. User errors print ``vlmprune: error: ...`` and exit with status 2.
@@ -139,7 +140,7 @@ _EXPLAIN_ONLY_FLAGS = (("--model", "explain_model"), ("--samples", "samples"), (
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    """Train a testbed model (vlmprune.testbed.train) or a model's explain relevance CNN
+    """Train a testbed model (vlmprune.testbed.train_cli) or a model's explain relevance CNN
     (vlmprune.testbed.train_explain), chosen by the positional argument; argument checks live there."""
     try:
         if args.model != "demo-next":  # demo runs on the CPU; explain picks the GPU itself
@@ -154,7 +155,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             for flag, dest in _EXPLAIN_ONLY_FLAGS:
                 if getattr(args, dest) not in (None, False):
                     raise ValueError(f"{flag} applies to `vlmprune train explain` only")
-            from vlmprune.testbed.train import run_cli
+            from vlmprune.testbed.train_cli import run_cli
         return run_cli(args)
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -168,6 +169,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return run_cli(args)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+
+
+def _cmd_scene(args: argparse.Namespace) -> int:
+    """A test scene of a testbed model as a PNG, with its question and answer (vlmprune.testbed.example)."""
+    from pathlib import Path
+
+    from vlmprune.testbed.example import write_scene
+    from vlmprune.testbed.registry import resolve_model
+
+    try:
+        sample = write_scene(resolve_model(args.model), Path(args.out), args.index)
+    except (ValueError, OSError) as exc:
+        raise UserError(str(exc)) from None
+    print(f"wrote {args.out}: test scene {sample.index} of {args.model}")
+    print(f"question: {sample.question}")
+    print(f"answer:   {sample.answer}")
+    return 0
 
 
 def _cmd_visualize(args: argparse.Namespace) -> int:
@@ -281,6 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
     p.add_argument("-o", "--out", required=True, help="output PNG file")
     p.set_defaults(func=_cmd_visualize)
+
+    p = sub.add_parser("scene", help="write a test scene of a testbed model (PNG) and print its question and answer")
+    p.add_argument("--out", default="scene.png", help="output image file (default: %(default)s)")
+    p.add_argument("--model", default="demo", help="demo, demo-next or a model folder (default: %(default)s)")
+    p.add_argument("--index", type=int, help="test sample N with its own question (default: the first test scene "
+                   "asking 'what colour is the circle ?')")
+    p.set_defaults(func=_cmd_scene)
     return parser
 
 

@@ -126,7 +126,7 @@ def evaluate(
                     if s.index not in cache:
                         answer = engine.generate([req], None, max_new_tokens=3)[0]
                         ((seq, images),) = engine.sequences([req])
-                        cache[s.index] = teacher_relevance(engine, seq, images[0], answer.token_ids, engine._eos_ids())
+                        cache[s.index] = teacher_relevance(engine, seq, images[0], answer.token_ids, engine.eos_ids())
                     gens += engine.generate([req], policy, max_new_tokens=3, explain_model=FixedRelevance(cache[s.index]))
             else:
                 reqs = [Request(s.question, [scenes.render(s.scene, size)]) for s in chunk]
@@ -198,7 +198,7 @@ def _evaluate_vllm(
     params = SamplingParams(max_tokens=3, temperature=0.0)
     data = [scenes.sample(split, i, scale) for i in range(samples)]
     spec = ModelVisionSpec.from_pretrained(path)
-    stock_counts: dict[tuple[int, int], Any] = {}  # image size -> geometry.ImageTokens
+    stock_counts: dict[tuple[int, int], Any] = {}  # image size -> geometry.ImageTokenCounts
     records = []
     t0 = time.time()
     try:

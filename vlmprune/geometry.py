@@ -14,7 +14,7 @@ in ``tests/test_geometry.py``):
 - Qwen2-VL / Qwen2.5-VL: ``smart_resize`` to multiples of ``patch * merge`` within
   ``[min_pixels, max_pixels]``, then ``(H/patch) * (W/patch) / merge**2`` tokens.
 
-Budget symbol: ``n`` = ``ImageTokens.prunable``; kept = ``kept_count(n, ratio)``, per view on
+Budget symbol: ``n`` = ``ImageTokenCounts.prunable``; kept = ``kept_count(n, ratio)``, per view on
 LLaVA-NeXT (``image_kept_count(view_sizes, ratio)``: the thumbnail and every crop keep their own
 share, as FasterVLM's official code does).
 """
@@ -34,7 +34,7 @@ FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 
 
 @dataclass(frozen=True)
-class ImageTokens:
+class ImageTokenCounts:
     """What one image costs the LLM before compression."""
 
     prunable: int
@@ -120,12 +120,12 @@ class ModelVisionSpec:
             config = json.loads(config_file.read_text())
         return cls.from_dicts(config, read_image_processor_config(path))
 
-    def image_tokens(self, width: int, height: int) -> ImageTokens:
+    def image_tokens(self, width: int, height: int) -> ImageTokenCounts:
         """Tokens of one ``width x height`` image (pixels of the image as sent, before resizing)."""
         if width < 1 or height < 1:
             raise ValueError(f"image size must be positive, got {width}x{height}")
         if self.family == "llava":
-            return ImageTokens(prunable=self._base_tokens())
+            return ImageTokenCounts(prunable=self._base_tokens())
         if self.family == "llava_next":
             return self._llava_next(width, height)
         return self._qwen(width, height)
@@ -136,7 +136,7 @@ class ModelVisionSpec:
         side = self.image_size // self.patch_size
         return side * side + (1 if self.select_strategy == "full" else 0)
 
-    def _llava_next(self, width: int, height: int) -> ImageTokens:
+    def _llava_next(self, width: int, height: int) -> ImageTokenCounts:
         # 1. AnyRes: the best pinpoint resolution decides the crop grid (rows x cols of views).
         best_h, best_w = select_best_resolution((height, width), self.grid_pinpoints)
         rows, cols = best_h // self.image_size, best_w // self.image_size
@@ -151,18 +151,18 @@ class ModelVisionSpec:
             cur_w -= 2 * ((cur_w - new_w) // 2)
         # 3. Base view + unpadded crops are prunable; one newline per unpadded feature row.
         base = self._base_tokens()
-        return ImageTokens(
+        return ImageTokenCounts(
             prunable=base + cur_h * cur_w,
             newline=cur_h,
             views=rows * cols + 1,
             view_sizes=(base, *crop_view_sizes(side, (rows, cols), (cur_h, cur_w))),
         )
 
-    def _qwen(self, width: int, height: int) -> ImageTokens:
+    def _qwen(self, width: int, height: int) -> ImageTokenCounts:
         factor = self.patch_size * self.merge_size
         h, w = smart_resize(height, width, factor, self.min_pixels, self.max_pixels)
         grid = (1, h // self.patch_size, w // self.patch_size)
-        return ImageTokens(prunable=grid[1] * grid[2] // (self.merge_size**2), grid_thw=grid)
+        return ImageTokenCounts(prunable=grid[1] * grid[2] // (self.merge_size**2), grid_thw=grid)
 
 
 def crop_view_sizes(side: int, crop_grid: tuple[int, int], unpadded_hw: tuple[int, int]) -> tuple[int, ...]:

@@ -134,9 +134,9 @@ def model_input_box(image_size: tuple[int, int], image_processor: Any) -> Box:
 
 
 def token_layout(family: str, image: Any, image_size: tuple[int, int], image_processor: Any = None) -> TokenLayout:
-    """The :class:`TokenLayout` of one image's tokens (``image``: the backend's ``ImageTokens``).
+    """The :class:`TokenLayout` of one image's tokens.
 
-    ``family`` is the model type (``config.model_type``); ``image_processor`` is needed for
+    ``image`` is a :class:`~vlmprune.reduction.image_tokens.ImageTokens`; ``family`` is the model type (``config.model_type``); ``image_processor`` is needed for
     LLaVA-1.5's resize/crop box. ValueError for a family whose geometry is not known here."""
     n = int(image.features.shape[0])
     width, height = image_size

@@ -1,8 +1,10 @@
 """Chat completions: validate, resolve the policy, count tokens, forward, stream back, measure.
 
 One request, step by step:
-1. read the body (413 past ``max_body_bytes``), parse it (400);
-2. find the images, decode and measure them (400 for corrupt data, too many, remote URLs off);
+1. read the body (413 past ``max_body_bytes``), parse it and validate it against
+   :class:`ChatCompletionRequest` (400 with one sentence naming the field, :mod:`server.validation`);
+2. find the images, decode and measure them (400 for corrupt data, too many, remote URLs off or
+   refused by :mod:`server.remote_images`);
 3. resolve the policy from headers, body and named policy (:mod:`server.policies`; 400 naming
    the header or field), check the method fits the served model's family;
 4. write it into ``mm_processor_kwargs.vlmprune`` and count visual tokens in / kept;
@@ -26,12 +28,16 @@ import httpx
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from server.chat.protocol import AppliedPolicy
+from pydantic import ValidationError
+
+from server.chat.protocol import AppliedPolicy, ChatCompletionRequest
 from server.errors import GatewayError, sse_error_event
-from server.images import decode_data_url, fetch_remote, image_url_of, iter_image_parts
+from server.images import DecodedImage, check_image_bytes, decode_data_url, iter_image_parts
+from server.remote_images import fetch_remote
+from server.validation import shorten, summarize
 from server.policies import HEADER_APPLIED, ResolvedPolicy, resolve_policy
 from server.upstreams import Upstream
-from vlmprune.geometry import ImageTokens
+from vlmprune.geometry import ImageTokenCounts
 from vlmprune.policy import PolicyError
 
 logger = logging.getLogger(__name__)
@@ -42,7 +48,7 @@ class Prepared:
     payload: bytes
     stream: bool
     resolved: ResolvedPolicy | None
-    images: list[ImageTokens] = field(default_factory=list)
+    images: list[ImageTokenCounts] = field(default_factory=list)
     kept: list[int] = field(default_factory=list)
     """Prunable tokens kept per image (the served model's rule, :meth:`ServedModel.kept`)."""
 
@@ -84,6 +90,25 @@ def instruction_text(messages: list[dict[str, Any]]) -> str:
     after += [t for m in messages[last_msg + 1:] if m.get("role") == "user" for t in texts(m.get("content"))]
     chosen = [t for t in after if t.strip()] or [t for t in texts(content) if t.strip()]
     return " ".join(t.strip() for t in chosen)
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_body(raw: bytes) -> Any:
+    """The JSON body; NaN and Infinity (which Python's parser accepts) are refused, as JSON does."""
+    try:
+        return json.loads(raw, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as exc:
+        raise GatewayError(400, f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column "
+                           f"{exc.colno}") from None
+    except UnicodeDecodeError:
+        raise GatewayError(400, "request body is not UTF-8 text") from None
+    except RecursionError:
+        raise GatewayError(400, "request body is nested too deeply") from None
+    except ValueError as exc:  # NaN / Infinity, or an integer with thousands of digits
+        raise GatewayError(400, f"request body is not valid JSON: {exc}") from None
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -139,21 +164,15 @@ class ChatServing:
 
     async def prepare(self, raw: bytes, headers: Any) -> Prepared:
         s = self.state.settings
+        body = parse_body(raw)
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise GatewayError(400, "request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise GatewayError(400, "request body must be a JSON object")
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise GatewayError(400, "'messages' must be a non-empty list", param="messages")
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise GatewayError(400, "'stream' must be a boolean", param="stream")
-        mm_kwargs = body.get("mm_processor_kwargs")
-        if mm_kwargs is not None and not isinstance(mm_kwargs, dict):
-            raise GatewayError(400, "'mm_processor_kwargs' must be an object", param="mm_processor_kwargs")
+            request = ChatCompletionRequest.model_validate(body)
+        except ValidationError as exc:
+            message, param = summarize(exc, body)
+            raise GatewayError(400, f"invalid request: {message}", param=param) from None
+        stream = request.stream
+        mm_kwargs = request.mm_processor_kwargs
+        messages = body["messages"]
 
         parts = list(iter_image_parts(messages))
         if len(parts) > s.max_images:
@@ -161,19 +180,9 @@ class ChatServing:
                                param="messages")
         sizes = []
         for part in parts:
-            url = image_url_of(part)
-            if url.startswith("data:"):
-                image = decode_data_url(url, s.max_image_pixels)
-            elif url.startswith(("http://", "https://")):
-                if not s.allow_remote_images:
-                    raise GatewayError(400, "remote image URLs are disabled on this gateway; send the image as a "
-                                       "data URL (data:image/png;base64,...)", param="messages")
-                image = await fetch_remote(url, self.state.client, s.remote_image_max_bytes,
-                                           s.remote_image_timeout_s, s.max_image_pixels)
-                part["image_url"] = {**(part["image_url"] if isinstance(part["image_url"], dict) else {}),
-                                     "url": image.data_url}
-            else:
-                raise GatewayError(400, "image URL must be a data URL (or http(s) where enabled)", param="messages")
+            image = await self._load_image(part["image_url"]["url"])
+            if image.data_url != part["image_url"]["url"]:
+                part["image_url"] = {**part["image_url"], "url": image.data_url}
             sizes.append((image.width, image.height))
 
         body_policy = (mm_kwargs or {}).get("vlmprune")
@@ -197,6 +206,18 @@ class ChatServing:
             body["mm_processor_kwargs"] = {**(mm_kwargs or {}), "vlmprune": resolved.processor_kwargs()}
         return Prepared(payload=json.dumps(body).encode(), stream=stream, resolved=resolved, images=images,
                         kept=kept)
+
+    async def _load_image(self, url: str) -> DecodedImage:
+        s = self.state.settings
+        if url.startswith("data:"):
+            return decode_data_url(url, s.max_image_pixels)
+        if url.startswith(("http://", "https://")):
+            if not s.allow_remote_images:
+                raise GatewayError(400, "remote image URLs are disabled on this gateway; send the image as a "
+                                   "data URL (data:image/png;base64,...)", param="messages")
+            raw = await fetch_remote(url, self.state.client, s)
+            return check_image_bytes(raw, s.max_image_pixels)
+        raise GatewayError(400, f"image URL {shorten(url)} is neither a data URL nor http(s)", param="messages")
 
     # -- 5: forward --------------------------------------------------------------------------
 

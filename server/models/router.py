@@ -7,12 +7,14 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from server.auth import require_api_key
+from server.chat.protocol import ModelList
 from server.errors import ERROR_RESPONSES, GatewayError
 
 router = APIRouter()
 
 
-@router.get("/v1/models", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
+@router.get("/v1/models", dependencies=[Depends(require_api_key)],
+            responses={200: {"model": ModelList, "description": "The served model(s)"}, **ERROR_RESPONSES})
 async def list_models(request: Request) -> Response:
     state = request.app.state.gateway
     failures = []

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vlmprune.testbed.tiny import make_image
-from vlmprune.backends.hf.base import CLS_ATTENTION, CLS_LOGITS, MERGE_METRIC
+from vlmprune.reduction.image_tokens import CLS_ATTENTION, CLS_LOGITS, MERGE_METRIC
 from vlmprune.backends.hf.llava import LlavaAdapter
 from vlmprune.backends.hf.llava_next import LlavaNextAdapter
 from vlmprune.backends.hf.vision_hooks import vit_layers
@@ -129,7 +129,7 @@ def test_llava_aim_merges_clip_features_then_projects(llava, ratio):
     """AIM on LLaVA, as its official code: ToMe merges the selected CLIP layer's patch features
     (metric: the last ViT layer's keys) and the projector runs on the merged tokens. Merging the
     projected features instead (the same groups) gives other values."""
-    from vlmprune.backends.hf.reduce import input_keep, reduce_image, signals_needed
+    from vlmprune.reduction.reduce import input_keep, reduce_image, signals_needed
     from vlmprune.core import aim
     from vlmprune.policy import parse_policy
 

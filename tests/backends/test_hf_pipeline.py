@@ -9,7 +9,7 @@ import torch
 
 from vlmprune.testbed.tiny import make_image
 from vlmprune.backends.hf import ReferenceBackend, Request
-from vlmprune.backends.hf.base import CLS_ATTENTION
+from vlmprune.reduction.image_tokens import CLS_ATTENTION
 from vlmprune.core import fastervlm, schedule
 from vlmprune.core.explain import RelevanceCNN, RelevanceCNNConfig
 from vlmprune.methods import METHODS

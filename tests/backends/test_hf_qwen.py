@@ -14,7 +14,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import eager_attention_forwa
 from transformers.vision_utils import get_vision_window_index
 
 from vlmprune.testbed.tiny import make_image
-from vlmprune.backends.hf.base import CLS_ATTENTION, CLS_LOGITS, MERGE_METRIC
+from vlmprune.reduction.image_tokens import CLS_ATTENTION, CLS_LOGITS, MERGE_METRIC
 from vlmprune.backends.hf.pipeline import ReferenceBackend, Request, adapter_for
 from vlmprune.backends.hf.qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
 from vlmprune.core import schedule

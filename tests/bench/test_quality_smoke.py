@@ -24,7 +24,7 @@ def _load_quality():
 
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory) -> Path:
-    from testbed.micro import train_micro
+    from tests.testbed.micro import train_micro
 
     return train_micro(tmp_path_factory.mktemp("micro") / "model")
 

@@ -6,6 +6,7 @@ benchmark on the quick model with real stock and plugin vLLM engines (about 1-3 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -26,14 +27,15 @@ def _load_speed():
     return module
 
 
-speed = _load_speed()
+speed = _load_speed()  # puts bench/ on sys.path, where its parts live (bench/speedbench/)
+from speedbench import bench_model, report, summary, workload  # noqa: E402
 
 
 def _hf_config(model=None):
     """The transformers config of a bench model spec (no weights built)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    m = model or speed.QUICK_MODEL
+    m = model or bench_model.QUICK_MODEL
     return LlavaConfig(
         vision_config=CLIPVisionConfig(
             image_size=m.image_size, patch_size=m.patch_size, hidden_size=m.vit_hidden,
@@ -52,18 +54,18 @@ def test_ideal_speedup_is_the_flops_ratio():
     """ideal = prefill_flops(576) / prefill_flops(kept), vision included; 1 at no pruning, grows as tokens go."""
     from vlmprune import flops
 
-    config = _hf_config(speed.FULL_MODEL)
+    config = _hf_config(bench_model.FULL_MODEL)
     vision, lm = flops.from_hf_config(config)
-    assert vision.patches_per_view == 576 and lm.layers == speed.FULL_MODEL.lm_layers
-    assert speed.ideal_speedup(config, 40, 576, 576)["ideal"] == pytest.approx(1.0)
-    got = speed.ideal_speedup(config, 40, 576, 58)
+    assert vision.patches_per_view == 576 and lm.layers == bench_model.FULL_MODEL.lm_layers
+    assert summary.ideal_speedup(config, 40, 576, 576)["ideal"] == pytest.approx(1.0)
+    got = summary.ideal_speedup(config, 40, 576, 58)
     want = flops.prefill_flops(lm, 40, 576, vision).total / flops.prefill_flops(lm, 40, 58, vision).total
     assert got["ideal"] == pytest.approx(want)
     # The vision tower is not pruned: the LLM-only ideal is higher.
     assert 1 < got["ideal"] < got["ideal_llm_only"]
     # The full bench model is LLM-dominated, as LLaVA-1.5-7B is (its tower is ~4 % of prefill).
     assert got["vision_share"] < 0.1
-    assert speed.ideal_speedup(config, 40, 576, 29)["ideal"] > got["ideal"]
+    assert summary.ideal_speedup(config, 40, 576, 29)["ideal"] > got["ideal"]
 
 
 @pytest.mark.parametrize(
@@ -74,37 +76,37 @@ def test_ideal_speedup_is_the_flops_ratio():
 )
 def test_expected_kept_follows_kept_count(method, ratio, kept):
     """In vLLM every method prunes at the LLM input to kept_count(576, ratio); stock and ratio 0 keep all."""
-    config = speed.Config("x", "plugin" if method else "stock", method, ratio)
-    assert speed.expected_kept(config, 576, 12) == kept
+    config = workload.Config("x", "plugin" if method else "stock", method, ratio)
+    assert summary.expected_kept(config, 576, 12) == kept
 
 
 def test_ideal_with_scoring_counts_the_probe():
     """Probe methods pay for their scoring (ideal + scoring < ideal); random and pool score nothing."""
-    config = _hf_config(speed.FULL_MODEL)
+    config = _hf_config(bench_model.FULL_MODEL)
     for method in ("transprune", "aim", "explain", "fastervlm"):
-        got = speed.ideal_speedup(config, 40, 576, 58, speed.Config("x", "plugin", method, 0.9), 9)
+        got = summary.ideal_speedup(config, 40, 576, 58, workload.Config("x", "plugin", method, 0.9), 9)
         assert got["scoring_gflops"] > 0 and got["ideal_with_scoring"] < got["ideal"], method
-    pool = speed.ideal_speedup(config, 40, 576, 58, speed.Config("x", "plugin", "pool", 0.9), 9)
+    pool = summary.ideal_speedup(config, 40, 576, 58, workload.Config("x", "plugin", "pool", 0.9), 9)
     assert pool["scoring_gflops"] == 0 and pool["ideal_with_scoring"] == pool["ideal"]
 
 
 def test_percentile():
     """Linear interpolation between order statistics; empty input is an error."""
-    assert speed.percentile([3.0, 1.0, 2.0], 50) == 2.0
-    assert speed.percentile([1.0, 2.0, 3.0, 4.0], 90) == pytest.approx(3.7)
-    assert speed.percentile([5.0], 90) == 5.0
+    assert summary.percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert summary.percentile([1.0, 2.0, 3.0, 4.0], 90) == pytest.approx(3.7)
+    assert summary.percentile([5.0], 90) == 5.0
     with pytest.raises(ValueError):
-        speed.percentile([], 50)
+        summary.percentile([], 50)
 
 
 def test_configs_and_requests_are_shared():
     """Every configuration gets the same prompt and image for a request index; instruction only where needed."""
-    configs = speed.make_configs(["fastervlm", "pool"], [0.0, 0.5, 0.9])
+    configs = workload.make_configs(["fastervlm", "pool"], [0.0, 0.5, 0.9])
     assert [c.name for c in configs] == ["stock", "plugin r=0", "fastervlm r=0.5", "fastervlm r=0.9", "pool r=0.5", "pool r=0.9"]
-    a, b = speed.request_spec(3, configs[0]), speed.request_spec(3, configs[3])
+    a, b = workload.request_spec(3, configs[0]), workload.request_spec(3, configs[3])
     assert (a["question"], a["seed"]) == (b["question"], b["seed"])
     assert a["policy"] is None and b["policy"] == {"method": "fastervlm", "ratio": 0.9}
-    tp = speed.Config("t", "plugin", "transprune", 0.9).policy("what is this ?")
+    tp = workload.Config("t", "plugin", "transprune", 0.9).policy("what is this ?")
     assert tp["instruction"] == "what is this ?"
 
 
@@ -112,7 +114,7 @@ def _synthetic(configs, stock_ttft=2.0, r0_factor=1.0, reps=5):
     """Samples where TTFT scales with the prompt length (an ideal engine) plus a fixed 0.1 s."""
     samples = {}
     for c in configs:
-        kept = speed.expected_kept(c, 576, 2)
+        kept = summary.expected_kept(c, 576, 2)
         ttft = 0.1 + (stock_ttft - 0.1) * (kept + 40) / (576 + 40)
         if c.name == "plugin r=0":
             ttft *= r0_factor
@@ -127,19 +129,19 @@ def _synthetic(configs, stock_ttft=2.0, r0_factor=1.0, reps=5):
 
 def _result(configs, data):
     meta = {
-        "tag": "test", "model": speed.dataclasses.asdict(speed.QUICK_MODEL), "n_visual": 576, "params_m": 1.0,
+        "tag": "test", "model": dataclasses.asdict(bench_model.QUICK_MODEL), "n_visual": 576, "params_m": 1.0,
         "vllm": "0.32.0", "cpu": "x86_64", "cores": 2, "start_s": {"stock": 5.0, "plugin": 6.0}, "reps": 5,
         "batch": 4, "rounds": 2, "tries": 1, "loadavg_1min": data["loadavg_1min"], "wall_s": 60.0, "command": "python bench/speed.py",
     }
     result = {"meta": meta, "samples": data["samples"]}
-    result["rows"] = speed.summarize(configs, data, _hf_config(), 576)
-    result["targets"] = speed.targets(result["rows"])
+    result["rows"] = summary.summarize(configs, data, _hf_config(), 576)
+    result["targets"] = summary.targets(result["rows"])
     return result
 
 
 def test_summary_targets_and_writers(tmp_path):
     """Speedups, targets and the three output files from synthetic samples."""
-    configs = speed.make_configs(["fastervlm", "aim"], [0.0, 0.5, 0.9])
+    configs = workload.make_configs(["fastervlm", "aim"], [0.0, 0.5, 0.9])
     result = _result(configs, _synthetic(configs, r0_factor=1.05))
     rows = {r["config"]: r for r in result["rows"]}
     assert rows["stock"]["speedup_p50"] == pytest.approx(1.0)
@@ -152,7 +154,7 @@ def test_summary_targets_and_writers(tmp_path):
     assert set(tg["at_0.9"]) == {"fastervlm", "aim"}
     assert tg["at_0.9"]["fastervlm"]["share"] == pytest.approx(rows["fastervlm r=0.9"]["speedup_p50"] / rows["fastervlm r=0.9"]["ideal"])
 
-    paths = speed.write_outputs(result, tmp_path, "test")
+    paths = report.write_outputs(result, tmp_path, "test")
     assert set(paths) == {"json", "md", "png"}
     data = json.loads(paths["json"].read_text())
     assert {"meta", "samples", "rows", "targets"} <= set(data)
@@ -163,7 +165,7 @@ def test_summary_targets_and_writers(tmp_path):
 
 def test_ratio0_within_tolerance_is_met():
     """A plugin at ratio 0 as fast as stock meets the 3 % target."""
-    configs = speed.make_configs(["fastervlm"], [0.0, 0.9])
+    configs = workload.make_configs(["fastervlm"], [0.0, 0.9])
     tg = _result(configs, _synthetic(configs, r0_factor=1.01))["targets"]
     assert tg["ratio0_within_3pct"] is True
 

@@ -1,12 +1,18 @@
-"""Fixtures of the gateway tests: a tiny LLaVA saved for vLLM, a gateway running in a thread."""
+"""Fixtures of the gateway tests: a tiny LLaVA saved for vLLM, a gateway running in a thread,
+`vlmprune serve` running in a subprocess."""
 
 from __future__ import annotations
 
 import base64
 import contextlib
 import io
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -57,6 +63,66 @@ def running_gateway(settings):
     finally:
         server.should_exit = True
         thread.join(timeout=15)
+
+
+@contextlib.contextmanager
+def vllm_engine(model_dir: Path, log_path: Path, max_images: int = 8, timeout_s: float = 600) -> Iterator[str]:
+    """A real ``vllm serve`` CPU engine with the plugin, started by the launcher's own functions
+    (the command, flags and process-group stop that ``vlmprune serve`` uses); yields its URL."""
+    import argparse
+
+    from server import launcher
+
+    port = launcher.free_port()
+    args = argparse.Namespace(max_model_len=512, max_images=max_images, vllm_arg=[])
+    cmd = launcher.vllm_command(model_dir, str(model_dir), port, args, gpu=False)
+    proc = launcher.start_vllm(cmd, log_path, gpu=False)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        launcher.wait_ready(url, proc, log_path, timeout_s)
+        yield url
+    finally:
+        launcher.stop_group(proc)
+
+
+@pytest.fixture(scope="module")
+def engine_gateway(tiny_llava_dir, tmp_path_factory):
+    """One real vLLM CPU engine (tiny LLaVA) for the module, with the gateway in front of it;
+    yields ``(gateway URL, vLLM URL, served model id)``."""
+    from server.config import GatewaySettings
+
+    log = tmp_path_factory.mktemp("engine") / "vllm.log"
+    with vllm_engine(tiny_llava_dir, log) as vllm_url:
+        settings = GatewaySettings(upstreams=[vllm_url], model_dir=str(tiny_llava_dir), health_interval_s=0.5)
+        with running_gateway(settings) as url:
+            yield url, vllm_url, str(tiny_llava_dir)
+REPO = Path(__file__).resolve().parents[2]
+
+
+@contextlib.contextmanager
+def vlmprune_serve(model: str, log: Path, timeout_s: float = 600):
+    """`python -m vlmprune serve --model MODEL` (real vLLM + gateway) until it reports "started in";
+    yields (gateway URL, vLLM URL, process, seconds to start); SIGTERM (then kill) afterwards."""
+    port, vllm_port = free_port(), free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "vlmprune", "serve", "--model", model, "--port", str(port),
+           "--vllm-port", str(vllm_port), "--max-model-len", "512", "--vllm-log", str(log.with_suffix(".vllm.log"))]
+    t0 = time.monotonic()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        while "started in" not in log.read_text():
+            if proc.poll() is not None or time.monotonic() - t0 > timeout_s:
+                pytest.fail(f"vlmprune serve did not start (rc={proc.poll()}):\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{vllm_port}", proc, time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 @pytest.fixture

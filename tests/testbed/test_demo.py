@@ -84,3 +84,81 @@ def test_answers_test_questions(demo):
         answer = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         correct += answer.strip() == s.answer
     assert correct >= 12, correct
+
+
+# --- questions as people type them (the tokenizer's normalizer) -----------------------------------
+
+
+def typed_variants(question: str) -> list[str]:
+    """The canonical question as people type it: capitals, US spelling, punctuation attached."""
+    attached = question.replace(" ?", "?").replace("colour", "color")
+    return [attached[0].upper() + attached[1:], attached.upper(), "  " + question.title() + " "]
+
+
+@pytest.mark.parametrize("name", ["demo", "demo-next"])
+def test_shipped_tokenizer_is_the_builders(tmp_path, name):
+    """tokenizer.json is exactly what `vlmprune train` builds, so a retrained model gets the normalizer."""
+    from vlmprune.testbed.train import build_tokenizer
+
+    if not (MODELS_DIR / name / "tokenizer.json").is_file():
+        pytest.skip(f"NOT SHIPPED: {name}")
+    build_tokenizer(tmp_path)
+    assert (tmp_path / "tokenizer.json").read_text() == (MODELS_DIR / name / "tokenizer.json").read_text()
+
+
+@needs_shipped
+def test_canonical_prompts_tokenize_as_in_training(demo):
+    """Task prompts are still one id per space-separated word (the ids the model was trained on);
+    the chat-template words and <image> stay single tokens."""
+    _, _, processor, _ = demo
+    tok = processor.tokenizer
+    vocab = tok.get_vocab()
+    for i in range(40):
+        s = scenes.sample("test", i)
+        ids = tok("USER: <image> " + s.question + " ASSISTANT:").input_ids
+        words = ["<s>", "USER", ":", "<image>", *s.question.split(), "ASSISTANT", ":"]
+        assert ids == [vocab[w] for w in words], s.question
+
+
+@needs_shipped
+def test_typed_questions_get_the_same_ids_and_answers(demo):
+    """`What color is the circle?` and its kind give the canonical question's prompt ids (no <unk>)
+    and its greedy answer through the reference backend, on a sample of every family."""
+    from vlmprune.backends.hf.pipeline import ReferenceBackend, Request
+
+    _, model, processor, _ = demo
+    backend = ReferenceBackend(model, processor)
+    size = model.config.vision_config.image_size
+    families = set()
+    for i in range(5):
+        s = scenes.sample("test", i)
+        image = scenes.render(s.scene, size)
+        requests = [Request(q, [image]) for q in (s.question, *typed_variants(s.question))]
+        ids = [backend.process([r])["input_ids"][0].tolist() for r in requests]
+        assert all(x == ids[0] for x in ids) and processor.tokenizer.unk_token_id not in ids[0], s.question
+        answers = [g.text.strip() for g in backend.generate(requests, max_new_tokens=3)]
+        assert answers == [answers[0]] * len(requests), (s.question, answers)
+        families.add(s.family)
+    assert families == set(scenes.FAMILIES)
+
+
+@needs_shipped
+def test_scene_command_writes_the_readme_scene(tmp_path, capsys):
+    """`vlmprune scene` writes the first test scene asking the README's question at demo's canvas
+    and prints that question and its answer; `--index N` gives sample N; a bad index exits 2."""
+    from PIL import Image
+
+    from vlmprune.cli import main
+    from vlmprune.testbed.example import EXAMPLE_QUESTION
+
+    assert main(["scene", "--out", str(tmp_path / "a.png")]) == 0
+    out = capsys.readouterr().out
+    index = int(out.split("test scene ")[1].split()[0])
+    s = scenes.sample("test", index)
+    assert s.question == EXAMPLE_QUESTION and f"question: {s.question}\nanswer:   {s.answer}\n" in out
+    assert all(scenes.sample("test", i).question != EXAMPLE_QUESTION for i in range(index))
+    assert Image.open(tmp_path / "a.png").size == (224, 224)
+    assert main(["scene", "--out", str(tmp_path / "b.png"), "--index", "3"]) == 0
+    assert f"question: {scenes.sample('test', 3).question}\n" in capsys.readouterr().out
+    assert main(["scene", "--out", str(tmp_path / "c.png"), "--index", "-1"]) == 2
+    assert "index must be >= 0" in capsys.readouterr().err

@@ -18,7 +18,7 @@ REQUIRED = {"accuracy", "samples", "visual_tokens", "kept_tokens", "per_family",
 
 @pytest.fixture(scope="module")
 def micro_model(tmp_path_factory):
-    from testbed.micro import train_micro
+    from tests.testbed.micro import train_micro
 
     out = train_micro(tmp_path_factory.mktemp("micro") / "model")
     return str(out)

@@ -41,7 +41,7 @@ def _eval(*args: str) -> dict:
 def tiny(tmp_path_factory) -> Path:
     """A barely trained model of the demo's architecture (224 px, 256 visual tokens, hub layout),
     built by the demo recipe in seconds (as ``test_eval_cli.py`` does)."""
-    from testbed.micro import train_micro
+    from tests.testbed.micro import train_micro
 
     out = train_micro(tmp_path_factory.mktemp("micro") / "model")
     return out

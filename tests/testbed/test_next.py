@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from vlmprune.testbed import scenes
+from vlmprune.testbed import grounding as G
+from vlmprune.testbed import lm_stage as LM
 from vlmprune.testbed import train as T
 from vlmprune.testbed import train_next as N
 from vlmprune.testbed.registry import MODELS_DIR, resolve_model, scene_layout
@@ -95,14 +97,14 @@ def test_order_targets_pick_the_first_object():
             continue
         a, b = s.meta["targets"]
         owner = scenes.patch_owner(s.scene, 224, 14)
-        first, second = T.order_targets(s.scene, owner, s.family, s.answer, s.meta["targets"], 2)
+        first, second = G.order_targets(s.scene, owner, s.family, s.answer, s.meta["targets"], 2)
         axis = "x" if s.answer in ("left", "right") else "y"
         left = a if getattr(a, axis) < getattr(b, axis) else b
         other = b if left is a else a
         assert (first == scenes.item_patches(s.scene, owner, [left])).all()
         assert (second == scenes.item_patches(s.scene, owner, [other])).all()
     s = scenes.sample("train", 0)
-    none = T.order_targets(s.scene, scenes.patch_owner(s.scene, 224, 14), "count", "two", [], 2)
+    none = G.order_targets(s.scene, scenes.patch_owner(s.scene, 224, 14), "count", "two", [], 2)
     assert not any(m.any() for m in none)
 
 
@@ -170,10 +172,10 @@ def test_coordinate_loss_reads_position_rows_only():
     head = torch.nn.Linear(8, 4)
     layer_in = torch.randn(2, 10, 8)
     coords = [[np.array([0.25, 0.5, 0.75, 1.0]), None], [None]]
-    loss = T.coordinate_loss(head, layer_in, [[3, 7], [5]], coords)
+    loss = G.coordinate_loss(head, layer_in, [[3, 7], [5]], coords)
     expected = torch.nn.functional.mse_loss(head(layer_in[0, 3][None]), torch.tensor([[-0.5, 0.0, 0.5, 1.0]]))
     assert torch.allclose(loss, expected)
-    assert T.coordinate_loss(head, layer_in, [[3], [5]], [[None], [None]]) == 0
+    assert G.coordinate_loss(head, layer_in, [[3], [5]], [[None], [None]]) == 0
 
 
 def test_question_batch_coordinates_follow_the_question():
@@ -182,7 +184,7 @@ def test_question_batch_coordinates_follow_the_question():
 
     cfg = T.DemoConfig(batch=6, turns=5)
     seeds = list(range(30))
-    batch = T.question_batch(cfg, random.Random(3), seeds, torch.zeros(30, 1),
+    batch = LM.question_batch(cfg, random.Random(3), seeds, torch.zeros(30, 1),
                              lambda i, scene: scenes.patch_owner(scene, 224, 14))
     seen = 0
     for i, turns, families, coords in zip(batch.idx, batch.convs, batch.families, batch.coords):

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from testbed.micro import train_micro
+from tests.testbed.micro import train_micro
 from vlmprune.core.explain import CHECKPOINT_NAME, RelevanceCNN
 from vlmprune.testbed import train_explain as TE
 

@@ -9,6 +9,9 @@ import json
 import torch
 
 from vlmprune.testbed import scenes
+from vlmprune.testbed import grounding as G
+from vlmprune.testbed import lm_stage as LM
+from vlmprune.testbed import run_folder as RF
 from vlmprune.testbed import train as T
 from vlmprune.testbed.vit import VitConfig, image_processor, pixels
 
@@ -31,10 +34,10 @@ def test_prompt_and_labels_match_processor(tmp_path):
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.question}]}],
         add_generation_prompt=True, tokenize=False,
     )
-    assert text == T.prompt_text(s.question)
+    assert text == LM.prompt_text(s.question)
     full = processor(text=text, images=scenes.render(s.scene), return_tensors="pt")["input_ids"][0]
     assert tok.unk_token_id not in full.tolist()
-    ids, labels, pos = T.QuestionBatcher(tok).batch([(s.question, s.answer)])
+    ids, labels, pos = LM.QuestionBatcher(tok).batch([(s.question, s.answer)])
     # One placeholder here, 256 after the processor's expansion; answer + eos appended.
     assert ids.shape[1] - 1 + 256 == full.shape[0] + 2
     targets = labels[labels != -100].tolist()
@@ -67,7 +70,7 @@ def test_multi_turn_labels(tmp_path):
     """Training conversations: every answer and its eos are labelled at the position before them,
     nothing else is; the first turn is exactly the single-question prompt."""
     tok = T.build_processor(tmp_path, VitConfig()).tokenizer
-    batcher = T.QuestionBatcher(tok)
+    batcher = LM.QuestionBatcher(tok)
     turns = [("is there a red circle ?", "yes"), ("what digit is in the red box ?", "7")]
     ids, labels, _ = batcher.conversations([turns, turns[:1]])
     names = tok.convert_ids_to_tokens(ids[0].tolist())
@@ -86,24 +89,24 @@ def test_grounding_targets_and_token_dropout(tmp_path):
 
     processor = T.build_processor(tmp_path / "w", T.DemoConfig().vit)
     tok = processor.tokenizer
-    batcher = T.QuestionBatcher(tok)
+    batcher = LM.QuestionBatcher(tok)
     scene = scenes.make_scene(11)
     a, b = scene.shapes[0], scene.shapes[1]
     question = f"is the {a.colour} {a.kind} left or right of the {b.colour} {b.kind} ?"
     ids, labels, pos = batcher.conversations([[(question, "left")]])
     n_vis = 256
-    rows = T.answer_rows(labels, pos, n_vis)
+    rows = G.answer_rows(labels, pos, n_vis)
     length = ids.shape[1] - 1 + n_vis
     naming = {tok.convert_tokens_to_ids(w) for w in (*scenes.COLOURS, *scenes.SHAPES, "box")}
-    words = T.naming_word_keys(ids[0].tolist(), rows[0], ["position"], naming, pos, n_vis, length, 2)[0]
+    words = G.naming_word_keys(ids[0].tolist(), rows[0], ["position"], naming, pos, n_vis, length, 2)[0]
     tokens = tok.convert_ids_to_tokens(ids[0].tolist())
     to_text = [j - n_vis + 1 if j > pos else j for j in range(length)]
     assert [tokens[to_text[j]] for j in words[0].nonzero()[0]] == [a.colour, a.kind]
     assert [tokens[to_text[j]] for j in words[1].nonzero()[0]] == [b.colour, b.kind]
     owner = scenes.patch_owner(scene, 224, 14)
-    patches = T.head_targets(scene, owner, "position", [a, b], 2)
+    patches = G.head_targets(scene, owner, "position", [a, b], 2)
     assert (patches[0] == (owner == scene.items.index(a) + 1)).all() and patches[0].any()
-    keys = T.visual_keys(patches, pos, length)
+    keys = G.visual_keys(patches, pos, length)
     assert keys[1][pos : pos + n_vis].tolist() == patches[1].tolist() and not keys[1][:pos].any()
 
     cfg = T.DemoConfig(vit_steps=1, vit_batch=2, cache_scenes=4, steps=2, batch=2, val_samples=2, token_dropout=1.0)
@@ -122,8 +125,8 @@ def test_resumable_cache_resumes_after_the_saved_part(tmp_path):
             yield torch.tensor(batch, dtype=torch.float16)[:, None]
 
     torch.save([torch.tensor([0.0, 1.0], dtype=torch.float16)[:, None]], tmp_path / "f.part.pt")
-    out = T.resumable_cache(tmp_path / "f.pt", list(range(5)), 2, encode, log=lambda _m: None, progress=False)
+    out = RF.resumable_cache(tmp_path / "f.pt", list(range(5)), 2, encode, log=lambda _m: None, progress=False)
     assert out.flatten().tolist() == [0, 1, 2, 3, 4] and calls == [(2, 3), (4,)]
     assert (tmp_path / "f.pt").is_file() and not (tmp_path / "f.part.pt").exists()
-    assert T.resumable_cache(tmp_path / "f.pt", list(range(5)), 2, encode, progress=False).shape == (5, 1)
+    assert RF.resumable_cache(tmp_path / "f.pt", list(range(5)), 2, encode, progress=False).shape == (5, 1)
     assert len(calls) == 2  # complete: loaded, nothing encoded again

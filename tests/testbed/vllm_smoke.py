@@ -15,7 +15,7 @@ def main() -> int:
 
     from vlmprune.testbed import scenes
     from vlmprune.testbed.registry import resolve_model
-    from vlmprune.testbed.train import prompt_text
+    from vlmprune.testbed.lm_stage import prompt_text
 
     path = resolve_model(sys.argv[1] if len(sys.argv) > 1 else "demo")
     llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=1024,

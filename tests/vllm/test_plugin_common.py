@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -37,16 +39,21 @@ def test_register_is_idempotent_and_registers_lazy_strings():
     assert lines[1] == "vlmprune.vllm_plugin.llava_next PrunedLlavaNext"
 
 
-def test_missing_or_incomplete_module_is_skipped_not_registered(tmp_path, monkeypatch):
-    """A Qwen module that is absent, or lacks its class, is skipped (the stock model stays)."""
-    from vlmprune.vllm_plugin import _class_defined
+def test_every_registered_target_subclasses_the_stock_model():
+    """Each lazy ``module:Class`` of ``MODELS`` imports and subclasses vLLM's own class for that
+    architecture (registration is plain, so a wrong target would only fail inside an engine)."""
+    import importlib
 
-    assert _class_defined("vlmprune.vllm_plugin.llava:PrunedLlava")
-    assert not _class_defined("vlmprune.vllm_plugin.no_such_module:X")
-    (tmp_path / "half_done.py").write_text("class Other:\n    pass\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    assert not _class_defined("half_done:PrunedQwen2VL")
-    assert _class_defined("half_done:Other")
+    from vllm.model_executor.models.registry import _MULTIMODAL_MODELS
+
+    from vlmprune.vllm_plugin import MODELS
+
+    for arch, target in MODELS.items():
+        module, _, cls = target.partition(":")
+        ours = getattr(importlib.import_module(module), cls)
+        stock_module, stock_cls = _MULTIMODAL_MODELS[arch]
+        stock = getattr(importlib.import_module(f"vllm.model_executor.models.{stock_module}"), stock_cls)
+        assert issubclass(ours, stock) and ours is not stock, (arch, target)
 
 
 @pytest.mark.parametrize(
@@ -170,12 +177,36 @@ def test_check_engine_refuses_unsafe_configurations(monkeypatch):
         common.check_engine(_vllm_config(defaults={"vlmprune": {"method": "globalcom2"}}), "m", "llava")
     default = common.check_engine(_vllm_config(defaults={"vlmprune": {"method": "pool", "ratio": 0.5}}), "m", "llava")
     assert default.policy.method == "pool"
-    monkeypatch.setattr(vllm, "__version__", "0.33.1")
     monkeypatch.delenv(common.ALLOW_UNTESTED_ENV, raising=False)
-    with pytest.raises(RuntimeError, match="tested on vLLM 0.32.x only, found 0.33.1"):
-        common.check_engine(_vllm_config(), "m")
+    for version in ("0.34.0", "0.31.2", "1.0.0", "0.320.0"):
+        monkeypatch.setattr(vllm, "__version__", version)
+        with pytest.raises(RuntimeError, match=rf"supports vLLM 0.32.x \(engine-tested\) and 0.33.x "
+                                               rf"\(source-checked\) only, found {re.escape(version)}"):
+            common.check_engine(_vllm_config(), "m")
     monkeypatch.setenv(common.ALLOW_UNTESTED_ENV, "1")
     common.check_engine(_vllm_config(), "m")
+
+
+@pytest.mark.parametrize("version", ["0.32.0", "0.32.3", "0.33.0", "0.33.2rc1"])
+def test_check_engine_accepts_engine_tested_and_source_checked_versions(monkeypatch, version):
+    """0.32.x (engine-tested) and 0.33.x (source-checked) start without the override."""
+    import vllm
+
+    monkeypatch.delenv(common.ALLOW_UNTESTED_ENV, raising=False)
+    monkeypatch.setattr(vllm, "__version__", version)
+    assert common.check_engine(_vllm_config(), "m", "llava").policy is None
+
+
+def test_gpu_extra_installs_only_versions_the_plugin_accepts():
+    """pyproject's ``gpu`` extra and the plugin's version check admit the same vLLM releases."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    extras = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]
+    (gpu,) = [Requirement(r) for r in extras["optional-dependencies"]["gpu"] if r.startswith("vllm")]
+    for version in ("0.31.9", "0.32.0", "0.32.4", "0.33.0", "0.33.5", "0.34.0", "1.0.0"):
+        assert gpu.specifier.contains(version) == version.startswith(common.SUPPORTED_VLLM), version
 
 
 def test_hub_layout_keys():

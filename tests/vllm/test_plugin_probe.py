@@ -353,7 +353,7 @@ def test_ratio0_equals_no_policy(env):
 def test_engine_default_method_applies_with_its_options(env):
     """A request giving only a ratio (+ instruction) gets the default's method and options (AIM with
     merge_keep 0.5, 3 PageRank iterations); one naming fastervlm runs fastervlm."""
-    from vlmprune.backends.hf.reduce import input_keep
+    from vlmprune.reduction.reduce import input_keep
 
     image = fresh_image(env, 11)
     s = make_spec(env, images=(image,), policy={"ratio": 0.75, "instruction": QUESTION})
@@ -371,7 +371,8 @@ def test_engine_default_method_applies_with_its_options(env):
 
 def _reference_kept_sets(env, s: dict, policy) -> tuple[list[tuple[int, list[int]]], object]:
     """The reference backend's kept image tokens per stage (layer, indices) and its prefill."""
-    from vlmprune.backends.hf.reduce import reduce_image, signals_needed, stage_plan
+    from vlmprune.reduction.reduce import reduce_image, signals_needed
+    from vlmprune.reduction.stages import stage_plan
 
     ref = env.ref
     layers = len(ref.adapter.text_model.layers)

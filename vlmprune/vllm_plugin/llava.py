@@ -4,9 +4,9 @@ Processor: the stock one plus the policy fields (:mod:`vlmprune.vllm_plugin.comm
 placeholder run shrinks to ``kept_count(576, ratio)`` (any prunable count: the rule is the
 reference backend's). Model: the stock one; ``embed_multimodal`` runs the stock vision tower and
 projector once, with a forward hook on the last *loaded* ViT layer's ``qkv_proj``, and keeps or
-merges rows with :func:`vlmprune.backends.hf.reduce.reduce_image` (the transformers backend's own
-routing into :mod:`vlmprune.core`); the instruction-aware methods go through the model's shallow
-LM probe (:mod:`vlmprune.vllm_plugin.probe`).
+merges rows with :func:`vlmprune.reduction.reduce.reduce_image` (the routing into
+:mod:`vlmprune.core` that the transformers backend uses too); the instruction-aware methods go
+through the model's shallow LM probe (:mod:`vlmprune.vllm_plugin.probe`).
 
 Which ViT layer: vLLM builds the CLIP tower only up to ``vision_feature_layer`` (-2 for LLaVA), so
 the last loaded layer is Hugging Face's penultimate layer: exactly FasterVLM's layer. Signals that
@@ -40,10 +40,10 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
-from vlmprune.backends.hf.base import CLS_ATTENTION, CLS_LOGITS, MERGE_METRIC, ImageTokens
-from vlmprune.backends.hf.reduce import reduce_image, signals_needed
-from vlmprune.backends.hf.vision_hooks import projection, projector_input_capture
 from vlmprune.policy import PolicyError
+from vlmprune.reduction.image_tokens import CLS_ATTENTION, CLS_LOGITS, MERGE_METRIC, ImageTokens
+from vlmprune.reduction.projector import projection, projector_input_capture
+from vlmprune.reduction.reduce import reduce_image, signals_needed
 from vlmprune.signals.attention import cls_attention_from_qk
 from vlmprune.vllm_plugin.probe import ModelProbe
 from vlmprune.vllm_plugin.common import (

@@ -10,7 +10,7 @@ Selection: the stock tower runs once over every view (hooked as in :mod:`vlmprun
 the stock ``_merge_image_patch_embeddings`` packs the features. To know which view, crop and grid
 cell each packed row came from, the same vLLM function packs a one-channel tensor of source
 indices (newline = -1) - so the layout matches the features by construction - and the result
-becomes the :class:`~vlmprune.backends.hf.base.ImageTokens` geometry that the transformers
+becomes the :class:`~vlmprune.reduction.image_tokens.ImageTokens` geometry that the transformers
 backend builds for the same model. ``reduce_image`` then decides (FasterVLM per view, GlobalCom2's
 thumbnail-guided crop budgets, ``random``, ``pool`` per view, AIM's merge per view).
 
@@ -36,9 +36,9 @@ from vllm.model_executor.models.llava_next import (
 from vllm.model_executor.models.vision import get_num_selected_vision_tokens
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from vlmprune.backends.hf.base import ImageTokens
-from vlmprune.backends.hf.vision_hooks import projection, projector_input_capture
 from vlmprune.geometry import crop_view_sizes
+from vlmprune.reduction.image_tokens import ImageTokens
+from vlmprune.reduction.projector import projection, projector_input_capture
 from vlmprune.vllm_plugin.common import (
     PLUGIN_METHODS,
     POLICY_KEY,

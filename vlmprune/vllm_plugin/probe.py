@@ -59,11 +59,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmprune.backends.hf.base import ImageTokens
-from vlmprune.backends.hf.reduce import reduce_image
 from vlmprune.core import aim, explain, transprune
 from vlmprune.core.select import TokenReduction, topk_sorted
 from vlmprune.policy import PolicyError, image_kept_count
+from vlmprune.reduction.image_tokens import ImageTokens
+from vlmprune.reduction.reduce import reduce_image
 from vlmprune.signals.attention import attention_rows
 
 EXPLAIN_CHECKPOINT = explain.CHECKPOINT_NAME

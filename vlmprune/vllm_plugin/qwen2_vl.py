@@ -3,10 +3,10 @@
 Registered (lazily, by :func:`vlmprune.vllm_plugin.register`) as ``PrunedQwen2VL`` under
 ``Qwen2VLForConditionalGeneration`` and ``PrunedQwen2_5_VL`` under
 ``Qwen2_5_VLForConditionalGeneration``. Methods: ``fastervlm``, ``random``, ``pool`` decided by
-:func:`vlmprune.backends.hf.reduce.reduce_image`, the transformers reference backend's own routing
-into :mod:`vlmprune.core`; ``transprune``, ``aim`` (merge, then PageRank) and ``explain`` by the
-shallow probe of :mod:`vlmprune.vllm_plugin.probe`, over M-RoPE positions (the image's (t, h, w)
-ids, the instruction after them).
+:func:`vlmprune.reduction.reduce.reduce_image`, the routing into :mod:`vlmprune.core` that the
+transformers reference backend uses too; ``transprune``, ``aim`` (merge, then PageRank) and
+``explain`` by the shallow probe of :mod:`vlmprune.vllm_plugin.probe`, over M-RoPE positions (the
+image's (t, h, w) ids, the instruction after them).
 
 Processor (front end): the stock one plus the policy fields of :mod:`.common`; each image's
 ``<|image_pad|>`` run shrinks to the count the processor computed from the merged-token grid
@@ -17,7 +17,7 @@ FasterVLM score, a forward pre-hook on the attention kernel of one full-attentio
 the last block; Qwen2.5-VL: the last of ``fullatt_block_indexes``) reads the ``query``/``key``
 tensors that kernel receives, i.e. *after* the vision RoPE, and
 :func:`~vlmprune.signals.attention.mean_attention_received` scores each patch per image
-(block-diagonal, per-image bounds), then :func:`~vlmprune.backends.hf.qwen2_vl.pool_merge_groups`
+(block-diagonal, per-image bounds), then :func:`~vlmprune.reduction.qwen_pooling.pool_merge_groups`
 averages every merge group exactly as the PatchMerger groups patches. Qwen2.5-VL permutes merge
 groups into window order inside its blocks; the scores are put back with the inverse of vLLM's
 own per-image ``get_window_index_thw``. AIM's merge metric is the merger output (as in the
@@ -89,10 +89,10 @@ from vllm.model_executor.models.qwen2_vl import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
 
-from vlmprune.backends.hf.base import CLS_ATTENTION, MERGE_METRIC, ImageTokens
-from vlmprune.backends.hf.qwen2_vl import pool_merge_groups
-from vlmprune.backends.hf.reduce import reduce_image
 from vlmprune.policy import PolicyError
+from vlmprune.reduction.image_tokens import CLS_ATTENTION, MERGE_METRIC, ImageTokens
+from vlmprune.reduction.qwen_pooling import pool_merge_groups
+from vlmprune.reduction.reduce import reduce_image
 from vlmprune.signals.attention import mean_attention_received
 from vlmprune.vllm_plugin.common import (
     PLUGIN_METHODS,

@@ -1,5 +1,9 @@
 """The transformers reference backend: exact paper semantics with real token removal.
 
+Only transformers-specific code lives here (adapters, the pipeline, the progressive LLM loop); what
+it shares with the vLLM plugin (the image-tokens type, signal names, the policy -> reduction
+mapping, stage plans) is :mod:`vlmprune.reduction`.
+
 Public entry points are imported lazily (``from vlmprune.backends.hf import ReferenceBackend``), so
 importing a submodule such as ``base`` never pulls in every adapter.
 """
@@ -18,8 +22,6 @@ _EXPORTS = {
     "adapter_for": "vlmprune.backends.hf.pipeline",
     "family_of": "vlmprune.backends.hf.pipeline",
     "apply_reductions": "vlmprune.backends.hf.pipeline",
-    "reduce_image": "vlmprune.backends.hf.reduce",
-    "ImageTokens": "vlmprune.backends.hf.base",
     "ModelAdapter": "vlmprune.backends.hf.base",
     "Sequence": "vlmprune.backends.hf.base",
 }

@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 
-from vlmprune.backends.hf.base import ImageTokens, ModelAdapter, Sequence
-from vlmprune.backends.hf.vision_hooks import cls_signal_capture, projection, projector_input_capture
+from vlmprune.backends.hf.base import ModelAdapter, Sequence
+from vlmprune.backends.hf.vision_hooks import cls_signal_capture
+from vlmprune.reduction.image_tokens import ImageTokens
+from vlmprune.reduction.projector import projection, projector_input_capture
 
 
 class LlavaFamilyAdapter(ModelAdapter):

@@ -14,9 +14,10 @@ from collections.abc import Mapping
 
 import torch
 
-from vlmprune.backends.hf.base import ImageTokens
 from vlmprune.backends.hf.llava import LlavaFamilyAdapter
-from vlmprune.backends.hf.vision_hooks import cls_signal_capture, projection, projector_input_capture
+from vlmprune.backends.hf.vision_hooks import cls_signal_capture
+from vlmprune.reduction.image_tokens import ImageTokens
+from vlmprune.reduction.projector import projection, projector_input_capture
 
 _GEOMETRY = 4  # side channels: view, crop, row, col
 

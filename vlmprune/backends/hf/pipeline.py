@@ -5,7 +5,7 @@ tower ONCE, batched over all images (with the hooks the method's signals need) -
 (no padding, batch size 1 in the LLM, simple and exact):
 
 1. the adapter lays out the full, unpruned LLM input exactly as the stock model would;
-2. each image is reduced at the LLM input (:func:`vlmprune.backends.hf.reduce.reduce_image`);
+2. each image is reduced at the LLM input (:func:`vlmprune.reduction.reduce.reduce_image`);
 3. the pruned sequence keeps all text and the kept visual tokens; positions are re-indexed
    ``0..L'-1`` (LLaVA family, as stock LLaVA and vLLM) or the original ids are gathered (Qwen);
 4. pre-LLM / instruction-aware methods: the stock text model with a ``DynamicCache``;
@@ -29,18 +29,19 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
-from vlmprune.backends.hf.base import ImageTokens, ModelAdapter, Sequence
-from vlmprune.backends.hf.reduce import (
-    needs_instruction_attention,
-    prunable_values,
-    reduce_image,
-    signals_needed,
-    stage_plan,
-)
+from vlmprune.backends.hf.base import ModelAdapter, Sequence
 from vlmprune.core import explain
 from vlmprune.core.select import TokenReduction
 from vlmprune.methods import require_support
 from vlmprune.policy import PROGRESSIVE_METHODS, PolicyError, PolicyT, parse_policy
+from vlmprune.reduction.image_tokens import ImageTokens
+from vlmprune.reduction.reduce import (
+    needs_instruction_attention,
+    prunable_values,
+    reduce_image,
+    signals_needed,
+)
+from vlmprune.reduction.stages import stage_plan
 from vlmprune.signals.attention import instruction_attention
 
 # Family (config.model_type) -> "module:Class", imported on first use so that a family whose
@@ -412,7 +413,7 @@ class ReferenceBackend:
     def greedy_tokens(self, pre: Prefill, max_new_tokens: int) -> list[int]:
         """Greedy continuation of one prefill: token ids up to and including an end-of-sequence
         token, at most ``max_new_tokens``."""
-        eos = self._eos_ids()
+        eos = self.eos_ids()
         tokens: list[int] = []
         logits = pre.logits
         while True:
@@ -448,7 +449,8 @@ class ReferenceBackend:
             scores.append(total)
         return scores
 
-    def _eos_ids(self) -> set[int]:
+    def eos_ids(self) -> set[int]:
+        """Token ids that end a greedy continuation (the generation config's, else the tokenizer's)."""
         eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         if eos is None:
             eos = getattr(self.tokenizer, "eos_token_id", None)

@@ -25,13 +25,9 @@ from typing import Any, ClassVar
 import torch
 from transformers.vision_utils import get_vision_window_index
 
-from vlmprune.backends.hf.base import (
-    CLS_ATTENTION,
-    MERGE_METRIC,
-    ImageTokens,
-    ModelAdapter,
-    Sequence,
-)
+from vlmprune.backends.hf.base import ModelAdapter, Sequence
+from vlmprune.reduction.image_tokens import CLS_ATTENTION, MERGE_METRIC, ImageTokens
+from vlmprune.reduction.qwen_pooling import pool_merge_groups
 from vlmprune.signals.attention import mean_attention_received
 
 _SUPPORTED_SIGNALS = frozenset({CLS_ATTENTION, MERGE_METRIC})
@@ -57,16 +53,6 @@ def vision_qk(qkv: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.
         xf = x.float()
         out.append((xf * cos + _rotate_half(xf) * sin).to(x.dtype).reshape(t, -1))
     return out[0], out[1]
-
-
-def pool_merge_groups(patch_scores: torch.Tensor, merge_unit: int) -> torch.Tensor:
-    """(T,) per-patch scores -> (N,) per merged token: mean over each run of ``merge_unit``
-    consecutive patches, the grouping PatchMerger's ``view(-1, merge_unit * C)`` applies."""
-    if patch_scores.ndim != 1 or patch_scores.shape[0] % merge_unit:
-        raise ValueError(
-            f"patch scores must be (T,) with T divisible by {merge_unit}, got {tuple(patch_scores.shape)}"
-        )
-    return patch_scores.view(-1, merge_unit).mean(dim=1)
 
 
 class _BlockQKCapture:

@@ -11,13 +11,13 @@ patches, ``H`` heads, ``C`` the projection width (H * head_dim).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from vlmprune.backends.hf.base import CLS_ATTENTION, CLS_LOGITS, MERGE_METRIC, VISION_FEATURES
+from vlmprune.reduction.image_tokens import CLS_ATTENTION, CLS_LOGITS, MERGE_METRIC
 from vlmprune.signals.attention import cls_attention_from_qk
 
 CLS_SIGNALS = frozenset({CLS_ATTENTION, CLS_LOGITS, MERGE_METRIC})
@@ -132,39 +132,3 @@ def cls_signal_capture(vision_tower: nn.Module, vision_feature_layer, needs: fro
     num_heads = layers[0].self_attn.num_heads
     with capture_qk(layers, wanted_projections(needs, feature_layer, last_layer)) as captured:
         yield lambda: patch_signals(captured, needs, feature_layer, last_layer, num_heads)
-
-
-@contextmanager
-def projector_input_capture(projector: nn.Module, needs: frozenset[str], patches: int):
-    """Record the multimodal projector's input around one forward when ``VISION_FEATURES`` is needed.
-
-    Yields a callable returning ``{VISION_FEATURES: (B, P, C)}`` (``P = patches`` per ViT pass, in
-    call order; ``{}`` when not needed: then no hook is installed).
-    """
-    if VISION_FEATURES not in needs:
-        yield dict
-        return
-    inputs: list[torch.Tensor] = []
-
-    def hook(_module: nn.Module, args: tuple) -> None:
-        inputs.append(args[0].detach())
-
-    def read() -> dict[str, torch.Tensor]:
-        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs])  # (B * P, C)
-        return {VISION_FEATURES: x.reshape(-1, patches, x.shape[-1])}
-
-    handle = projector.register_forward_pre_hook(hook)
-    try:
-        yield read
-    finally:
-        handle.remove()
-
-
-def projection(projector: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``x (m, c_vision) -> projector(x) (m, d_lm)`` in the projector's dtype and device."""
-    weight = next(projector.parameters())
-
-    def project(x: torch.Tensor) -> torch.Tensor:
-        return projector(x.to(weight.device, weight.dtype)[None])[0]
-
-    return project

@@ -3,12 +3,13 @@
 Counts: ``keep`` prunable tokens survive, ``keep = image_kept_count(view_sizes, ratio)``
 (``kept_count`` of every view, summed: one view except on LLaVA-NeXT) for pre-LLM and
 instruction-aware methods; for the progressive methods (TransPrune, AIM) ``keep`` is the count of
-the scaled schedule's stage at the LLM input (:func:`stage_plan`). Non-prunable tokens (LLaVA-NeXT's
-image_newline tokens) always survive, so ``count == keep + n_non_prunable``. Ratio 0 (or a stage
-that keeps everything) returns the identity.
+the scaled schedule's stage at the LLM input (:func:`vlmprune.reduction.stages.stage_plan`).
+Non-prunable tokens (LLaVA-NeXT's image_newline tokens) always survive, so
+``count == keep + n_non_prunable``. Ratio 0 (or a stage that keeps everything) returns the identity.
 
 Each method's choice is a pure function of :mod:`vlmprune.core`; this module only routes the
-right signals and geometry to it and maps the result back to the image's token indices.
+right signals and geometry to it and maps the result back to the image's token indices. Both
+backends call it: the transformers reference backend and the vLLM plugin reduce an image the same way.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from typing import Any
 
 import torch
 
-from vlmprune.backends.hf.base import CLS_ATTENTION, CLS_LOGITS, MERGE_METRIC, VISION_FEATURES, ImageTokens
-from vlmprune.core import aim, baselines, explain, fastervlm, globalcom2, schedule, transprune
+from vlmprune.core import aim, baselines, explain, fastervlm, globalcom2, transprune
 from vlmprune.core.select import TokenReduction, allocate_exact
 from vlmprune.methods import require_support
 from vlmprune.policy import PolicyError, image_kept_count, view_kept_counts
+from vlmprune.reduction.image_tokens import CLS_ATTENTION, CLS_LOGITS, MERGE_METRIC, VISION_FEATURES, ImageTokens
+from vlmprune.reduction.stages import stage_plan
 
 _SIGNALS: dict[str, frozenset[str]] = {
     "fastervlm": frozenset({CLS_ATTENTION}),
@@ -39,25 +41,6 @@ def signals_needed(method: str, family: str | None = None) -> frozenset[str]:
     if method == "aim" and family in _PRE_PROJECTOR_MERGE:
         needs = needs | {VISION_FEATURES}
     return needs
-
-
-def progressive_schedule(policy: Any, num_layers: int) -> list[schedule.Stage]:
-    """The paper schedule of a progressive policy scaled to its layer-averaged ``ratio``."""
-    if policy.method == "transprune":
-        stages = schedule.transprune_stages(num_layers)
-    elif policy.method == "aim":
-        stages = schedule.aim_stages(num_layers, policy.merge_keep)
-    else:
-        raise ValueError(f"method {policy.method!r} has no progressive schedule")
-    return schedule.scale_to_ratio(stages, num_layers, policy.ratio)
-
-
-def stage_plan(policy: Any, n_prunable: int, num_layers: int) -> list[tuple[int, int]]:
-    """``(after_layer, prunable tokens kept)`` per stage; the first stage is the LLM input (layer 0)."""
-    plan = schedule.stage_counts(progressive_schedule(policy, num_layers), n_prunable)
-    if not plan or plan[0][0] != 0:
-        plan = [(0, n_prunable), *plan]
-    return plan
 
 
 def input_keep(policy: Any, view_sizes: int | Sequence[int], num_layers: int | None = None) -> int:

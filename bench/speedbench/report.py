@@ -1,0 +1,118 @@
+"""Rendering of a result: the markdown report, the speedup plot and the ``speed_<tag>.*`` files."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from speedbench.summary import TTFT_TARGET_SHARE
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    """The result as a markdown report: setup, the table, the targets."""
+    meta, rows, tg = result["meta"], result["rows"], result["targets"]
+    lines = [
+        f"# vLLM plugin speed: {meta['model']['name']} ({meta['tag']})",
+        "",
+        f"- model: LLaVA-1.5 geometry, {meta['n_visual']} visual tokens, random weights, float32; "
+        f"{meta['params_m']:.0f} M parameters (CLIP {meta['model']['vit_layers']} x {meta['model']['vit_hidden']}, "
+        f"Llama {meta['model']['lm_layers']} x {meta['model']['lm_hidden']}); vision + projector = "
+        f"{100 * rows[0]['vision_share']:.1f} % of baseline prefill FLOPs",
+        f"- vLLM {meta['vllm']}, {meta['cpu']}, {meta['cores']} cores; engine start stock {meta['start_s']['stock']:.0f} s, "
+        f"plugin {meta['start_s']['plugin']:.0f} s",
+        f"- TTFT: {meta['reps']} interleaved repetitions per configuration (max_tokens=1, one request at a time), "
+        f"each the fastest of {meta.get('tries', 1)} back-to-back tries; "
+        f"throughput: {meta['rounds']} round(s) of {meta['batch']} requests at once (max_tokens=4)",
+        f"- load average (1 min) during the run: min {min(meta['loadavg_1min']):.2f}, "
+        f"median {statistics.median(meta['loadavg_1min']):.2f}, max {max(meta['loadavg_1min']):.2f}; "
+        f"wall time {meta['wall_s'] / 60:.1f} min",
+        f"- command: `{meta['command']}`",
+        "",
+        "| config | kept | TTFT p50 (s) | TTFT p90 (s) | TTFT min (s) | speedup p50 | paired | min | ideal (FLOPs) "
+        "| ideal + scoring | LLM-only ideal | p50/ideal | req/s (median) | vs stock | req/s (best) | vs stock "
+        "| embed ms/img | plugin ms/img | embed ms (fastest) | plugin ms (fastest) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['config']} | {r['kept_tokens']} | {r['ttft_p50_s']:.3f} | {r['ttft_p90_s']:.3f} | {r['ttft_min_s']:.3f} | "
+            f"{r['speedup_p50']:.2f}x | {r['speedup_paired']:.2f}x | {r['speedup_min']:.2f}x | {r['ideal']:.2f}x | "
+            f"{r['ideal_with_scoring']:.2f}x | {r['ideal_llm_only']:.2f}x | "
+            f"{r['speedup_over_ideal']:.2f} | {r['rps']:.3f} | {r['rps_vs_stock']:.2f}x | {r['rps_best']:.3f} | "
+            f"{r['rps_best_vs_stock']:.2f}x | "
+            f"{r['embed_ms_per_image']:.1f} | {r['plugin_ms_per_image']:.1f} | {r['embed_ms_fastest']:.1f} | "
+            f"{r['plugin_ms_fastest']:.1f} |"
+        )
+    lines += [
+        "",
+        "speedup p50 = stock TTFT p50 / config TTFT p50; paired = median over repetitions of the per-request "
+        "ratio (same image and prompt, run back to back); min = stock's fastest / config's fastest repetition (the "
+        "least disturbed by other jobs on a shared machine); ideal = baseline / pruned prefill FLOPs "
+        "(vision + projector + LLM, causal attention, the measured text length); ideal + scoring adds the "
+        "method's own scoring FLOPs (FLOPs model, vLLM shallow probe: `method_probe_flops(in_llm=False)`); "
+        "p50/ideal = speedup p50 / ideal (the target's measure); plugin ms/img = time the "
+        "plugin adds inside `embed_multimodal` around vLLM's own vision tower + projector (mean over repetitions; "
+        "'fastest' = in the fastest repetition).",
+        "",
+        "## Targets",
+        "",
+        f"- plugin at ratio 0 vs stock vLLM (paired TTFT): {100 * tg['ratio0_ttft_vs_stock']:+.1f} % "
+        f"(target within ±3 %: {'met' if tg['ratio0_within_3pct'] else 'NOT met'}); fastest repetitions "
+        f"{100 * tg['ratio0_ttft_min_vs_stock']:+.1f} % ({'met' if tg['ratio0_within_3pct_min'] else 'NOT met'}); "
+        f"the plugin's own time at ratio 0: {tg['ratio0_plugin_ms_per_image']:.2f} ms per image = "
+        f"{100 * tg['ratio0_plugin_share_of_ttft']:.2f} % of stock's fastest TTFT; "
+        f"throughput {100 * tg['ratio0_rps_vs_stock']:+.1f} % (median), {100 * tg['ratio0_rps_best_vs_stock']:+.1f} % (best)",
+    ]
+    for method, t in tg["at_0.9"].items():
+        lines.append(
+            f"- {method} at ratio 0.9: TTFT speedup {t['speedup']:.2f}x vs ideal {t['ideal']:.2f}x = "
+            f"{t['share']:.2f} of ideal (target >= {TTFT_TARGET_SHARE}: {'met' if t['met'] else 'NOT met'}); "
+            f"fastest repetitions {t['speedup_min']:.2f}x = {t['share_min']:.2f} of ideal "
+            f"({'met' if t['met_min'] else 'NOT met'})"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """TTFT speedup vs ratio per method, with the FLOPs model's ideal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    r0 = next(r for r in rows if r["config"] == "plugin r=0")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    methods = sorted({r["method"] for r in rows if r["method"] and r["ratio"] > 0})
+    for method in methods:
+        pts = [(0.0, r0["speedup_min"], r0["speedup_p50"])] + sorted(
+            (r["ratio"], r["speedup_min"], r["speedup_p50"]) for r in rows if r["method"] == method and r["ratio"] > 0
+        )
+        (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{method} (fastest)")
+        ax.scatter([p[0] for p in pts], [p[2] for p in pts], marker="x", s=18, alpha=0.45, color=line.get_color())
+    ideal = [(0.0, 1.0)] + sorted((r["ratio"], r["ideal"]) for r in rows if r["method"] == methods[0] and r["ratio"] > 0)
+    ax.plot([p[0] for p in ideal], [p[1] for p in ideal], "k--", label="ideal (FLOPs model)")
+    ax.plot(
+        [p[0] for p in ideal], [TTFT_TARGET_SHARE * p[1] for p in ideal], "k:", linewidth=1,
+        label=f"{TTFT_TARGET_SHARE} x ideal (target)",
+    )
+    ax.set_xlabel("ratio (fraction of visual tokens removed)")
+    ax.set_ylabel("TTFT speedup vs stock vLLM\n(lines: fastest repetitions; x: p50)")
+    ax.set_title(f"vlmprune in vLLM {result['meta']['vllm']} (CPU): {result['meta']['model']['name']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(result: dict[str, Any], out_dir: Path, tag: str) -> dict[str, Path]:
+    """Write ``speed_<tag>.json``, ``.md`` and ``.png`` to ``out_dir``; returns the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {ext: out_dir / f"speed_{tag}.{ext}" for ext in ("json", "md", "png")}
+    paths["json"].write_text(json.dumps(result, indent=1, default=float) + "\n")
+    paths["md"].write_text(render_markdown(result))
+    plot(result, paths["png"])
+    return paths

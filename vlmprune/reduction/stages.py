@@ -1,0 +1,31 @@
+"""Stage plans of the progressive methods (TransPrune, AIM): how many tokens each stage keeps.
+
+The paper schedules and their scaling to a layer-averaged ``ratio`` are :mod:`vlmprune.core.schedule`;
+this module applies them to one policy and one image, for the reduction at the LLM input
+(:func:`vlmprune.reduction.reduce.input_keep`) and for the reference backend's in-LLM stages.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vlmprune.core import schedule
+
+
+def progressive_schedule(policy: Any, num_layers: int) -> list[schedule.Stage]:
+    """The paper schedule of a progressive policy scaled to its layer-averaged ``ratio``."""
+    if policy.method == "transprune":
+        stages = schedule.transprune_stages(num_layers)
+    elif policy.method == "aim":
+        stages = schedule.aim_stages(num_layers, policy.merge_keep)
+    else:
+        raise ValueError(f"method {policy.method!r} has no progressive schedule")
+    return schedule.scale_to_ratio(stages, num_layers, policy.ratio)
+
+
+def stage_plan(policy: Any, n_prunable: int, num_layers: int) -> list[tuple[int, int]]:
+    """``(after_layer, prunable tokens kept)`` per stage; the first stage is the LLM input (layer 0)."""
+    plan = schedule.stage_counts(progressive_schedule(policy, num_layers), n_prunable)
+    if not plan or plan[0][0] != 0:
+        plan = [(0, n_prunable), *plan]
+    return plan
