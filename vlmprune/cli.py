@@ -136,7 +136,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 _EXPLAIN_ONLY_FLAGS = (("--model", "explain_model"), ("--samples", "samples"), ("--epochs", "epochs"),
                        ("--batch-size", "batch_size"), ("--keep-wrong", "keep_wrong"),
-                       ("--no-progress", "no_progress"))
+                       ("--no-progress", "no_progress"), ("--cnn", "cnn"), ("--cnn-channels", "cnn_channels"))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -263,6 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-wrong", action="store_true",
                    help="explain: also train on wrongly answered samples (tests and smoke runs only)")
     p.add_argument("--no-progress", action="store_true", help="explain: no progress bars on stderr")
+    p.add_argument("--cnn", choices=("sequence", "grid"),
+                   help="explain: 1-D convolutions over the token sequence (the paper's, any model; default) or "
+                   "2-D over the image's patch grid (LLaVA-1.5-style models)")
+    p.add_argument("--cnn-channels", help="explain: comma-separated channels of the CNN's blocks "
+                   "(default: 32,64,128,256,512, the paper's)")
     p.add_argument("--seed", type=int, default=0, help="seed of everything (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
     p.set_defaults(func=_cmd_train)

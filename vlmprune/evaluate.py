@@ -8,6 +8,12 @@ sample draws its own subset, reproducibly).
 
 Per family the result carries the chance level: the accuracy of always giving that family's most
 frequent answer on the same samples.
+
+``explain_scores`` (explain, hf backend) says what ranks the tokens: ``cnn``, the method itself;
+``input``, the CNN's own raw input (layer-0 instruction attention: the ablation that shows what the
+CNN adds); ``oracle``, the teacher's relevance of the model's own ratio-0 answer
+(:func:`vlmprune.testbed.train_explain.teacher_relevance`, one backward pass per sample: a ceiling
+for any student, evaluation only, never served).
 """
 
 from __future__ import annotations
@@ -19,6 +25,26 @@ from pathlib import Path
 from typing import Any
 
 BACKENDS = ("hf", "vllm")
+EXPLAIN_SCORES = ("cnn", "input", "oracle")
+
+
+class InputRelevance:
+    """Stands in for the explain CNN: ranks tokens by the CNN's raw input (``explain-input``)."""
+
+    def relevance(self, attn: Any) -> Any:
+        return attn
+
+
+class FixedRelevance:
+    """Stands in for the explain CNN with one sample's precomputed relevance (``oracle``)."""
+
+    def __init__(self, scores: Any) -> None:
+        self.scores = scores
+
+    def relevance(self, attn: Any) -> Any:
+        if attn.shape != self.scores.shape:
+            raise ValueError(f"relevance of shape {tuple(self.scores.shape)} for {tuple(attn.shape)} tokens")
+        return self.scores.to(attn.device)
 
 
 def evaluate(
@@ -33,9 +59,14 @@ def evaluate(
     batch_size: int = 16,
     progress: bool = True,
     device: str | None = None,
+    explain_scores: str = "cnn",
+    teacher_cache: dict[int, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (a shipped name or a folder) and return the result dict (see module doc).
-    ``device`` (hf backend): torch device of the model, default the GPU when there is one."""
+    ``device`` (hf backend): torch device of the model, default the GPU when there is one.
+    ``explain_scores``: see the module doc (``cnn`` unless the method is explain on the hf backend).
+    ``teacher_cache``: sample index -> teacher relevance, filled and reused by ``oracle`` runs (pass
+    the same dict to every ratio of one model: the teacher does not depend on the ratio)."""
     from vlmprune.policy import parse_policy
     from vlmprune.testbed import scenes
     from vlmprune.testbed.registry import resolve_model, scene_layout
@@ -50,6 +81,10 @@ def evaluate(
         raise ValueError(f"split must be one of {', '.join(scenes.SPLITS)}, got {split!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if explain_scores not in EXPLAIN_SCORES:
+        raise ValueError(f"explain_scores must be one of {', '.join(EXPLAIN_SCORES)}, got {explain_scores!r}")
+    if explain_scores != "cnn" and (method != "explain" or backend != "hf"):
+        raise ValueError(f"explain_scores={explain_scores!r} applies to method 'explain' on the hf backend only")
     base = {"method": method, "ratio": ratio, **(options or {})}
     policy = parse_policy(base)  # validates once, names the offending field
     path = resolve_model(model)
@@ -80,9 +115,23 @@ def evaluate(
                     pol = parse_policy({**base, "seed": seed * 1_000_003 + s.index})
                     req = Request(s.question, [scenes.render(s.scene, size)])
                     gens += engine.generate([req], pol, max_new_tokens=3)
+            elif explain_scores == "oracle" and policy.ratio > 0:
+                # Per sample: the teacher's relevance of the model's own unpruned answer ranks its tokens.
+                from vlmprune.testbed.train_explain import teacher_relevance
+
+                gens = []
+                cache = {} if teacher_cache is None else teacher_cache
+                for s in chunk:
+                    req = Request(s.question, [scenes.render(s.scene, size)])
+                    if s.index not in cache:
+                        answer = engine.generate([req], None, max_new_tokens=3)[0]
+                        ((seq, images),) = engine.sequences([req])
+                        cache[s.index] = teacher_relevance(engine, seq, images[0], answer.token_ids, engine.eos_ids())
+                    gens += engine.generate([req], policy, max_new_tokens=3, explain_model=FixedRelevance(cache[s.index]))
             else:
                 reqs = [Request(s.question, [scenes.render(s.scene, size)]) for s in chunk]
-                gens = engine.generate(reqs, policy, max_new_tokens=3)
+                stand_in = InputRelevance() if explain_scores == "input" else None
+                gens = engine.generate(reqs, policy, max_new_tokens=3, explain_model=stand_in)
             for s, g in zip(chunk, gens):
                 answer = g.text.strip()
                 records.append(
@@ -91,7 +140,8 @@ def evaluate(
                 )
             bar.update(len(chunk))
     return summarize(records, model=str(model), path=str(path), backend=backend, split=split, seed=seed,
-                     policy=policy.model_dump(mode="json"), wall_s=time.time() - t0, device=device)
+                     policy=policy.model_dump(mode="json"), wall_s=time.time() - t0, device=device,
+                     explain_scores=explain_scores)
 
 
 def _evaluate_vllm(

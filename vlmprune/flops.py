@@ -39,7 +39,9 @@ Which convention the papers used (reproduced by ``bench/flops_table.py`` / ``vlm
   TransPrune-High 1.56 T (ratio 0.59, -0.2 %) and LLaVA-NeXT 8.33 T (-0.0 %).
 - FasterVLM's 43.58 T -> 11.51 / 5.71 / 3.80 T for LLaVA-NeXT-7B = **FLOPs**, visual tokens only
   (no text), full attention, **plus the vision tower** (5 views of 577 tokens, 23 layers) and
-  projector (ours 43.60 / 11.55 / 5.72 / 3.83 T: +0.0 / +0.3 / +0.3 / +0.7 %).
+  projector (ours 43.60 / 11.55 / 5.75 / 3.84 T: +0.0 / +0.3 / +0.7 / +1.1 %, with the official
+  per-view counts 5 x 144 / 58 / 29 = 720 / 290 / 145; one budget over all 2880 tokens, 720 / 288 /
+  144, gave 5.72 / 3.83 T, closer to the paper's figures than its own code's counts).
 - GlobalCom2's 41.7 T for LLaVA-NeXT-7B = the same FLOPs without the tower (ours 41.65 T, -0.1 %).
 Adding 64 / 100 text tokens moves the LLaVA-1.5 figure by +11 / +18 %, so none of the papers
 counted the text; causal instead of full attention moves it by -1 % (LLaVA-NeXT: -5 %). All
@@ -142,6 +144,11 @@ class ModelGeometry:
     def n_visual(self) -> int:
         """Visual tokens at the LLM input for the reference image, uncompressed."""
         return self.n_views * self.vision.visual_tokens_per_view
+
+    @property
+    def view_sizes(self) -> tuple[int, ...]:
+        """Visual tokens per view of the reference image (each view is budgeted by itself)."""
+        return (self.vision.visual_tokens_per_view,) * self.n_views
 
 
 # Vicuna-7B v1.5 (LLaMA-2-7B shape) and CLIP ViT-L/14-336: the llava-hf/llava-1.5-7b-hf and
@@ -406,22 +413,27 @@ def method_visual_per_layer(
     policy: Any = None,
     *,
     in_llm: bool = True,
+    view_sizes: Sequence[int] | None = None,
 ) -> list[int]:
     """Visual tokens entering each decoder layer under ``method`` at ``ratio``.
 
     Progressive methods (transprune, aim) follow their schedule scaled to the layer-averaged
     ``ratio`` when ``in_llm`` (the transformers backend); with ``in_llm=False`` (the vLLM shallow
     probe, pruned at the LLM input) and for every other method, each layer sees
-    ``kept_count(n_visual, ratio)`` tokens. ``ratio`` is bucketed as a policy would be.
+    ``image_kept_count(view_sizes, ratio)`` tokens (``kept_count`` of every view, summed;
+    ``view_sizes`` defaults to one view of ``n_visual``). ``ratio`` is bucketed as a policy would be.
     """
     from vlmprune.core import schedule
-    from vlmprune.policy import PROGRESSIVE_METHODS, kept_count
+    from vlmprune.policy import PROGRESSIVE_METHODS, image_kept_count
 
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    views = (n_visual,) if view_sizes is None else tuple(view_sizes)
+    if sum(views) != n_visual:
+        raise ValueError(f"view_sizes {views} do not sum to n_visual={n_visual}")
     resolved = _resolve_policy(method, ratio, policy)
     if method not in PROGRESSIVE_METHODS or not in_llm:
-        return [kept_count(n_visual, resolved.ratio)] * num_layers
+        return [image_kept_count(views, resolved.ratio)] * num_layers
     if method == "transprune":
         stages = schedule.transprune_stages(num_layers)
     else:
@@ -545,7 +557,10 @@ def method_prefill_flops(
     takes all ``n_text`` tokens as the instruction (an upper bound)."""
     views = model.n_views if n_views is None else n_views
     n_visual = views * model.vision.visual_tokens_per_view
-    per_layer = method_visual_per_layer(method, ratio, n_visual, model.lm.layers, policy, in_llm=in_llm)
+    per_layer = method_visual_per_layer(
+        method, ratio, n_visual, model.lm.layers, policy, in_llm=in_llm,
+        view_sizes=(model.vision.visual_tokens_per_view,) * views,
+    )
     probe = (
         method_probe_flops(method, ratio, model.lm, model.vision, n_visual, n_text, views, policy, in_llm=in_llm)
         if include_probe
@@ -653,7 +668,9 @@ def flops_rows(
         model = get_preset(name)
         for method in methods:
             for ratio in ratios:
-                per_layer = method_visual_per_layer(method, ratio, model.n_visual, model.lm.layers)
+                per_layer = method_visual_per_layer(
+                    method, ratio, model.n_visual, model.lm.layers, view_sizes=model.view_sizes
+                )
                 b = method_prefill_flops(model, method, ratio, n_text, attention=attention)
                 rows.append(
                     {

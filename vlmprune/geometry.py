@@ -14,7 +14,9 @@ in ``tests/test_geometry.py``):
 - Qwen2-VL / Qwen2.5-VL: ``smart_resize`` to multiples of ``patch * merge`` within
   ``[min_pixels, max_pixels]``, then ``(H/patch) * (W/patch) / merge**2`` tokens.
 
-Budget symbol: ``n`` = ``ImageTokenCounts.prunable``; kept = ``kept_count(n, ratio)``.
+Budget symbol: ``n`` = ``ImageTokenCounts.prunable``; kept = ``kept_count(n, ratio)``, per view on
+LLaVA-NeXT (``image_kept_count(view_sizes, ratio)``: the thumbnail and every crop keep their own
+share, as FasterVLM's official code does).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlmprune.policy import kept_count
+from vlmprune.policy import image_kept_count
 
 FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 
@@ -43,6 +45,9 @@ class ImageTokenCounts:
     """Vision-tower passes (LLaVA-NeXT: crops + thumbnail; 1 otherwise)."""
     grid_thw: tuple[int, int, int] | None = None
     """Qwen: the patch grid ``(t, h, w)`` before the 2x2 merge."""
+    view_sizes: tuple[int, ...] = ()
+    """LLaVA-NeXT: prunable tokens per view (thumbnail, then each crop after unpadding, row-major);
+    they sum to ``prunable``. Empty: one view of ``prunable`` tokens."""
 
     @property
     def total(self) -> int:
@@ -50,8 +55,8 @@ class ImageTokenCounts:
         return self.prunable + self.newline
 
     def kept(self, ratio: float) -> int:
-        """Prunable tokens left at ``ratio`` (newlines not included)."""
-        return kept_count(self.prunable, ratio)
+        """Prunable tokens left at ``ratio`` (newlines not included), each view budgeted by itself."""
+        return image_kept_count(self.view_sizes or (self.prunable,), ratio)
 
     def placeholders(self, ratio: float) -> int:
         """Placeholder tokens emitted at ``ratio``: the kept tokens plus every newline token."""
@@ -145,13 +150,37 @@ class ModelVisionSpec:
             new_w = int(round(width * (cur_h / height), 7))
             cur_w -= 2 * ((cur_w - new_w) // 2)
         # 3. Base view + unpadded crops are prunable; one newline per unpadded feature row.
-        return ImageTokenCounts(prunable=self._base_tokens() + cur_h * cur_w, newline=cur_h, views=rows * cols + 1)
+        base = self._base_tokens()
+        return ImageTokenCounts(
+            prunable=base + cur_h * cur_w,
+            newline=cur_h,
+            views=rows * cols + 1,
+            view_sizes=(base, *crop_view_sizes(side, (rows, cols), (cur_h, cur_w))),
+        )
 
     def _qwen(self, width: int, height: int) -> ImageTokenCounts:
         factor = self.patch_size * self.merge_size
         h, w = smart_resize(height, width, factor, self.min_pixels, self.max_pixels)
         grid = (1, h // self.patch_size, w // self.patch_size)
         return ImageTokenCounts(prunable=grid[1] * grid[2] // (self.merge_size**2), grid_thw=grid)
+
+
+def crop_view_sizes(side: int, crop_grid: tuple[int, int], unpadded_hw: tuple[int, int]) -> tuple[int, ...]:
+    """Tokens each AnyRes crop keeps after unpadding, row-major over ``crop_grid`` (rows, cols).
+
+    The crops tile a ``side*rows x side*cols`` feature grid; unpadding cuts the same number of rows
+    (or columns) from both ends down to ``unpadded_hw`` (``unpad_image`` / vLLM's arithmetic), so
+    a crop keeps the overlap of its tile with the centred ``unpadded_hw`` window.
+    """
+    rows, cols = crop_grid
+    cut_h, cut_w = (side * rows - unpadded_hw[0]) // 2, (side * cols - unpadded_hw[1]) // 2
+
+    def overlap(i: int, cut: int, length: int) -> int:
+        return max(0, min((i + 1) * side, cut + length) - max(i * side, cut))
+
+    return tuple(
+        overlap(r, cut_h, unpadded_hw[0]) * overlap(c, cut_w, unpadded_hw[1]) for r in range(rows) for c in range(cols)
+    )
 
 
 def read_image_processor_config(path: str | Path) -> dict[str, Any]:

@@ -6,13 +6,15 @@ For pre-LLM methods it is the fraction removed at the LLM input; for progressive
 roughly equal LLM FLOPs across methods (see :mod:`vlmprune.core.schedule`).
 
 ``kept_count`` is the only place a kept-token count is computed: the vLLM processor (which must
-know the count before the vision encoder runs) and every pruner call it.
+know the count before the vision encoder runs) and every pruner call it. An image with several
+views (LLaVA-NeXT: the thumbnail and each AnyRes crop) keeps ``kept_count`` of every view
+separately, as FasterVLM's official code budgets each view (:func:`view_kept_counts`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
@@ -44,6 +46,22 @@ def kept_count(n_visual: int, ratio: float) -> int:
         return 0
     kept = math.floor(n_visual * (1.0 - ratio) + 0.5 + 1e-9)
     return min(n_visual, max(1, kept))
+
+
+def view_kept_counts(view_sizes: Sequence[int], ratio: float) -> list[int]:
+    """Prunable tokens kept per view of one image: ``kept_count`` of each view by itself.
+
+    ``view_sizes``: an image's prunable tokens per view (one entry for single-view models;
+    LLaVA-NeXT: the thumbnail, then each crop's tokens left after unpadding, row-major). FasterVLM's
+    official LLaVA-NeXT code takes the top ``T`` of every view; the sum is the image's count
+    (:func:`image_kept_count`), a pure function of geometry and ratio. An all-padding crop keeps 0.
+    """
+    return [kept_count(int(n), ratio) for n in view_sizes]
+
+
+def image_kept_count(view_sizes: Sequence[int], ratio: float) -> int:
+    """Prunable tokens one image keeps at ``ratio``: the sum of :func:`view_kept_counts`."""
+    return sum(view_kept_counts(view_sizes, ratio))
 
 
 def bucket_ratio(ratio: float) -> float:

@@ -12,6 +12,7 @@ from vlmprune.reduction.image_tokens import CLS_ATTENTION, CLS_LOGITS, MERGE_MET
 from vlmprune.backends.hf.llava import LlavaAdapter
 from vlmprune.backends.hf.llava_next import LlavaNextAdapter
 from vlmprune.backends.hf.vision_hooks import vit_layers
+from vlmprune.geometry import ModelVisionSpec
 
 ALL_SIGNALS = frozenset({CLS_ATTENTION, CLS_LOGITS, MERGE_METRIC})
 PROMPT = "what colour is the box ?"
@@ -123,6 +124,39 @@ def test_llava_cls_signals_match_eager_attention(llava):
     assert not torch.allclose(images[0].signals[CLS_ATTENTION], images[1].signals[CLS_ATTENTION])
 
 
+@pytest.mark.parametrize("ratio", [0.5, 0.9])
+def test_llava_aim_merges_clip_features_then_projects(llava, ratio):
+    """AIM on LLaVA, as its official code: ToMe merges the selected CLIP layer's patch features
+    (metric: the last ViT layer's keys) and the projector runs on the merged tokens. Merging the
+    projected features instead (the same groups) gives other values."""
+    from vlmprune.reduction.reduce import input_keep, reduce_image, signals_needed
+    from vlmprune.core import aim
+    from vlmprune.policy import parse_policy
+
+    model, processor = llava
+    adapter = LlavaAdapter(model, processor)
+    policy = parse_policy({"method": "aim", "ratio": ratio})
+    layers = len(adapter.text_model.layers)
+    inputs = _inputs(processor, IMAGES[:1])
+    with torch.no_grad():
+        (im,) = adapter.encode_images(inputs, signals_needed("aim", "llava"))
+        red = reduce_image(policy, "llava", im, num_layers=layers)
+        # Independently: eager tower, CLIP features of the feature layer, keys of the last layer.
+        out = _eager_tower(model)(inputs["pixel_values"], output_hidden_states=True)
+        clip = out.hidden_states[model.config.vision_feature_layer][0, 1:]  # (P, C)
+        last = vit_layers(model.model.vision_tower)[-1]
+        keys = last.self_attn.k_proj(last.layer_norm1(out.hidden_states[-2]))[0, 1:]  # (P, C)
+        keep = input_keep(policy, im.view_sizes, layers)
+        official = aim.merge_to_count(clip, keys, keep)
+        expected = model.model.multi_modal_projector(official.features)  # merge, then project
+        after = aim.merge_to_count(im.features, keys, keep)  # project, then merge
+    assert keep < im.n_prunable and red.count == keep
+    assert torch.equal(red.index, official.index)
+    torch.testing.assert_close(red.features, expected, atol=1e-5, rtol=1e-4)
+    assert torch.equal(after.index, official.index)  # same groups ...
+    assert not torch.allclose(after.features, expected, atol=1e-6, rtol=1e-3)  # ... other merged values
+
+
 def test_llava_no_hooks_left_and_only_needed_signals(llava):
     """Signals are gathered only when asked for, and every hook is removed afterwards."""
     model, processor = llava
@@ -168,12 +202,14 @@ def test_llava_next_geometry_and_signals_follow_the_features(llava_next, image_i
     assert torch.equal(ends, h * w + torch.arange(1, rows1 + 1) * (cols1 + 1) - 1)
 
     offsets = set()
+    per_view = [0] * views  # prunable tokens traced to each ViT pass
     flat = pass_feats.reshape(-1, pass_feats.shape[-1])
     for t in (~newline).nonzero().squeeze(1).tolist():
         dist = (flat - im.features[t]).abs().amax(dim=1)  # eager vs sdpa tower: equal up to rounding
         best = torch.topk(dist, 2, largest=False)
         assert best.values[0] < 1e-5 < best.values[1], f"token {t} does not come from exactly one patch"
         v, p = divmod(int(best.indices[0]), h * w)
+        per_view[v] += 1
         r, c = divmod(p, w)
         assert int(im.view[t]) == (0 if v == 0 else 1)
         assert int(im.crop[t]) == v - 1
@@ -189,6 +225,12 @@ def test_llava_next_geometry_and_signals_follow_the_features(llava_next, image_i
     crop_coords = im.coords[im.view == 1]
     assert crop_coords.min().item() == 0
     assert tuple((crop_coords.max(dim=0).values + 1).tolist()) == (rows1, cols1)
+    # The per-view budget unit (thumbnail, each crop after unpadding) = the traced passes = what the
+    # config-only geometry (gateway, vLLM processor) computes for this image size.
+    assert list(im.view_sizes) == per_view
+    height, width = (int(x) for x in inputs["image_sizes"][0])
+    spec = ModelVisionSpec.from_dicts(model.config.to_dict())
+    assert spec.image_tokens(width, height).view_sizes == im.view_sizes
 
 
 def test_llava_next_images_per_row_with_two_images_in_one_prompt(llava_next):

@@ -13,7 +13,7 @@ from vlmprune.reduction.image_tokens import CLS_ATTENTION
 from vlmprune.core import fastervlm, schedule
 from vlmprune.core.explain import RelevanceCNN, RelevanceCNNConfig
 from vlmprune.methods import METHODS
-from vlmprune.policy import PolicyError, kept_count, parse_policy
+from vlmprune.policy import PolicyError, image_kept_count, kept_count, parse_policy
 
 FAMILIES = ("llava", "llava_next")
 REQUEST = Request("what colour is the box ?", [make_image(96, 64, 0)])
@@ -45,13 +45,14 @@ def _methods(family: str) -> list[str]:
     return [name for name, spec in METHODS.items() if family in spec.models]
 
 
-def _expected_input_keep(policy, n_prunable: int, num_layers: int) -> int:
+def _expected_input_keep(policy, view_sizes: tuple[int, ...], num_layers: int) -> int:
+    n_prunable = sum(view_sizes)
     if policy.method == "transprune":
         stages = schedule.transprune_stages(num_layers)
     elif policy.method == "aim":
         stages = schedule.aim_stages(num_layers, policy.merge_keep)
     else:
-        return kept_count(n_prunable, policy.ratio)
+        return sum(kept_count(n, policy.ratio) for n in view_sizes)  # every view by itself
     scaled = schedule.scale_to_ratio(stages, num_layers, policy.ratio)
     return dict(schedule.stage_counts(scaled, n_prunable)).get(0, n_prunable)
 
@@ -73,7 +74,9 @@ def test_kept_count_at_llm_input(request, family, method, ratio, cnn_path):
     full = backend.prefill([REQUEST], parse_policy({"method": "random", "ratio": 0.0}))[0]
     pre = backend.prefill([REQUEST], policy)[0]
     n_prunable = full.visual_tokens
-    expected = _expected_input_keep(policy, n_prunable, len(backend.adapter.text_model.layers))
+    ((_, (image,)),) = backend.sequences([REQUEST])
+    assert sum(image.view_sizes) == n_prunable
+    expected = _expected_input_keep(policy, image.view_sizes, len(backend.adapter.text_model.layers))
     assert pre.visual_tokens == n_prunable
     assert pre.kept_tokens == expected
     if method in ("transprune", "aim"):  # progressive: fewer tokens somewhere, maybe only inside the LLM
@@ -246,17 +249,18 @@ def test_transprune_original_positions_on_llava(llava):
 
 
 def test_several_images_in_one_request(llava_next):
-    """Each image of a request is reduced on its own: kept = sum of per-image kept_count."""
+    """Each image of a request is reduced on its own: kept = sum over images of the per-view
+    kept_counts (LLaVA-NeXT: thumbnail and each crop budgeted by itself)."""
     backend = ReferenceBackend(*llava_next)
     req = Request("which box is red ?", [make_image(96, 64, 0), make_image(50, 90, 1)])
     with torch.no_grad():
         images = backend.adapter.encode_images(backend.process([req]), frozenset())
     pre = backend.prefill([req], {"method": "fastervlm", "ratio": 0.9})[0]
     assert pre.visual_tokens == sum(im.n_prunable for im in images)
-    assert pre.kept_tokens == sum(kept_count(im.n_prunable, 0.9) for im in images)
+    assert pre.kept_tokens == sum(image_kept_count(im.view_sizes, 0.9) for im in images)
     fixed = [im.n_tokens - im.n_prunable for im in images]
     assert [s.numel() for s in pre.sequence.image_spans] == [
-        kept_count(im.n_prunable, 0.9) + f for im, f in zip(images, fixed)
+        sum(kept_count(n, 0.9) for n in im.view_sizes) + f for im, f in zip(images, fixed)
     ]
 
 

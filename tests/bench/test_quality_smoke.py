@@ -41,3 +41,31 @@ def test_quality_writes_table_plot_and_json(micro, tmp_path, capsys):
     stem.with_suffix(".md").unlink()
     assert quality.main(["--from-json", str(stem.with_suffix(".json"))]) == 0
     assert stem.with_suffix(".md").read_text() == md
+
+
+def test_explain_floor_and_ceiling_rows_and_merge(micro, tmp_path):
+    """``explain-input`` (the CNN replaced by its raw input) and ``oracle`` (the teacher's relevance)
+    run the explain pipeline without CNN weights and keep explain's count; ``--merge`` re-runs one
+    row and keeps the saved others; explain_scores outside explain is a ValueError."""
+    from vlmprune.evaluate import evaluate
+
+    quality = _load_quality()
+    stem = tmp_path / "q"
+    args = ["--model", str(micro), "--ratios", "0.5", "--samples", "3", "--out", str(stem)]
+    assert quality.main([*args, "--methods", "explain-input,oracle"]) == 0
+    first = json.loads(stem.with_suffix(".json").read_text())
+    assert list(first["cells"]) == ["explain-input", "oracle"]
+    for row in first["cells"].values():
+        assert row["0.5"]["kept_tokens"] == 128 and row["0.5"]["policy"]["method"] == "explain"
+    assert [first["cells"][r]["0.5"]["explain_scores"] for r in ("explain-input", "oracle")] == ["input", "oracle"]
+    assert quality.main([*args, "--methods", "random", "--merge"]) == 0
+    merged = json.loads(stem.with_suffix(".json").read_text())
+    assert list(merged["cells"]) == ["explain-input", "oracle", "random"]
+    assert merged["cells"]["oracle"] == first["cells"]["oracle"]
+    assert merged["merges"][-1]["rows"] == ["random"]
+    with pytest.raises(ValueError, match="--merge"):
+        quality.main([*args[:-4], "--samples", "2", "--out", str(stem), "--methods", "random", "--merge"])
+    with pytest.raises(ValueError, match="explain_scores"):
+        evaluate(micro, "fastervlm", 0.5, samples=1, explain_scores="oracle", progress=False)
+    with pytest.raises(ValueError, match="explain_scores"):
+        evaluate(micro, "explain", 0.5, samples=1, explain_scores="teacher", progress=False)

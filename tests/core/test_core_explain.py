@@ -87,3 +87,29 @@ def test_training_reduces_loss():
 def test_reduce_sorted():
     """Top-k relevance, ascending."""
     assert explain.reduce(torch.tensor([0.1, 0.5, 0.2, 0.6]), 2).tolist() == [1, 3]
+
+
+def test_grid_cnn_convolves_over_the_patch_grid(tmp_path):
+    """With ``grid`` the blocks are 2-D: a patch's vertical neighbour (N/rows tokens away in the flat
+    sequence) is inside one 3x3 block's reach, which the 1-D CNN's 3-wide kernel is not; the grid
+    survives save/load; any other token count is a ValueError."""
+    torch.manual_seed(0)
+    grid_model = RelevanceCNN(RelevanceCNNConfig(channels=(4, 8), kernel_size=3, grid=(6, 5))).eval()
+    flat_model = RelevanceCNN(RelevanceCNNConfig(channels=(4, 8), kernel_size=3)).eval()
+    delta = torch.zeros(30)
+    delta[2 * 5 + 2] = 1.0  # patch (2, 2)
+    with torch.no_grad():
+        g = grid_model.blocks[0](delta.reshape(1, 1, 6, 5))[0]  # (C, 6, 5)
+        f = flat_model.blocks[0](delta.reshape(1, 1, 30))[0].reshape(-1, 6, 5)
+    far = g[:, 5, 4]
+    assert not torch.allclose(g[:, 1, 2], far)  # the patch above: reached in 2-D
+    assert torch.allclose(f[:, 1, 2], f[:, 5, 4])  # 5 tokens away in 1-D: not reached
+    rel = grid_model.relevance(torch.rand(30))
+    assert rel.shape == (30,) and abs(float(rel.sum()) - 1) < 1e-5
+    grid_model.save(tmp_path / "g.pt")
+    loaded = RelevanceCNN.load(tmp_path / "g.pt")
+    assert loaded.config.grid == (6, 5)
+    x = torch.rand(30)
+    assert torch.allclose(loaded.relevance(x), grid_model.relevance(x))
+    with pytest.raises(ValueError, match="grid"):
+        grid_model.relevance(torch.rand(31))

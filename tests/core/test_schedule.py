@@ -47,9 +47,36 @@ def test_aim_schedule_shape():
     """AIM: merge stage at the input, 12.5 % steps of the merged count, nothing after layer 21."""
     stages = aim_stages(32, 0.4375)
     assert stages[0] == Stage(0, 0.4375)
-    assert stages[-1] == Stage(21, 0.0)
+    assert stages[-1] == Stage(21, 0.0, may_empty=True)
     assert stage_counts(stages, 576)[0] == (0, 252)
     assert stage_counts(stages, 576)[-1] == (21, 0)
+
+
+def _official_aim_visual_per_layer(num_layers: int, start: int, n_merged: int) -> list[int]:
+    """Visual tokens entering each decoder layer under the official AIM code: after (0-based) layer
+    ``i >= start`` it keeps ``int(n * retain_rate[i])``, ``retain_rate[i] = max(0, 1 - (i - start + 1)
+    * 0.125)`` (``start`` = 13 in the Vicuna code, 14 in the Qwen2 / Qwen2-VL code)."""
+    rate = [max(0, 1.0 - (i - start + 1) * 0.125) if i >= start else 1.0 for i in range(num_layers)]
+    return [n_merged] + [int(n_merged * rate[i]) for i in range(num_layers - 1)]
+
+
+@pytest.mark.parametrize(("layers", "start"), [(32, 13), (28, 14)], ids=["vicuna-32", "qwen-28"])
+def test_aim_schedule_equals_the_official_retain_rate(layers, start):
+    """At the paper's own ratio, every decoder layer sees the official count of visual tokens (576
+    merged to 252), within the documented rounding (round half up vs ``int``: at most 1 token), and
+    none from the last stage on; at the nearest policy ratio the last stage still keeps none."""
+    from vlmprune.core.schedule import counts_per_layer
+    from vlmprune.policy import bucket_ratio
+
+    stages = aim_stages(layers, 0.4375)
+    paper_ratio = 1 - layer_average_keep(stages, layers)
+    official = _official_aim_visual_per_layer(layers, start, 252)
+    for ratio in (paper_ratio, bucket_ratio(paper_ratio)):
+        counts = stage_counts(scale_to_ratio(stages, layers, ratio), 576)
+        ours = counts_per_layer(counts, 576, layers)
+        assert [layer for layer, _ in counts] == [0, *range(start + 1, start + 9)]
+        assert all(abs(a - b) <= (1 if ratio == paper_ratio else 3) for a, b in zip(ours, official)), (ours, official)
+        assert ours[start + 8 :] == official[start + 8 :] == [0] * (layers - start - 8)
 
 
 def test_counts_per_layer_follows_the_stages():

@@ -111,9 +111,27 @@ def test_cli_trains_to_out(micro, tmp_path, capsys):
     assert line["out"] == str(out) and line["samples"] == 3 and line["used"] == 3
 
 
+def test_cli_trains_a_grid_cnn(micro, tmp_path):
+    """``--cnn grid`` trains the 2-D CNN over the model's patch grid, ``--cnn-channels`` sizes it; the
+    checkpoint loads as a grid CNN that the explain method scores with."""
+    from vlmprune.cli import main
+    from vlmprune.core.explain import RelevanceCNN
+    from vlmprune.testbed.train_explain import patch_grid
+
+    out = tmp_path / "grid.pt"
+    assert main(["train", "explain", "--model", str(micro), "--out", str(out), "--samples", "3", "--epochs", "1",
+                 "--keep-wrong", "--threads", "1", "--no-progress", "--cnn", "grid", "--cnn-channels", "4,8"]) == 0
+    model = RelevanceCNN.load(out)
+    rows, cols = patch_grid(micro)
+    assert model.config.grid == (rows, cols) and model.config.channels == (4, 8)
+    assert model.relevance(torch.rand(rows * cols)).shape == (rows * cols,)
+
+
 @pytest.mark.parametrize(
     "args, flag",
     [
+        (("--cnn-channels", "4,x"), "--cnn-channels"),
+        (("--cnn-channels", "0"), "--cnn-channels"),
         (("--samples", "0"), "--samples"),
         (("--epochs", "0"), "--epochs"),
         (("--batch-size", "0"), "--batch-size"),
@@ -140,3 +158,5 @@ def test_cli_model_errors(tmp_path, capsys):
     assert "--model" in capsys.readouterr().err
     assert main(["train", "demo", "--samples", "5"]) == 2
     assert "--samples" in capsys.readouterr().err
+    assert main(["train", "demo", "--cnn", "grid"]) == 2
+    assert "--cnn" in capsys.readouterr().err

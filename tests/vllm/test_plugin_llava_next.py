@@ -73,8 +73,9 @@ def test_ratio0_and_none_match_stock_vllm_token_for_token(env, timings):
 # the reference backend's LLM-input count (the first stage of its in-LLM schedule).
 @pytest.mark.parametrize("method", ["fastervlm", "globalcom2", "random", "pool"])
 def test_prompt_equals_reference_backend_sequence(env, method):
-    """Pruned prompts (three image shapes) equal the reference backend's: kept base + crop tokens,
-    every newline kept, GlobalCom2's per-crop budgets summing exactly to the fixed total."""
+    """Pruned prompts (three image shapes) equal the reference backend's: kept base + crop tokens
+    (``kept_count`` of every view, as FasterVLM's official code budgets them), every newline kept,
+    GlobalCom2's per-crop budgets summing exactly to the fixed total."""
     cases = [(images, r) for images in (TWO, (IMG_C,)) for r in (0.25, 0.5, 0.9)]
     specs = [spec(prompt="which colour is the box ?", images=im, policy={"method": method, "ratio": r}) for im, r in cases]
     outs = env.engine.run(specs)
@@ -82,8 +83,10 @@ def test_prompt_equals_reference_backend_sequence(env, method):
         pre = env.ref.prefill([hf_request(s)], parse_policy(s["vlmprune"]))[0]
         assert out["prompt_token_ids"] == pre.sequence.input_ids.tolist(), f"{method} ratio {r}"
         assert n_image_tokens(env, out) == pre.kept_tokens + pre.fixed_tokens
-        if method != "aim" and len(images) == 1:  # one image: kept_count of its prunable tokens + newlines
-            assert pre.kept_tokens == kept_count(pre.visual_tokens, r)
+        if len(images) == 1:  # one image: kept_count of each view (thumbnail, every crop) + newlines
+            ((_, (image,)),) = env.ref.sequences([hf_request(s)])
+            assert pre.kept_tokens == sum(kept_count(n, r) for n in image.view_sizes)
+            assert len(image.view_sizes) == 5  # the square image: thumbnail + 2x2 crops
 
 
 @pytest.mark.parametrize("method", ["fastervlm", "random", "pool"])

@@ -26,7 +26,7 @@ from vlmprune.backends.hf import progressive
 from vlmprune.core import aim, transprune
 from vlmprune.core.explain import RelevanceCNN, RelevanceCNNConfig
 from vlmprune.core.select import topk_sorted
-from vlmprune.policy import PolicyError, kept_count, parse_policy
+from vlmprune.policy import PolicyError, image_kept_count, kept_count, parse_policy
 from vlmprune.signals.attention import attention_logits, instruction_attention
 from vlmprune.vllm_plugin import common
 from vlmprune.vllm_plugin.probe import EXPLAIN_CHECKPOINT, probe_log, start_probe_log
@@ -79,12 +79,16 @@ def test_request_naming_another_method_drops_the_defaults_options():
 
 
 def test_every_method_keeps_kept_count_in_vllm():
-    """vLLM counts: kept_count(n, ratio) for every method, the progressive ones included."""
+    """vLLM counts: kept_count(n, ratio) for every method, the progressive ones included; a
+    multi-view image (LLaVA-NeXT) keeps kept_count of every view (an all-padding crop keeps 0)."""
     for method in ("fastervlm", "transprune", "aim", "explain", "random"):
         for ratio in (0.25, 0.5, 0.75, 0.9):
             policy = parse_policy({"method": method, "ratio": ratio})
             assert common.image_count(policy, 576, 0, 32) == kept_count(576, ratio)
             assert common.image_count(policy, 100, 8, 4) == kept_count(100, ratio) + 8
+            views = (576, 576, 192, 0)
+            assert common.image_count(policy, views, 24, 32) == sum(kept_count(n, ratio) for n in views) + 24
+    assert common.image_count(None, (16, 20), 3, 4) == 39
 
 
 # --- Engines ------------------------------------------------------------------------------------
@@ -154,20 +158,20 @@ def probe_policy(method: str, ratio: float, instruction: str | None = QUESTION, 
     return policy
 
 
-def parts(env, image) -> tuple[int, int]:
-    """(prunable, always-kept) tokens of one image, from the transformers reference backend."""
+def parts(env, image) -> tuple[tuple[int, ...], int]:
+    """(prunable tokens per view, always-kept tokens) of one image, from the transformers reference backend."""
     key = tuple(image)
     if key not in env.parts:
         inputs = env.ref.process([hf_request({"prompt": QUESTION, "images": [list(image)]})])
         (tokens,) = env.ref.adapter.encode_images(inputs, frozenset())
-        env.parts[key] = (tokens.n_prunable, tokens.n_tokens - tokens.n_prunable)
+        env.parts[key] = (tokens.view_sizes, tokens.n_tokens - tokens.n_prunable)
     return env.parts[key]
 
 
 def count(env, image, ratio: float) -> int:
-    """Placeholders of one image in vLLM: kept_count of its prunable tokens + its fixed tokens."""
-    n, fixed = parts(env, image)
-    return kept_count(n, ratio) + fixed
+    """Placeholders of one image in vLLM: kept_count of each view's prunable tokens + its fixed tokens."""
+    views, fixed = parts(env, image)
+    return image_kept_count(views, ratio) + fixed
 
 
 def read_log(env) -> list[dict]:
@@ -276,7 +280,7 @@ def test_probe_scores_equal_the_transformers_reference(env, timings, method, opt
         name = f"{env.family}_{method}{options.get('probe_layers', '')}_score_max_rel_diff_ppm"
         timings[name] = max(timings.get(name, 0.0), rel)
         prunable = record["prunable"]
-        keep = kept_count(parts(env, s["images"][i])[0], 0.75)
+        keep = image_kept_count(parts(env, s["images"][i])[0], 0.75)
         chosen = prunable.nonzero().squeeze(1)[topk_sorted(want, keep)]
         kept = record["kept"]
         assert kept[prunable[kept]].tolist() == chosen.tolist()
@@ -374,7 +378,7 @@ def _reference_kept_sets(env, s: dict, policy) -> tuple[list[tuple[int, list[int
     layers = len(ref.adapter.text_model.layers)
     pre = ref.prefill([hf_request(s)], policy)[0]
     inputs = ref.process([hf_request(s)])
-    images = ref.adapter.encode_images(inputs, signals_needed(policy.method))
+    images = ref.adapter.encode_images(inputs, signals_needed(policy.method, env.family))
     seq = ref.adapter.build_sequence(inputs, 0, images)
     iattn = ref._instruction_attention(seq) if policy.method in ("transprune", "explain") else None
     red = reduce_image(
@@ -407,9 +411,10 @@ def test_gap_to_the_reference_in_llm_semantics(env, timings, method):
     s = make_spec(env, images=(image,), policy=probe_policy(method, 0.75))
     out = env.engine.run_one(s)
     (record,) = read_log(env)
-    n = parts(env, image)[0]
+    views = parts(env, image)[0]
+    n = sum(views)
     mine = set(record["index"][record["prunable"][record["kept"]]].tolist())  # kept image tokens, newlines aside
-    assert len(mine) == kept_count(n, 0.75)
+    assert len(mine) == image_kept_count(views, 0.75)
     given = {"method": method, "ratio": 0.75}
     if method == "explain":  # the reference finds no CNN beside its in-memory model: name the file
         given["checkpoint"] = str(env.model_dir / EXPLAIN_CHECKPOINT)

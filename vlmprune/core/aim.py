@@ -5,9 +5,14 @@ arXiv 2412.03248 (ICCV'25). Reference implementation: github.com/LaVi-Lab/AIM (c
 merging after ToMe (github.com/facebookresearch/ToMe, ``tome/merge.py``).
 
 Budget: ``target`` / ``keep`` = tokens left, from :func:`vlmprune.policy.kept_count` (through the
-schedule in :mod:`vlmprune.core.schedule`). Deviation, on purpose: merged tokens come out in raster
-order of the token each stands for; AIM's output order (unmerged A by similarity, then B) is not
-kept, so positions stay meaningful.
+schedule in :mod:`vlmprune.core.schedule`; its last stage keeps 0 visual tokens, as the official
+schedule). What is merged: on LLaVA-1.5 / LLaVA-NeXT the projector's input (CLIP features of the
+selected layer, metric: the last ViT layer's keys), projected afterwards, as the official code;
+on Qwen2-VL / Qwen2.5-VL the patch merger's output (the merger is part of the vision tower, so its
+output is what the LLM reads; the official Qwen code merges video tokens there too). Deviation, on
+purpose: merged tokens come out in raster order of the token each stands for; AIM's output order
+(unmerged A by similarity, then B) is not kept, so positions stay meaningful. Every deviation and
+its measured effect: ``docs/FIDELITY.md``.
 """
 
 from __future__ import annotations

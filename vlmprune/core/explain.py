@@ -7,8 +7,11 @@ channels, softmax over tokens, KL to top-50 % relevance labels).
 
 Input: the layer-0 attention from the instruction rows to the visual tokens
 (:func:`vlmprune.signals.instruction_attention` restricted to the visual columns), (N,) or (B, N).
-The CNN is fully convolutional, so it runs on any N. ``keep`` for :func:`reduce` comes from
-:func:`vlmprune.policy.kept_count`.
+The paper's CNN is 1-D over the flat token sequence and fully convolutional, so it runs on any N.
+The attention is really a map over the image's patch grid: with ``RelevanceCNNConfig.grid`` the
+same blocks are 2-D convolutions over that grid (N must then be rows x cols: single-view models
+such as LLaVA-1.5), so neighbours above and below a patch are as close as those beside it.
+``keep`` for :func:`reduce` comes from :func:`vlmprune.policy.kept_count`.
 """
 
 from __future__ import annotations
@@ -35,12 +38,17 @@ class RelevanceCNNConfig:
     """Output channels of the depthwise-separable layers (one layer per entry)."""
     kernel_size: int = 5
     """Depthwise kernel width (odd, so the sequence length is preserved)."""
+    grid: tuple[int, int] | None = None
+    """None: 1-D convolutions over the flat token sequence (the paper's shape, any N).
+    ``(rows, cols)``: 2-D convolutions over the image's patch grid (N must be rows * cols)."""
 
     def __post_init__(self) -> None:
         if not self.channels or any(c <= 0 for c in self.channels):
             raise ValueError(f"channels must be a non-empty tuple of positive ints, got {self.channels}")
         if self.kernel_size <= 0 or self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd int, got {self.kernel_size}")
+        if self.grid is not None and (len(self.grid) != 2 or min(self.grid) < 1):
+            raise ValueError(f"grid must be (rows, cols) of positive ints or None, got {self.grid}")
 
 
 class _ChannelNorm(nn.Module):
@@ -50,19 +58,20 @@ class _ChannelNorm(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, N)
-        return self.norm(x.transpose(1, 2)).transpose(1, 2)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, *spatial)
+        return self.norm(x.movedim(1, -1)).movedim(-1, 1)
 
 
 class _SeparableBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, kernel_size: int) -> None:
+    def __init__(self, c_in: int, c_out: int, kernel_size: int, dims: int = 1) -> None:
         super().__init__()
-        self.depthwise = nn.Conv1d(c_in, c_in, kernel_size, padding=kernel_size // 2, groups=c_in)
-        self.pointwise = nn.Conv1d(c_in, c_out, 1)
+        conv = nn.Conv1d if dims == 1 else nn.Conv2d
+        self.depthwise = conv(c_in, c_in, kernel_size, padding=kernel_size // 2, groups=c_in)
+        self.pointwise = conv(c_in, c_out, 1)
         self.norm = _ChannelNorm(c_out)
         self.act = nn.GELU()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, N) -> (B, C_out, N)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, *spatial) -> (B, C_out, *spatial)
         return self.act(self.norm(self.pointwise(self.depthwise(x))))
 
 
@@ -71,7 +80,8 @@ class RelevanceCNN(nn.Module):
 
     One depthwise-separable block per ``config.channels`` entry (depthwise conv of width
     ``kernel_size``, pointwise conv, LayerNorm over channels, GELU), then a 1x1 conv to one channel
-    gives per-token logits; log_softmax over N. Fully convolutional, so any N works.
+    gives per-token logits; log_softmax over N. 1-D over the sequence (any N), or 2-D over
+    ``config.grid`` (N = rows * cols, raster order).
 
     Input preprocessing: log(attn + 1e-8), then standardised per sample over its valid tokens, so
     the network sees relative attention and is insensitive to the sequence-length-dependent scale
@@ -82,11 +92,12 @@ class RelevanceCNN(nn.Module):
         super().__init__()
         self.config = config or RelevanceCNNConfig()
         blocks, c_in = [], 1
+        dims = 1 if self.config.grid is None else 2
         for c_out in self.config.channels:
-            blocks.append(_SeparableBlock(c_in, c_out, self.config.kernel_size))
+            blocks.append(_SeparableBlock(c_in, c_out, self.config.kernel_size, dims))
             c_in = c_out
         self.blocks = nn.ModuleList(blocks)
-        self.head = nn.Conv1d(c_in, 1, 1)
+        self.head = (nn.Conv1d if dims == 1 else nn.Conv2d)(c_in, 1, 1)
 
     def forward(self, attn: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``attn`` (B, N) >= 0; optional ``mask`` (B, N) bool of valid tokens (right-padded batches)."""
@@ -99,13 +110,17 @@ class RelevanceCNN(nn.Module):
         mean = (x * mask).sum(dim=1, keepdim=True) / count
         var = (((x - mean) * mask) ** 2).sum(dim=1, keepdim=True) / count
         x = ((x - mean) / (var + 1e-6).sqrt()) * mask  # (B, N), padding at 0
-        h = x[:, None, :]  # (B, 1, N)
-        keep = mask[:, None, :].to(h.dtype)
+        b, n = x.shape
+        shape = (n,) if self.config.grid is None else tuple(self.config.grid)
+        if self.config.grid is not None and (shape[0] * shape[1] != n or not bool(mask.all())):
+            raise ValueError(f"a grid CNN scores exactly {shape[0]}x{shape[1]} tokens, got {n} (or padding)")
+        h = x.reshape(b, 1, *shape)  # (B, 1, N) or (B, 1, rows, cols)
+        keep = mask.reshape(b, 1, *shape).to(h.dtype)
         for block in self.blocks:
             # Re-zero padding after every block, so a padded row equals the unpadded sample
             # (the convolutions then see the same zeros as their own zero padding).
             h = block(h) * keep
-        logits = self.head(h)[:, 0]  # (B, N)
+        logits = self.head(h).reshape(b, n)  # (B, N)
         logits = logits.masked_fill(~mask, float("-inf"))
         return F.log_softmax(logits.float(), dim=-1)
 
@@ -125,6 +140,8 @@ class RelevanceCNN(nn.Module):
         """One file: config and weights, loadable with ``weights_only=True``."""
         cfg = asdict(self.config)
         cfg["channels"] = list(cfg["channels"])
+        if cfg["grid"] is not None:
+            cfg["grid"] = list(cfg["grid"])
         torch.save({"config": cfg, "state_dict": self.state_dict()}, Path(path))
 
     @classmethod
@@ -134,6 +151,8 @@ class RelevanceCNN(nn.Module):
             raise ValueError(f"{path} is not a RelevanceCNN checkpoint (expected keys 'config', 'state_dict')")
         cfg = dict(blob["config"])
         cfg["channels"] = tuple(cfg["channels"])
+        if cfg.get("grid") is not None:
+            cfg["grid"] = tuple(cfg["grid"])
         model = cls(RelevanceCNNConfig(**cfg))
         model.load_state_dict(blob["state_dict"])
         return model

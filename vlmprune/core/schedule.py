@@ -12,11 +12,13 @@ has its own ratio (TransPrune on a 32-layer LLM: 1 - 13.125/32 = 0.59). To meet 
 - a higher ratio scales every stage's keep fraction down by the same factor, ``mu * g``, which
   also starts pruning at the LLM input (stage 0) when the paper schedule does not.
 Both maps are linear in the layer average, so the solution is closed-form; integer counts then
-come from :func:`vlmprune.policy.kept_count`.
+come from :func:`vlmprune.policy.kept_count` (at least 1 token), except at a stage the paper
+empties (``Stage.may_empty``: AIM's last stage), which uses the official ``int()`` and may keep 0.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from vlmprune.policy import kept_count
@@ -30,6 +32,9 @@ class Stage:
     """Tokens are removed after this many decoder layers (0 = before the first layer)."""
     keep: float
     """Fraction of the original visual tokens kept from here on."""
+    may_empty: bool = False
+    """The paper's schedule removes every visual token here (AIM's last stage): its count is the
+    official ``int(n * keep)`` and may be 0. Other stages keep ``kept_count`` (at least 1)."""
 
 
 def layer_average_keep(stages: list[Stage], num_layers: int) -> float:
@@ -58,18 +63,26 @@ def scale_to_ratio(stages: list[Stage], num_layers: int, ratio: float) -> list[S
     current = layer_average_keep(stages, num_layers)
     if target >= current:
         lam = (target - current) / (1.0 - current) if current < 1.0 else 0.0
-        scaled = [Stage(s.layer, s.keep + lam * (1.0 - s.keep)) for s in stages]
+        scaled = [Stage(s.layer, s.keep + lam * (1.0 - s.keep), s.may_empty) for s in stages]
     else:
         mu = target / current
-        scaled = [Stage(s.layer, s.keep * mu) for s in stages]
+        scaled = [Stage(s.layer, s.keep * mu, s.may_empty) for s in stages]
     return scaled
 
 
 def stage_counts(stages: list[Stage], n_visual: int) -> list[tuple[int, int]]:
-    """Integer visual-token counts per stage, ``(layer, count)``; a zero fraction keeps none."""
+    """Integer visual-token counts per stage, ``(layer, count)``: ``kept_count`` (round half up, at
+    least 1) except where the paper's stage empties the image (``may_empty``: floor, as AIM's
+    ``int()``, so 0 near the paper's ratio); a zero fraction keeps none."""
     out = []
     for s in stages:
-        count = 0 if s.keep <= 0.0 else kept_count(n_visual, min(1.0, max(0.0, 1.0 - s.keep)))
+        keep = min(1.0, max(0.0, s.keep))
+        if keep <= 0.0:
+            count = 0
+        elif s.may_empty:
+            count = min(n_visual, math.floor(n_visual * keep + 1e-9))
+        else:
+            count = kept_count(n_visual, 1.0 - keep)
         out.append((s.layer, count))
     return out
 
@@ -99,12 +112,25 @@ def transprune_stages(num_layers: int) -> list[Stage]:
     )
 
 
+AIM_QWEN_LAYERS = 28
+"""Depth of the LLM the official AIM Qwen code schedules (Qwen2 / Qwen2-VL / Qwen2.5-VL-7B)."""
+
+
 def aim_stages(num_layers: int, merge_keep: float) -> list[Stage]:
-    """AIM's image schedule: merge to ``merge_keep`` before the LLM; from (1-based) layer 14 of a
-    32-layer LLM keep 12.5 % fewer of the merged tokens after each layer, none after layer 21."""
+    """AIM's image schedule: merge to ``merge_keep`` before the LLM, then keep 12.5 % fewer of the
+    merged tokens after each of 8 consecutive layers, none after the last (``may_empty``).
+
+    The official code's ``retain_rate``: on 32 layers (Vicuna, ``layer_i >= 13``) after (1-based)
+    layers 14-21; on 28 layers (Qwen, ``layer_i >= 14``) after layers 15-22. Other depths scale the
+    32-layer indices (:func:`depth_scaled_layer`).
+    """
     stages = [Stage(0, merge_keep)]
     for step in range(1, 9):
-        stages.append(Stage(depth_scaled_layer(13 + step, num_layers), merge_keep * max(0.0, 1.0 - 0.125 * step)))
+        if num_layers == AIM_QWEN_LAYERS:
+            layer = 14 + step
+        else:
+            layer = depth_scaled_layer(13 + step, num_layers)
+        stages.append(Stage(layer, merge_keep * max(0.0, 1.0 - 0.125 * step), may_empty=step == 8))
     return _merge_same_layer(stages)
 
 
@@ -118,7 +144,7 @@ def _merge_same_layer(stages: list[Stage]) -> list[Stage]:
     out: list[Stage] = []
     for s in stages:
         if out and out[-1].layer == s.layer:
-            out[-1] = Stage(s.layer, min(out[-1].keep, s.keep))
+            out[-1] = Stage(s.layer, min(out[-1].keep, s.keep), out[-1].may_empty or s.may_empty)
         else:
             out.append(s)
     return out

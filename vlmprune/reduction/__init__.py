@@ -10,7 +10,9 @@ backend imports the other:
 - :mod:`~vlmprune.reduction.reduce`: which signals a method needs, and policy + signals -> the
   reduction at the LLM input;
 - :mod:`~vlmprune.reduction.stages`: the progressive schedules' stage plans;
-- :mod:`~vlmprune.reduction.qwen_pooling`: Qwen's 2x2 score pooling.
+- :mod:`~vlmprune.reduction.qwen_pooling`: Qwen's 2x2 score pooling;
+- :mod:`~vlmprune.reduction.projector`: the LLaVA projector's input capture and projection (AIM's
+  pre-projector merge).
 
 It imports torch, :mod:`vlmprune.core`, the policy and the method registry, never vLLM,
 transformers or FastAPI.

@@ -8,6 +8,7 @@ to :func:`vlmprune.reduction.reduce.reduce_image`. The signal names below are th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +22,9 @@ CLS_LOGITS = "cls_logits"
 """(n,) GlobalCom2 score: [CLS]->patch pre-softmax logits, head mean, last ViT layer."""
 MERGE_METRIC = "merge_metric"
 """(n, c) AIM's merge similarity metric: CLIP last-layer keys (LLaVA), projected features (Qwen)."""
+VISION_FEATURES = "vision_features"
+"""(n, c_vision) LLaVA family: the projector's input (the selected CLIP layer's patch features).
+AIM merges these and projects the merged tokens (:attr:`ImageTokens.project`), as its official code."""
 
 
 @dataclass
@@ -47,6 +51,10 @@ class ImageTokens:
     """LLaVA-NeXT only: (rows, cols) of view 0 and of view 1 (after unpadding)."""
     crop_grid: tuple[int, int] | None = None
     """LLaVA-NeXT only: (gh, gw), the AnyRes crop grid."""
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """LLaVA family: the multimodal projector, (m, c_vision) -> (m, d_lm), so that a merger can
+    average ``signals[VISION_FEATURES]`` and project afterwards (AIM). None where the features
+    merged are the LLM's own input (Qwen: the patch merger is part of the vision tower)."""
 
     @property
     def n_tokens(self) -> int:
@@ -55,3 +63,19 @@ class ImageTokens:
     @property
     def n_prunable(self) -> int:
         return int(self.prunable.sum())
+
+    @property
+    def view_sizes(self) -> tuple[int, ...]:
+        """Prunable tokens per view: LLaVA-NeXT's thumbnail, then each crop (row-major, 0 for an
+        all-padding crop); one view otherwise (the budget unit of :func:`vlmprune.policy.view_kept_counts`)."""
+        if self.view is None or self.crop is None or self.crop_grid is None:
+            return (self.n_prunable,)
+        view_of = self.view_key()
+        return tuple(int((view_of == v).sum()) for v in range(1 + self.crop_grid[0] * self.crop_grid[1]))
+
+    def view_key(self) -> torch.Tensor:
+        """(n,) long: each token's view in :attr:`view_sizes` order (0 = thumbnail, 1 + k = crop k);
+        -1 for always-kept tokens."""
+        if self.view is None or self.crop is None:
+            return torch.where(self.prunable.bool(), 0, -1)
+        return torch.where(self.view == 1, self.crop + 1, self.view)

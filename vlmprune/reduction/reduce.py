@@ -1,6 +1,7 @@
 """One image's reduction at the LLM input: policy + signals -> :class:`TokenReduction`.
 
-Counts: ``keep`` prunable tokens survive, ``keep = kept_count(n_prunable, ratio)`` for pre-LLM and
+Counts: ``keep`` prunable tokens survive, ``keep = image_kept_count(view_sizes, ratio)``
+(``kept_count`` of every view, summed: one view except on LLaVA-NeXT) for pre-LLM and
 instruction-aware methods; for the progressive methods (TransPrune, AIM) ``keep`` is the count of
 the scaled schedule's stage at the LLM input (:func:`vlmprune.reduction.stages.stage_plan`).
 Non-prunable tokens (LLaVA-NeXT's image_newline tokens) always survive, so
@@ -13,6 +14,7 @@ backends call it: the transformers reference backend and the vLLM plugin reduce 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -20,8 +22,8 @@ import torch
 from vlmprune.core import aim, baselines, explain, fastervlm, globalcom2, transprune
 from vlmprune.core.select import TokenReduction, allocate_exact
 from vlmprune.methods import require_support
-from vlmprune.policy import PolicyError, kept_count
-from vlmprune.reduction.image_tokens import CLS_ATTENTION, CLS_LOGITS, MERGE_METRIC, ImageTokens
+from vlmprune.policy import PolicyError, image_kept_count, view_kept_counts
+from vlmprune.reduction.image_tokens import CLS_ATTENTION, CLS_LOGITS, MERGE_METRIC, VISION_FEATURES, ImageTokens
 from vlmprune.reduction.stages import stage_plan
 
 _SIGNALS: dict[str, frozenset[str]] = {
@@ -29,30 +31,43 @@ _SIGNALS: dict[str, frozenset[str]] = {
     "globalcom2": frozenset({CLS_LOGITS}),
     "aim": frozenset({MERGE_METRIC}),
 }
+_PRE_PROJECTOR_MERGE = ("llava", "llava_next")
+"""Families whose AIM merge runs on the projector's input (``VISION_FEATURES``), then projects."""
 
 
-def signals_needed(method: str) -> frozenset[str]:
-    """Vision-side signals ``method`` scores with (what the adapter's hooks must capture)."""
-    return _SIGNALS.get(method, frozenset())
+def signals_needed(method: str, family: str | None = None) -> frozenset[str]:
+    """Vision-side signals ``method`` scores with on ``family`` (what the adapter's hooks must capture)."""
+    needs = _SIGNALS.get(method, frozenset())
+    if method == "aim" and family in _PRE_PROJECTOR_MERGE:
+        needs = needs | {VISION_FEATURES}
+    return needs
 
 
-def input_keep(policy: Any, n_prunable: int, num_layers: int | None = None) -> int:
-    """Prunable tokens of one image that reach the LLM input under ``policy``."""
+def input_keep(policy: Any, view_sizes: int | Sequence[int], num_layers: int | None = None) -> int:
+    """Prunable tokens of one image that reach the LLM input under ``policy``.
+
+    ``view_sizes``: the image's prunable tokens per view (:attr:`ImageTokens.view_sizes`; an int
+    is one view). Single-count methods keep ``kept_count`` of every view (summed); the progressive
+    ones the first stage of their schedule over the whole image.
+    """
+    sizes = (view_sizes,) if isinstance(view_sizes, int) else tuple(view_sizes)
+    n_prunable = sum(sizes)
     if policy.ratio == 0.0:
         return n_prunable
     if policy.method in ("transprune", "aim"):
         if num_layers is None:
             raise ValueError(f"num_layers is required for the progressive method {policy.method!r}")
         return stage_plan(policy, n_prunable, num_layers)[0][1]
-    return kept_count(n_prunable, policy.ratio)
+    return image_kept_count(sizes, policy.ratio)
 
 
-def needs_instruction_attention(policy: Any, n_prunable: int, num_layers: int) -> bool:
-    """Whether reducing an image with ``n_prunable`` tokens reads layer-0 instruction attention."""
+def needs_instruction_attention(policy: Any, view_sizes: int | Sequence[int], num_layers: int) -> bool:
+    """Whether reducing an image with these prunable tokens per view reads layer-0 instruction attention."""
+    n_prunable = view_sizes if isinstance(view_sizes, int) else sum(view_sizes)
     if policy.method == "explain":
-        return input_keep(policy, n_prunable) < n_prunable
+        return input_keep(policy, view_sizes) < n_prunable
     if policy.method == "transprune":
-        return input_keep(policy, n_prunable, num_layers) < n_prunable
+        return input_keep(policy, view_sizes, num_layers) < n_prunable
     return False
 
 
@@ -73,14 +88,15 @@ def reduce_image(
     """
     require_support(policy.method, family)
     n_prunable = image.n_prunable
-    keep = input_keep(policy, n_prunable, num_layers)
+    keep = input_keep(policy, image.view_sizes, num_layers)
     if keep >= n_prunable:
         return TokenReduction.identity(image.n_tokens, device=image.features.device)
     prunable = image.prunable.bool()
     method = policy.method
 
     if method == "fastervlm":
-        return fastervlm.reduce(_signal(image, CLS_ATTENTION), prunable, keep, groups=image.view)
+        budgets = view_kept_counts(image.view_sizes, policy.ratio)  # one per view, summing to keep
+        return fastervlm.reduce(_signal(image, CLS_ATTENTION), prunable, budgets, groups=image.view_key())
     if method == "globalcom2":
         _require_anyres(image, method)
         return globalcom2.reduce(
@@ -100,7 +116,13 @@ def reduce_image(
         return _per_view(image, keep, lambda x, _metric, grid, k: baselines.pool_reduce(x, grid, k))
     if method == "aim":
         metric = _signal(image, MERGE_METRIC)
-        return _per_view(image, keep, lambda x, m, _grid, k: aim.merge_to_count(x, m, k), metric)
+        merge = lambda x, m, _grid, k: aim.merge_to_count(x, m, k)  # noqa: E731
+        if family in _PRE_PROJECTOR_MERGE:
+            # As the official code: merge the projector's input (CLIP features), then project.
+            if image.project is None:
+                raise ValueError("AIM on the LLaVA family needs the image's projector (ImageTokens.project)")
+            return _per_view(image, keep, merge, metric, values=_signal(image, VISION_FEATURES), project=image.project)
+        return _per_view(image, keep, merge, metric)  # Qwen: the merger's output, the LLM's own input
     if method in ("explain", "transprune"):
         if instruction_attention is None or instruction_attention.shape != (image.n_tokens,):
             raise ValueError(
@@ -149,12 +171,24 @@ def _with_fixed(image: ImageTokens, chosen: torch.Tensor) -> TokenReduction:
     return TokenReduction(index=keep_mask.nonzero().squeeze(1))
 
 
-def _per_view(image: ImageTokens, keep: int, merge, metric: torch.Tensor | None = None) -> TokenReduction:
+def _per_view(
+    image: ImageTokens,
+    keep: int,
+    merge,
+    metric: torch.Tensor | None = None,
+    values: torch.Tensor | None = None,
+    project=None,
+) -> TokenReduction:
     """Apply a merging reducer ``merge(x (m, C), metric (m, C'), grid, k) -> TokenReduction`` to
     each view's prunable tokens (one grid on LLaVA/Qwen), budgets split exactly by view size;
-    non-prunable tokens pass through with their own features. Output ascending by index."""
+    non-prunable tokens pass through with their own features. Output ascending by index.
+
+    ``values`` (n, C): what is merged (default: the features); ``project`` maps a merged view's
+    output values to LLM features (AIM on LLaVA merges CLIP features, then projects). A view with
+    nothing merged keeps its own features."""
     prunable = image.prunable.bool()
     metric = image.features if metric is None else metric
+    values = image.features if values is None else values
     if image.view is None:
         groups = [(prunable.nonzero().squeeze(1), image.grid)]
     else:
@@ -171,9 +205,13 @@ def _per_view(image: ImageTokens, keep: int, merge, metric: torch.Tensor | None 
     for (members, grid), budget in zip(groups, budgets):
         if budget == 0:
             continue
-        red = merge(image.features[members], metric[members], tuple(grid), int(budget))
+        red = merge(values[members], metric[members], tuple(grid), int(budget))
         index_parts.append(members[red.index.to(members.device)])
-        feature_parts.append(red.apply(image.features[members]).to(image.features.dtype))
+        if red.features is None:  # nothing merged in this view
+            merged = image.features[members][red.index.to(members.device)]
+        else:
+            merged = red.features if project is None else project(red.features)
+        feature_parts.append(merged.to(image.features.device, image.features.dtype))
     index = torch.cat(index_parts)
     order = torch.argsort(index)
     return TokenReduction(index=index[order], features=torch.cat(feature_parts)[order])

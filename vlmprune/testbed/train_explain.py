@@ -74,6 +74,11 @@ class ExplainTrainConfig:
     """False keeps wrongly answered samples: for tests and smoke runs on untrained models only."""
     keep_fraction: float = 0.5
     """The teacher label keeps this top fraction of ``R_v`` (the paper's 50 %)."""
+    channels: tuple[int, ...] = RelevanceCNNConfig.channels
+    """The CNN's block channels (the paper's 32 -> 512 by default)."""
+    grid: tuple[int, int] | None = None
+    """None: the paper's 1-D CNN over the token sequence; (rows, cols): 2-D over the patch grid
+    (``--cnn grid`` reads it from the model: LLaVA-1.5-style models only)."""
 
     def validate(self) -> None:
         """ValueError naming the CLI flag of the first bad value."""
@@ -89,6 +94,10 @@ class ExplainTrainConfig:
             raise ValueError(f"--seed must be >= 0, got {self.seed}")
         if not 0.0 < self.keep_fraction <= 1.0:
             raise ValueError(f"keep_fraction must be in (0, 1], got {self.keep_fraction}")
+        try:
+            RelevanceCNNConfig(channels=self.channels, grid=self.grid)
+        except ValueError as exc:
+            raise ValueError(f"--cnn-channels / --cnn: {exc}") from None
 
 
 # --- teacher: generic attention explainability -----------------------------------------------------
@@ -159,6 +168,16 @@ def chefer_relevance(backend, seq, answer_ids: list[int]) -> torch.Tensor:
     return (total / n)[:prompt_len]
 
 
+def teacher_relevance(backend, seq, image, answer_ids: list[int], eos: set[int]) -> torch.Tensor:
+    """``R_v``: :func:`chefer_relevance` of the greedy answer (end-of-sequence tokens dropped) at
+    one image's prunable tokens, (n_prunable,) fp32 on the CPU, in the order explain scores them."""
+    from vlmprune.reduction.reduce import prunable_values
+
+    answer = [t for t in answer_ids if t not in eos] or answer_ids[:1]
+    rel = chefer_relevance(backend, seq, answer)  # (L,)
+    return prunable_values(image, rel[seq.image_spans[0]])[1].float().cpu()
+
+
 # --- labelling (cached, resumable) -----------------------------------------------------------------
 
 
@@ -207,7 +226,6 @@ def _save_cache(path: Path, cache: dict[str, Any]) -> None:
 def _label_batch(backend, samples, size: int, need_teacher: Callable[[bool], bool]) -> list[dict[str, Any]]:
     """Greedy answers, student inputs and (where ``need_teacher(correct)``) teacher relevance."""
     from vlmprune.backends.hf import Request
-    from vlmprune.reduction.reduce import prunable_values
     from vlmprune.testbed import scenes
 
     requests = [Request(s.question, [scenes.render(s.scene, size)]) for s in samples]
@@ -220,11 +238,7 @@ def _label_batch(backend, samples, size: int, need_teacher: Callable[[bool], boo
         output = gen.text.strip()
         correct = output == s.answer
         student = backend.explain_inputs(seq, images)[0].float().cpu()
-        teacher = None
-        if need_teacher(correct):
-            answer = [t for t in gen.token_ids if t not in eos] or gen.token_ids[:1]
-            rel = chefer_relevance(backend, seq, answer)  # (L,)
-            teacher = prunable_values(images[0], rel[seq.image_spans[0]])[1].float().cpu()
+        teacher = teacher_relevance(backend, seq, images[0], gen.token_ids, eos) if need_teacher(correct) else None
         records.append({"index": s.index, "family": s.family, "answer": s.answer, "output": output,
                         "correct": correct, "student": student, "teacher": teacher})
     return records
@@ -359,7 +373,7 @@ def train_student(
     from tqdm import tqdm
 
     torch.manual_seed(cfg.seed)
-    model = RelevanceCNN(RelevanceCNNConfig())
+    model = RelevanceCNN(RelevanceCNNConfig(channels=tuple(cfg.channels), grid=cfg.grid))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     xs = [x for x, _ in train]
     targets = [teacher_target(r, cfg.keep_fraction) for _, r in train]
@@ -486,6 +500,22 @@ def train_explain(
     return report
 
 
+def patch_grid(model: str | Path) -> tuple[int, int]:
+    """(rows, cols) of a single-view model's visual tokens, for the 2-D CNN (``--cnn grid``)."""
+    from transformers import AutoConfig
+
+    from vlmprune.testbed.registry import resolve_model
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model(model))
+    except ValueError as exc:
+        raise ValueError(f"--model: {exc}") from None
+    if config.model_type != "llava":
+        raise ValueError(f"--cnn grid needs a single-view LLaVA-1.5-style model, {model} is {config.model_type!r}")
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    return side, side
+
+
 def run_cli(args) -> int:
     """``vlmprune train explain``: checks the arguments (ValueError names the flag), labels,
     trains, saves, prints one JSON line. Progress and logs go to stderr."""
@@ -495,12 +525,18 @@ def run_cli(args) -> int:
     if args.explain_model is None:
         raise ValueError("--model is required: a shipped model name (demo) or a model folder")
     defaults = ExplainTrainConfig()
+    try:
+        channels = defaults.channels if args.cnn_channels is None else tuple(int(c) for c in args.cnn_channels.split(","))
+    except ValueError:
+        raise ValueError(f"--cnn-channels must be comma-separated ints, got {args.cnn_channels!r}") from None
     cfg = ExplainTrainConfig(
         samples=defaults.samples if args.samples is None else args.samples,
         epochs=defaults.epochs if args.epochs is None else args.epochs,
         batch_size=defaults.batch_size if args.batch_size is None else args.batch_size,
         seed=args.seed,
         only_correct=not args.keep_wrong,
+        channels=channels,
+        grid=patch_grid(args.explain_model) if args.cnn == "grid" else None,
     )
     report = train_explain(
         args.explain_model, args.out, cfg, threads=args.threads, progress=not args.no_progress,

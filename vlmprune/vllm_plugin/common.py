@@ -33,7 +33,8 @@ instruction, a ``probe_layers`` deeper than the model, and an explain policy who
 missing.
 
 Counts in vLLM (:func:`prunable_keep`): every method keeps ``kept_count(n, ratio)`` prunable tokens
-per image. For the progressive methods this is *not* the reference backend's LLM-input count (the
+per image (per view on LLaVA-NeXT: the thumbnail and each crop keep ``kept_count`` of their own
+tokens, summed). For the progressive methods this is *not* the reference backend's LLM-input count (the
 first stage of the scaled schedule): vLLM prunes once, at the LLM input, so it keeps the count whose
 LLM FLOPs equal the layer-averaged ``ratio`` of the schedule (every layer sees ``kept_count(n,
 ratio)`` tokens; :func:`vlmprune.flops.method_visual_per_layer` with ``in_llm=False``). The gateway
@@ -51,7 +52,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,7 +61,7 @@ from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.processing import InputProcessingContext
 
 from vlmprune.methods import require_support
-from vlmprune.policy import PolicyError, PolicyT, kept_count, parse_policy
+from vlmprune.policy import PolicyError, PolicyT, image_kept_count, parse_policy
 from vlmprune.trace import TRACE_DIR_ENV, TRACE_KEY, check_trace_id, trace_dir
 
 logger = logging.getLogger(__name__)
@@ -266,22 +267,25 @@ def without_policy(kwargs: Mapping[str, object]) -> dict[str, object]:
 # --- Counts -------------------------------------------------------------------------------------
 
 
-def prunable_keep(policy: PolicyT | None, n_prunable: int, num_layers: int | None = None) -> int:
-    """Prunable tokens of one image that reach the LLM input in vLLM: ``kept_count(n, ratio)``.
+def prunable_keep(policy: PolicyT | None, view_sizes: int | Sequence[int], num_layers: int | None = None) -> int:
+    """Prunable tokens of one image that reach the LLM input in vLLM: ``kept_count(n, ratio)`` of
+    every view, summed (``view_sizes``: prunable tokens per view, an int for one view; LLaVA-NeXT:
+    thumbnail + each crop, :func:`vlmprune.policy.image_kept_count`).
 
     For every method, the progressive ones included: vLLM prunes once at the LLM input, so the
     count with the same LLM FLOPs as the layer-averaged ``ratio`` is kept (the reference backend
     instead starts from its schedule's first stage and prunes further inside the LLM).
     ``num_layers`` is accepted for the callers' convenience and not needed.
     """
+    sizes = (view_sizes,) if isinstance(view_sizes, int) else tuple(view_sizes)
     if policy is None:
-        return n_prunable
-    return kept_count(n_prunable, policy.ratio)
+        return sum(sizes)
+    return image_kept_count(sizes, policy.ratio)
 
 
-def image_count(policy: PolicyT | None, n_prunable: int, n_fixed: int, num_layers: int) -> int:
+def image_count(policy: PolicyT | None, view_sizes: int | Sequence[int], n_fixed: int, num_layers: int) -> int:
     """Tokens one image occupies in the prompt: kept prunable tokens + always-kept ones (newlines)."""
-    return prunable_keep(policy, n_prunable, num_layers) + n_fixed
+    return prunable_keep(policy, view_sizes, num_layers) + n_fixed
 
 
 # --- Tensor fields ------------------------------------------------------------------------------
@@ -428,8 +432,9 @@ class PolicyProcessorMixin:
     vlmprune_methods: frozenset[str] = PLUGIN_METHODS
 
     # Hooks -------------------------------------------------------------------------------------
-    def _vlmprune_token_parts(self, hf_inputs: Any) -> list[tuple[int, int]]:
-        """Per image of the HF processor's output: (prunable tokens, always-kept tokens)."""
+    def _vlmprune_token_parts(self, hf_inputs: Any) -> list[tuple[int | tuple[int, ...], int]]:
+        """Per image of the HF processor's output: (prunable tokens, or their count per view for a
+        multi-view image, always-kept tokens)."""
         raise NotImplementedError
 
     def _vlmprune_unsupported(self) -> str | None:

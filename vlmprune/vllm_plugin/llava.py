@@ -42,6 +42,7 @@ from vllm.multimodal.processing import PromptReplacement
 
 from vlmprune.policy import PolicyError
 from vlmprune.reduction.image_tokens import CLS_ATTENTION, CLS_LOGITS, MERGE_METRIC, ImageTokens
+from vlmprune.reduction.projector import projection, projector_input_capture
 from vlmprune.reduction.reduce import reduce_image, signals_needed
 from vlmprune.signals.attention import cls_attention_from_qk
 from vlmprune.vllm_plugin.probe import ModelProbe
@@ -102,12 +103,12 @@ def clip_signals(vision_tower: nn.Module, needs: frozenset[str]) -> Iterator[Cal
         handle.remove()
 
 
-def needed_signals(items: Sequence[ItemPolicy]) -> frozenset[str]:
+def needed_signals(items: Sequence[ItemPolicy], family: str) -> frozenset[str]:
     """Union of the signals the active policies of a batch score with."""
     out: set[str] = set()
     for item in items:
         if item.active:
-            out |= signals_needed(item.policy.method)
+            out |= signals_needed(item.policy.method, family)
     return frozenset(out)
 
 
@@ -286,12 +287,16 @@ class PrunedLlava(LlavaPruningMixin, LlavaForConditionalGeneration):
         items, stock = self._vlmprune_items(kwargs)
         if stock is not None:
             return stock
-        with clip_signals(self.vision_tower, needed_signals(items)) as read_signals:
+        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        needs = needed_signals(items, self.vlmprune_family)
+        with (
+            clip_signals(self.vision_tower, needs) as read_signals,
+            projector_input_capture(self.multi_modal_projector, needs, side * side) as read_inputs,
+        ):
             embeds = super().embed_multimodal(**kwargs)
-            signals = read_signals()  # name -> (B, P) or (B, P, C)
+            signals = {**read_signals(), **read_inputs()}  # name -> (B, P) or (B, P, C)
         if len(embeds) != len(items):
             raise RuntimeError(f"vlmprune: {len(embeds)} images encoded for {len(items)} policies")
-        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
         out = []
         for i, (item, feats) in enumerate(zip(items, embeds)):
             image = ImageTokens(
@@ -299,6 +304,7 @@ class PrunedLlava(LlavaPruningMixin, LlavaForConditionalGeneration):
                 prunable=torch.ones(feats.shape[0], dtype=torch.bool, device=feats.device),
                 grid=(side, side),
                 signals={name: value[i] for name, value in signals.items()},
+                project=projection(self.multi_modal_projector),
             )
             out.append(reduce_rows(item, image, self.vlmprune_family, self._vlmprune_layers, i, self._vlmprune_probe))
         return out

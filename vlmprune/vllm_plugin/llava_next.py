@@ -2,7 +2,8 @@
 
 Count: an image is its base (thumbnail) view plus the stitched, unpadded crop grid, with one
 ``image_newline`` token ending every crop-grid row. Newlines are never pruned and not counted:
-``count = kept_count(base + unpadded, ratio) + newlines``, each part taken from vLLM's own
+``count = sum(kept_count(view, ratio) for view in (base, *crops)) + newlines`` (each crop counted
+after unpadding; FasterVLM's official code budgets every view by itself), each part taken from vLLM's own
 ``LlavaNextProcessingInfo.get_num_image_tokens`` arithmetic (:meth:`PrunedLlavaNextMultiModalProcessor._vlmprune_token_parts`).
 
 Selection: the stock tower runs once over every view (hooked as in :mod:`vlmprune.vllm_plugin.llava`);
@@ -35,7 +36,9 @@ from vllm.model_executor.models.llava_next import (
 from vllm.model_executor.models.vision import get_num_selected_vision_tokens
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from vlmprune.geometry import crop_view_sizes
 from vlmprune.reduction.image_tokens import ImageTokens
+from vlmprune.reduction.projector import projection, projector_input_capture
 from vlmprune.vllm_plugin.common import (
     PLUGIN_METHODS,
     POLICY_KEY,
@@ -61,10 +64,12 @@ class PrunedLlavaNextProcessingInfo(LlavaNextProcessingInfo):
         kwargs.pop(POLICY_KEY, None)
         return super().get_hf_processor(**kwargs)
 
-    def get_num_image_token_parts(self, *, image_width: int, image_height: int) -> tuple[int, int]:
-        """(prunable, newline) tokens of one image: base + unpadded crop grid, and its newlines.
+    def get_num_image_token_parts(self, *, image_width: int, image_height: int) -> tuple[tuple[int, ...], int]:
+        """(prunable tokens per view, newline tokens) of one image: the base view, then each crop's
+        tokens left after unpadding (row-major), and one newline per unpadded row.
 
-        The same terms, from the same functions, as the stock ``get_num_image_tokens``.
+        The same terms, from the same functions, as the stock ``get_num_image_tokens``; the crops
+        split the unpadded grid as :func:`vlmprune.geometry.crop_view_sizes` says.
         """
         hf_config = self.get_hf_config()
         encoder = self.get_vision_encoder_info()
@@ -87,7 +92,9 @@ class PrunedLlavaNextProcessingInfo(LlavaNextProcessingInfo):
         total = self.get_num_image_tokens(image_width=image_width, image_height=image_height)
         if base + unpadded + newlines != total:
             raise RuntimeError(f"LLaVA-NeXT token parts {base}+{unpadded}+{newlines} != stock count {total}")
-        return base + unpadded, newlines
+        side = encoder.get_patch_grid_length()
+        crops = crop_view_sizes(side, (gh, gw), (newlines, unpadded // newlines)) if newlines else (0,) * (gh * gw)
+        return (base, *crops), newlines
 
 
 class PrunedLlavaNextMultiModalProcessor(PolicyProcessorMixin, LlavaFamilyPromptMixin, LlavaNextMultiModalProcessor):
@@ -99,7 +106,7 @@ class PrunedLlavaNextMultiModalProcessor(PolicyProcessorMixin, LlavaFamilyPrompt
     def _vlmprune_unsupported(self) -> str | None:
         return vision_unsupported(self.info.get_hf_config())
 
-    def _vlmprune_token_parts(self, hf_inputs: Any) -> list[tuple[int, int]]:
+    def _vlmprune_token_parts(self, hf_inputs: Any) -> list[tuple[tuple[int, ...], int]]:
         sizes = hf_inputs.get("image_sizes")
         if sizes is None or hf_inputs.get("pixel_values") is None:
             return []
@@ -206,15 +213,19 @@ class PrunedLlavaNext(LlavaPruningMixin, LlavaNextForConditionalGeneration):
         image_sizes = image_input.get("image_sizes")
 
         # 1. Stock features and the hooked signals, one tower run over every view.
-        with clip_signals(self.vision_tower, needed_signals(items)) as read_signals:
+        vc = self.config.vision_config
+        side = vc.image_size // vc.patch_size
+        needs = needed_signals(items, self.vlmprune_family)
+        with (
+            clip_signals(self.vision_tower, needs) as read_signals,
+            projector_input_capture(self.multi_modal_projector, needs, side * side) as read_inputs,
+        ):
             embeds = self._process_image_input(image_input)  # list of (n_i, d)
-            signals = read_signals()  # name -> (sum(views), P) or (sum(views), P, C)
+            signals = {**read_signals(), **read_inputs()}  # name -> (sum(views), P) or (sum(views), P, C)
         if len(embeds) != len(items):
             raise RuntimeError(f"vlmprune: {len(embeds)} images encoded for {len(items)} policies")
 
         # 2. Per image: geometry of the packed rows, then the core's decision.
-        vc = self.config.vision_config
-        side = vc.image_size // vc.patch_size
         out, start = [], 0
         for i, (item, feats) in enumerate(zip(items, embeds)):
             per_view = {name: value[start : start + views[i]] for name, value in signals.items()}
@@ -230,5 +241,6 @@ class PrunedLlavaNext(LlavaPruningMixin, LlavaNextForConditionalGeneration):
                 tuple(int(x) for x in size.tolist()), self.config.image_grid_pinpoints, vc.image_size
             )
             image = image_tokens(feats, sources, per_view, (side, side), (int(gh), int(gw)))
+            image.project = projection(self.multi_modal_projector)
             out.append(reduce_rows(item, image, self.vlmprune_family, self._vlmprune_layers, i, self._vlmprune_probe))
         return out

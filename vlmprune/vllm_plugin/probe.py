@@ -61,7 +61,7 @@ from torch import nn
 
 from vlmprune.core import aim, explain, transprune
 from vlmprune.core.select import TokenReduction, topk_sorted
-from vlmprune.policy import PolicyError, kept_count
+from vlmprune.policy import PolicyError, image_kept_count
 from vlmprune.reduction.image_tokens import ImageTokens
 from vlmprune.reduction.reduce import reduce_image
 from vlmprune.signals.attention import attention_rows
@@ -245,7 +245,8 @@ def reduce_with_probe(
     explain_model: Any = None,
     log: list[ProbeRecord] | None = None,
 ) -> TokenReduction:
-    """One image's reduction under an instruction-aware policy; ``kept_count(n, ratio)`` prunable rows.
+    """One image's reduction under an instruction-aware policy; ``kept_count(n, ratio)`` prunable rows
+    (of every view, summed: :func:`vlmprune.policy.image_kept_count`).
 
     ``grid_positions`` (3, n_tokens): Qwen's (t, h, w) ids of the image tokens relative to the
     image start (None for LLaVA's 1-D positions). ``explain_model``: the RelevanceCNN (explain).
@@ -254,7 +255,7 @@ def reduce_with_probe(
     method = policy.method
     if method not in ("transprune", "aim", "explain"):
         raise ValueError(f"method {method!r} does not use the shallow probe")
-    keep = kept_count(image.n_prunable, policy.ratio)
+    keep = image_kept_count(image.view_sizes, policy.ratio)
     device = image.features.device
 
     # 1. AIM merges first (to its schedule's LLM-input count), the probe prunes the merged rows.

@@ -405,7 +405,7 @@ class QwenPruningMixin:
         active = items is not None and any(item.active for item in items)
         if active and image_input["type"] != "pixel_values":
             raise RuntimeError("vlmprune: image_embeds inputs cannot be pruned (the processor should refuse them)")
-        needs = needed_signals(items) if active else frozenset()
+        needs = needed_signals(items, self.vlmprune_family) if active else frozenset()
 
         # 1. One stock vision forward; the scoring block's kernel inputs are captured if needed.
         scores: list[torch.Tensor] | None = None

@@ -17,6 +17,7 @@ import torch
 from vlmprune.backends.hf.base import ModelAdapter, Sequence
 from vlmprune.backends.hf.vision_hooks import cls_signal_capture
 from vlmprune.reduction.image_tokens import ImageTokens
+from vlmprune.reduction.projector import projection, projector_input_capture
 
 
 class LlavaFamilyAdapter(ModelAdapter):
@@ -117,13 +118,15 @@ class LlavaAdapter(LlavaFamilyAdapter):
     def encode_images(self, inputs: Mapping[str, torch.Tensor], needs: frozenset[str]) -> list[ImageTokens]:
         if "pixel_values" not in inputs:
             return []
-        with cls_signal_capture(
-            self.model.model.vision_tower, self.model.config.vision_feature_layer, needs
-        ) as read_signals:
-            out = self.model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)
-            signals = read_signals()  # name -> (B, P) or (B, P, C)
-        features = out.pooler_output  # list of (P, d)
         grid = self._vision_grid()
+        projector = self.model.model.multi_modal_projector
+        with (
+            cls_signal_capture(self.model.model.vision_tower, self.model.config.vision_feature_layer, needs) as read_signals,
+            projector_input_capture(projector, needs, grid[0] * grid[1]) as read_inputs,
+        ):
+            out = self.model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)
+            signals = {**read_signals(), **read_inputs()}  # name -> (B, P) or (B, P, C)
+        features = out.pooler_output  # list of (P, d)
         images = []
         for i, feats in enumerate(features):
             n = feats.shape[0]
@@ -135,6 +138,7 @@ class LlavaAdapter(LlavaFamilyAdapter):
                     prunable=torch.ones(n, dtype=torch.bool, device=feats.device),
                     grid=grid,
                     signals={name: value[i] for name, value in signals.items()},
+                    project=projection(projector),
                 )
             )
         return images

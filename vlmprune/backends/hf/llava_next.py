@@ -17,6 +17,7 @@ import torch
 from vlmprune.backends.hf.llava import LlavaFamilyAdapter
 from vlmprune.backends.hf.vision_hooks import cls_signal_capture
 from vlmprune.reduction.image_tokens import ImageTokens
+from vlmprune.reduction.projector import projection, projector_input_capture
 
 _GEOMETRY = 4  # side channels: view, crop, row, col
 
@@ -56,13 +57,17 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
         image_sizes = inputs["image_sizes"]
 
         # 1. Stock features (one batched ViT run over every view of every image) + [CLS] signals.
-        with cls_signal_capture(self.model.model.vision_tower, cfg.vision_feature_layer, needs) as read_signals:
+        h, w = self._vision_grid()
+        projector = self.model.model.multi_modal_projector
+        with (
+            cls_signal_capture(self.model.model.vision_tower, cfg.vision_feature_layer, needs) as read_signals,
+            projector_input_capture(projector, needs, h * w) as read_inputs,
+        ):
             out = self.model.model.get_image_features(inputs["pixel_values"], image_sizes, return_dict=True)
-            signals = read_signals()  # name -> (V, P) or (V, P, C), V = all views of all images
+            signals = {**read_signals(), **read_inputs()}  # name -> (V, P) or (V, P, C), V = all views
         features = out.pooler_output  # list of (n_i, d), packed
 
         # 2. Side tensor per view: geometry + signals, (V, P, 4 + S).
-        h, w = self._vision_grid()
         views_per_image = [
             image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
             for size in image_sizes
@@ -144,4 +149,5 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
             coords=coords.to(device),
             view_shape=[(h, w), (rows1, cols1)],
             crop_grid=crop_grid,
+            project=projection(self.model.model.multi_modal_projector),
         )

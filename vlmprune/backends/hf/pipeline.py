@@ -230,12 +230,21 @@ class ReferenceBackend:
 
     # -- prefill ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, requests: list[Request], policy: PolicyT | Mapping[str, Any] | None = None) -> list[Prefill]:
-        """Prefill every request under ``policy``; the vision tower runs once over all images."""
+    def prefill(
+        self,
+        requests: list[Request],
+        policy: PolicyT | Mapping[str, Any] | None = None,
+        explain_model: Any = None,
+    ) -> list[Prefill]:
+        """Prefill every request under ``policy``; the vision tower runs once over all images.
+
+        ``explain_model``: stands in for an explain policy's CNN (anything with ``relevance(attn
+        (n,)) -> (n,)``): the quality benchmark's ``explain-input`` and ``oracle`` rows, never served."""
         policy = _as_policy(policy)
         require_support(policy.method, self.family)
-        explain_model = self._explain_model(policy) if policy.method == "explain" and policy.ratio > 0 else None
-        needs = signals_needed(policy.method) if policy.ratio > 0 else frozenset()
+        if explain_model is None and policy.method == "explain" and policy.ratio > 0:
+            explain_model = self._explain_model(policy)
+        needs = signals_needed(policy.method, self.family) if policy.ratio > 0 else frozenset()
         return [
             self._prefill_one(seq, row_images, policy, explain_model)
             for seq, row_images in self.sequences(requests, needs)
@@ -278,7 +287,7 @@ class ReferenceBackend:
 
         # 1. Reduce every image at the LLM input.
         iattn = None
-        if any(needs_instruction_attention(policy, im.n_prunable, num_layers) for im in images):
+        if any(needs_instruction_attention(policy, im.view_sizes, num_layers) for im in images):
             iattn = self._instruction_attention(seq)  # (L,)
         reductions = [
             reduce_image(
@@ -380,12 +389,14 @@ class ReferenceBackend:
         requests: list[Request],
         policy: PolicyT | Mapping[str, Any] | None = None,
         max_new_tokens: int = 16,
+        explain_model: Any = None,
     ) -> list[Generation]:
-        """Greedy decoding; stops at an end-of-sequence token or after ``max_new_tokens``."""
+        """Greedy decoding; stops at an end-of-sequence token or after ``max_new_tokens``
+        (``explain_model``: as in :meth:`prefill`)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         results = []
-        for pre in self.prefill(requests, policy):
+        for pre in self.prefill(requests, policy, explain_model):
             tokens = self.greedy_tokens(pre, max_new_tokens)
             results.append(
                 Generation(
