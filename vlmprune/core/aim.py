@@ -12,7 +12,7 @@ on Qwen2-VL / Qwen2.5-VL the patch merger's output (the merger is part of the vi
 output is what the LLM reads; the official Qwen code merges video tokens there too). Deviation, on
 purpose: merged tokens come out in raster order of the token each stands for; AIM's output order
 (unmerged A by similarity, then B) is not kept, so positions stay meaningful. Every deviation and
-its measured effect: ``docs/FIDELITY.md``.
+its measured effect: ``vlmprune/core/FIDELITY.md``.
 """
 
 from __future__ import annotations
