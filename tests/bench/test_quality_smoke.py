@@ -49,7 +49,7 @@ def test_explain_floor_and_ceiling_rows_and_merge(micro, tmp_path):
     row and keeps the saved others; explain_scores outside explain is a ValueError."""
     from vlmprune.evaluate import evaluate
 
-    quality = _load_quality()
+    quality = load_bench("quality")
     stem = tmp_path / "q"
     args = ["--model", str(micro), "--ratios", "0.5", "--samples", "3", "--out", str(stem)]
     assert quality.main([*args, "--methods", "explain-input,oracle"]) == 0
