@@ -245,7 +245,8 @@ def _evaluate_vllm(
     finally:
         llm.llm_engine.engine_core.shutdown()
     return summarize(records, model=model, path=str(path), backend="vllm", split=split, seed=seed,
-                     policy=policy.model_dump(mode="json"), wall_s=time.time() - t0, device="cpu" if cpu else "cuda")
+                     policy=policy.model_dump(mode="json"), wall_s=time.time() - t0, device="cpu" if cpu else "cuda",
+                     explain_scores="cnn")  # the served explain method always ranks with its CNN
 
 
 def summarize(records: list[dict[str, Any]], **header: Any) -> dict[str, Any]:

@@ -89,10 +89,14 @@ def test_demo_vllm_matches_hf_at_ratio_0():
                     reason="NOT SHIPPED: the demo-next model has no weights")
 def test_demo_next_vllm_matches_hf():
     """On the shipped demo-next (LLaVA-NeXT, AnyRes, 1280 patches + 32 newlines): identical answers
-    at ratio 0, and at 0.9 vLLM serves kept_count(1280, 0.9) = 128 patches (newlines kept, not counted)."""
+    at ratio 0, and at 0.9 vLLM serves one budget per view, as FasterVLM's official code: the
+    thumbnail and each of the 4 crops (256 patches each) keep kept_count(256, 0.9) = 26, 130 in all
+    (newlines kept, not counted)."""
+    from vlmprune.policy import image_kept_count
+
     args = ("--model", "demo-next", "--method", "fastervlm", "--samples", "4")
     vllm, hf = _eval(*args, "--ratio", "0", "--backend", "vllm"), _eval(*args, "--ratio", "0", "--backend", "hf")
     assert vllm["outputs"] == hf["outputs"] and vllm["visual_tokens"] == hf["visual_tokens"] == 1280
     assert vllm["kept_tokens"] == hf["kept_tokens"] == 1280
     pruned = _eval(*args, "--ratio", "0.9", "--backend", "vllm")
-    assert pruned["visual_tokens"] == 1280 and pruned["kept_tokens"] == 128
+    assert pruned["visual_tokens"] == 1280 and pruned["kept_tokens"] == image_kept_count([256] * 5, 0.9) == 130
