@@ -62,7 +62,7 @@ def model_id(url: str) -> str:
 
 
 def test_client_disconnect_mid_stream_cancels_the_request_in_vllm(served):
-    """The client reads a few chunks of a 440-token stream and hangs up: vLLM's running count
+    """The client reads a few chunks of a 1900-token stream and hangs up: vLLM's running count
     (1 while the client listens) goes back to 0 at once, the request never finishes (vLLM aborted
     it), the gateway records a 499 and holds nothing open, and it serves the next request."""
     url, vllm_url = served[0], served[1]
