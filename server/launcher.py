@@ -285,29 +285,28 @@ def wait_ready(url: str, proc: subprocess.Popen | None, log_path: Path | None, t
 # -- banner -----------------------------------------------------------------------------------
 
 
-def _example_image_url() -> str:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (32, 32), (200, 30, 30)).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def banner(url: str, served_name: str, api_key: str | None) -> str:
-    body = {
-        "model": served_name, "max_tokens": 8,
-        "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": _example_image_url()}},
-            {"type": "text", "text": "what colour is the square ?"},
-        ]}],
-    }
+def banner(url: str, served_name: str, api_key: str | None, model_dir: Path | None = None) -> str:
+    """The ready message: where things are and a request that runs as pasted (the README's: a test
+    scene of the served testbed model written by ``vlmprune scene``, sent by curl or the SDK client)."""
+    scene_model = f" --model {model_dir}" if model_dir is not None else ""
+    body = (
+        f'{{"model": "{served_name}", "max_tokens": 4, "messages": [{{"role": "user", "content": ['
+        '{"type": "image_url", "image_url": {"url": "data:image/png;base64,\'"$(base64 < scene.png | tr -d \'\\n\')"\'"}}, '
+        '{"type": "text", "text": "What color is the circle?"}]}]}'
+    )
     auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
+    client_key = f" --api-key {api_key}" if api_key else ""
     return (
         f"vlmprune gateway ready: {url}  (OpenAI API at {url}/v1, metrics at {url}/metrics)\n"
         f"playground (what each policy keeps, answers and costs): {url}/playground\n"
-        f"try:\n  curl -s -i {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' \\\n"
+        f"try (a test scene of a testbed model; prints its question and answer):\n"
+        f"  vlmprune scene --out scene.png{scene_model}\n"
+        f"  curl -s -D - {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' \\\n"
         f"    -H 'X-VLMPrune-Method: fastervlm' -H 'X-VLMPrune-Ratio: 0.9' \\\n"
-        f"    -d '{json.dumps(body)}'\n"
+        f"    -d '{body}'\n"
+        f"or with the OpenAI SDK:\n"
+        f"  python deploy/client.py scene.png 'What color is the circle?' --base-url {url}/v1{client_key} "
+        f"--method fastervlm --ratio 0.9\n"
         f"Ctrl-C stops the gateway and vLLM."
     )
 
@@ -372,7 +371,7 @@ def run(args: argparse.Namespace) -> int:
                 time.sleep(0.05)
             if server.started:
                 total = time.monotonic() - t0
-                print(banner(url, served, (args.api_key or [None])[0]), flush=True)
+                print(banner(url, served, (args.api_key or [None])[0], model_dir), flush=True)
                 print(f"vlmprune serve: started in {total:.1f} s (vLLM {vllm_s:.1f} s)", flush=True)
 
         def watch_child() -> None:

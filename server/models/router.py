@@ -20,7 +20,7 @@ async def list_models(request: Request) -> Response:
     failures = []
     for up in state.pool.ordered():
         try:
-            resp = await state.client.get(up.url + "/v1/models", headers=state.chat._headers())
+            resp = await state.client.get(up.url + "/v1/models", headers=state.pool.auth_headers)
         except httpx.HTTPError as exc:
             state.pool.mark_failed(up, f"{type(exc).__name__}: {exc}")
             failures.append(f"{up.url}: {type(exc).__name__}")

@@ -115,18 +115,16 @@ def demo_scene(model: Any, index: int | None) -> DemoScene:
     at (``vlmprune.testbed.registry.scene_layout``; at least :data:`MIN_SCENE_PX`); random when
     ``index`` is None."""
     from vlmprune.testbed import scenes
-    from vlmprune.testbed.registry import scene_layout
+    from vlmprune.testbed.example import render_for
 
     if index is None:
         index = random.randrange(scenes.SPLIT_SIZE)
-    size, scale = scene_layout(model.config)
-    size = max(size, MIN_SCENE_PX)
     try:
-        sample = scenes.sample("test", index, scale)
+        sample, image = render_for(model.config, lambda scale: scenes.sample("test", index, scale), MIN_SCENE_PX)
     except ValueError as exc:
         raise GatewayError(400, str(exc), param="index") from None
     buf = io.BytesIO()
-    scenes.render(sample.scene, size).save(buf, format="PNG")
+    image.save(buf, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     return DemoScene(index=index, image=url, question=sample.question, answer=sample.answer, family=sample.family)
 

@@ -37,10 +37,10 @@ APPLIED_AT_09 = "method=fastervlm; ratio=0.9; visual_tokens=256; kept=26"  # kep
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """`python -m vlmprune serve --model demo`; yields (gateway URL, vLLM URL)."""
+    """`python -m vlmprune serve --model demo`; yields (gateway URL, vLLM URL, its log)."""
     log = tmp_path_factory.mktemp("serve-demo") / "serve.log"
-    with serve_process("demo", log, STARTUP_TIMEOUT_S) as (url, vllm_url, _, _, _):
-        yield url, vllm_url
+    with serve_process("demo", log, STARTUP_TIMEOUT_S) as (url, vllm_url, _, log_path, _):
+        yield url, vllm_url, log_path
 
 
 def readme_block(containing: str) -> str:
@@ -93,6 +93,22 @@ def test_readme_client_script_runs_as_pasted(served, scene_dir):
     assert bad.returncode == 1 and bad.stderr.startswith("error 400:") and "ratio" in bad.stderr, bad.stderr
 
 
+def test_the_ready_banner_commands_run_as_pasted(served, tmp_path):
+    """The commands `vlmprune serve` prints when ready (scene, curl, SDK client) run as printed and
+    answer the scene's answer with fastervlm at 0.9."""
+    log = served[2].read_text()
+    banner = log[log.index("try ("):log.index("Ctrl-C stops")].splitlines()[1:]
+    commands = [line.strip() for line in banner if not line.startswith("or with")]
+    script = "\n".join(commands).replace("\\\n", " ")
+    script = script.replace("vlmprune scene", ".venv/bin/vlmprune scene").replace("python deploy/", ".venv/bin/python deploy/")
+    proc = run_as_pasted(script, served[0], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    answer = re.search(r"^answer:\s+(\S+)$", proc.stdout, re.M).group(1)
+    assert re.search(rf"^x-vlmprune-applied: {re.escape(APPLIED_AT_09)};", proc.stdout, re.M | re.I), proc.stdout
+    assert f'"content":"{answer}"' in proc.stdout.replace(" ", ""), proc.stdout
+    assert len(re.findall(rf"answer:\s+{answer}\b", proc.stdout)) == 2, proc.stdout  # the scene's, the client's
+
+
 def typed(question: str) -> str:
     """The canonical question as a person types it: capital first letter, US spelling, `?` attached."""
     text = question.replace(" ?", "?").replace("colour", "color")
@@ -111,7 +127,7 @@ def png_data_url(image) -> str:
 
 def test_typed_questions_get_the_same_ids_and_answers_through_vllm(served):
     """vLLM's own tokenizer (its /tokenize) gives identical ids, and the engine identical answers."""
-    gateway, vllm_url = served
+    gateway, vllm_url, _ = served
     client = openai.OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
     checked = set()
     for i in range(SAMPLES):

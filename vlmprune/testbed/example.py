@@ -8,7 +8,11 @@ model sees, and prints the question and the expected answer, so the README's cur
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from PIL import Image
 
 from vlmprune.testbed import scenes
 
@@ -31,13 +35,21 @@ def example_sample(scale: float = 1.0, index: int | None = None) -> scenes.Sampl
     raise ValueError(f"no test sample among the first {SEARCH_LIMIT} asks {EXAMPLE_QUESTION!r}")
 
 
+def render_for(config: Any, sample_for_scale: Callable[[float], scenes.Sample],
+               min_px: int = 0) -> tuple[scenes.Sample, Image.Image]:
+    """A test sample drawn at the canvas and object scale a model with this transformers ``config``
+    reads the testbed at (:func:`vlmprune.testbed.registry.scene_layout`; at least ``min_px``)."""
+    from vlmprune.testbed.registry import scene_layout
+
+    size, scale = scene_layout(config)
+    sample = sample_for_scale(scale)
+    return sample, scenes.render(sample.scene, max(size, min_px))
+
+
 def write_scene(model_dir: Path, out: Path, index: int | None = None) -> scenes.Sample:
     """Render the example scene for the model in ``model_dir`` (its canvas and scale) to ``out``."""
     from transformers import AutoConfig
 
-    from vlmprune.testbed.registry import scene_layout
-
-    size, scale = scene_layout(AutoConfig.from_pretrained(model_dir))
-    sample = example_sample(scale, index)
-    scenes.render(sample.scene, size).save(out)
+    sample, image = render_for(AutoConfig.from_pretrained(model_dir), lambda scale: example_sample(scale, index))
+    image.save(out)
     return sample
