@@ -36,6 +36,7 @@ from typing import Any
 import httpx
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from pydantic import ValidationError
@@ -343,7 +344,11 @@ class ChatServing:
         handed_off = False
         prep: Prepared | None = None
         try:
-            raw = await read_body(request, self.state.settings.max_body_bytes)
+            try:
+                raw = await read_body(request, self.state.settings.max_body_bytes)
+            except ClientDisconnect:  # gone while sending its body: nothing was started
+                metrics.requests.labels("none", "499").inc()
+                return Response(status_code=499)
             prepared: list[Prepared] = []  # set as soon as known, for the 499's method label
             opened = await _unless_client_leaves(request.receive, self._prepare_and_open(raw, request.headers,
                                                                                           prepared))

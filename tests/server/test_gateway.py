@@ -172,6 +172,28 @@ def test_request_headers_over_max_header_bytes_are_a_431_in_openai_shape(tiny_ll
         assert r.status_code == 431 and "limit of 4096" in r.json()["error"]["message"]
 
 
+def test_client_that_leaves_while_sending_its_body_is_a_499_not_a_500(tiny_llava_dir, fake_upstream):
+    """A client that announces 100 000 bytes, sends 100 and hangs up: counted as a 499 (no
+    "unexpected error" 500), nothing forwarded, nothing left in flight."""
+    import socket
+
+    with running_gateway(settings(tiny_llava_dir, [fake_upstream.url])) as url:
+        n_before = len(fake_upstream.bodies)
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100000\r\n\r\n" + b"{" * 100)
+            time.sleep(0.3)
+        deadline = time.time() + 5
+        while scrape(url).get(("vlmprune_requests_total", (("method", "none"), ("status", "499")))) != 1:
+            assert time.time() < deadline, {k: v for k, v in scrape(url).items() if "requests_total" in k[0]}
+            time.sleep(0.05)
+        samples = scrape(url)
+        assert not any(n == "vlmprune_requests_total" and ("status", "500") in labels for n, labels in samples)
+        assert samples[("vlmprune_in_flight_requests", ())] == 0
+        assert len(fake_upstream.bodies) == n_before
+
+
 def test_api_keys(tiny_llava_dir, fake_upstream):
     """With keys configured: 401 without or with a wrong key (OpenAI client raises AuthenticationError)."""
     with running_gateway(settings(tiny_llava_dir, [fake_upstream.url], api_keys=["sesame"])) as url:
