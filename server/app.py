@@ -153,6 +153,26 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(500, f"internal gateway error ({type(exc).__name__})"), status_code=500)
 
 
+class HeaderLimit:
+    """ASGI middleware: a request whose headers exceed ``limit`` bytes is answered 431 in OpenAI's
+    shape before any route runs (uvicorn's httptools parser accepts headers of any size, and h11's
+    own bound answers a plain-text 400)."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            size = sum(len(name) + len(value) + 4 for name, value in scope["headers"])  # "name: value\r\n"
+            if size > self.limit:
+                message = (f"request headers are {size} bytes, over the limit of {self.limit} "
+                           "(max_header_bytes); send long values in the body")
+                await JSONResponse(error_body(431, message), status_code=431)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     """The gateway app. Settings come from the argument or from ``VLMPRUNE_*`` variables."""
     settings = settings or GatewaySettings()
@@ -162,6 +182,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                   description="OpenAI-compatible gateway that applies per-request visual-token compression.")
     app.state.gateway = GatewayState(settings)
     _install_error_handlers(app)
+    app.add_middleware(HeaderLimit, limit=settings.max_header_bytes)
     app.include_router(chat_router)
     app.include_router(models_router)
     app.include_router(ops_router)

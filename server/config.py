@@ -47,6 +47,10 @@ class GatewaySettings(BaseSettings):
     api_keys: list[str] = Field(default_factory=list)
     """Accepted ``Authorization: Bearer`` keys; empty = no authentication."""
     max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    max_header_bytes: int = Field(32 * 1024, gt=0)
+    """All request headers together (``name: value`` lines, as sent); more is a 431 in OpenAI's
+    shape. uvicorn's default HTTP parser (httptools) has no bound of its own, so this is the one a
+    client meets (a proxy in front may set a lower one: nginx's ``large_client_header_buffers``)."""
     max_images: int = Field(8, ge=1)
     """Images per request; more is a 400 (keep it <= vLLM's --limit-mm-per-prompt)."""
     max_image_pixels: int = Field(4096 * 4096, gt=0)

@@ -13,8 +13,14 @@ One request, step by step:
    is left, :func:`failure_status`);
 6. pass the answer through unchanged (streams chunk by chunk) with ``X-VLMPrune-Applied``; a
    stream whose upstream dies or falls silent (``stream_idle_timeout_s``) ends with an OpenAI
-   error event; a client that leaves closes the upstream request (vLLM aborts it); metrics are
-   recorded at the end.
+   error event; metrics are recorded at the end.
+
+A client that leaves is noticed at once, not at the next write to it: a task listens for its
+``http.disconnect`` from the moment the body is read (:func:`_client_left`, then
+:class:`RelayResponse` during a stream), and the work under way is cancelled, which closes the
+upstream request, so vLLM aborts it (its OpenAI server aborts a request whose client left, in
+both modes). This holds for a non-streaming request waiting on a long completion too; it ends as
+a 499 (nginx's code for a client that left) in the metrics.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from typing import Any
 import httpx
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope, Send
 
 from pydantic import ValidationError
 
@@ -253,6 +261,7 @@ class ChatServing:
                 metrics.retries.inc()
             self._track(up, +1)
             resp = None
+            opened = False
             try:
                 req = client.build_request("POST", up.url + "/v1/chat/completions", content=prep.payload,
                                            headers=self._headers())
@@ -267,14 +276,17 @@ class ChatServing:
                 else:
                     first = await resp.aread()
                     _require_json_object(resp.status_code, first)
+                opened = True
                 return up, resp, first, rest
             except Exception as exc:  # connection errors, timeouts, 5xx, garbage: try the next upstream
-                if resp is not None:
-                    await resp.aclose()
-                self._track(up, -1)
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 pool.mark_failed(up, reason)
                 failures.append((failure_status(exc), f"{up.url}: {reason}"))
+            finally:  # also when cancelled (the client left): no retry, the request is closed (vLLM aborts it)
+                if not opened:
+                    self._track(up, -1)
+                    if resp is not None:
+                        await resp.aclose()
         if not failures:
             raise GatewayError(503, "no upstream configured")
         statuses = {status for status, _ in failures}
@@ -332,9 +344,21 @@ class ChatServing:
         handed_off = False
         prep: Prepared | None = None
         try:
-            raw = await read_body(request, self.state.settings.max_body_bytes)
-            prep = await self.prepare(raw, request.headers)
-            up, resp, first, rest = await self._open(prep)
+            try:
+                raw = await read_body(request, self.state.settings.max_body_bytes)
+            except ClientDisconnect:  # gone while sending its body: nothing was started
+                metrics.requests.labels("none", "499").inc()
+                return Response(status_code=499)
+            prepared: list[Prepared] = []  # set as soon as known, for the 499's method label
+            opened = await _unless_client_leaves(request.receive, self._prepare_and_open(raw, request.headers,
+                                                                                          prepared))
+            if opened is None:  # the client left; what was under way upstream is closed
+                if prepared:
+                    self._record(prepared[0], 499, started, None, None)
+                else:
+                    metrics.requests.labels("none", "499").inc()
+                return Response(status_code=499)
+            prep, (up, resp, first, rest) = prepared[0], opened
             applied = prep.applied()
             headers = {HEADER_APPLIED: applied.header()} if applied is not None else {}
             media = resp.headers.get("content-type", "application/json")
@@ -350,8 +374,8 @@ class ChatServing:
                 self._record(prep, resp.status_code, started, usage, None)
                 return Response(first, status_code=resp.status_code, media_type=media, headers=headers)
             handed_off = True
-            return StreamingResponse(self._relay(prep, up, resp, first, rest, started), status_code=200,
-                                     media_type=media, headers=headers)
+            return RelayResponse(self._relay(prep, up, resp, first, rest, started), status_code=200,
+                                 media_type=media, headers=headers)
         except GatewayError as exc:
             label = prep.method_label if prep is not None else "invalid"
             metrics.requests.labels(label, str(exc.status)).inc()
@@ -361,6 +385,12 @@ class ChatServing:
         finally:
             if not handed_off:
                 metrics.in_flight.dec()
+
+    async def _prepare_and_open(self, raw: bytes, headers: Any, prepared: list[Prepared]
+                                ) -> tuple[Upstream, httpx.Response, bytes, AsyncIterator[bytes] | None]:
+        prep = await self.prepare(raw, headers)
+        prepared.append(prep)
+        return await self._open(prep)
 
     async def _relay(self, prep: Prepared, up: Upstream, resp: httpx.Response, first: bytes,
                      rest: AsyncIterator[bytes], started: float) -> AsyncIterator[bytes]:
@@ -437,3 +467,58 @@ def _require_json_object(status: int, body: bytes) -> None:
         parsed = None
     if not isinstance(parsed, dict):
         raise UpstreamAnswerError(f"HTTP {status} with a body that is not a JSON object: {body[:60]!r}")
+
+
+async def _client_left(receive: Receive) -> None:
+    """Returns when the client has gone (``http.disconnect``). Only called once the body has been
+    read, so no request message is lost; the server keeps the disconnect, so cancelling this and
+    listening again later (:class:`RelayResponse`) misses nothing."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_client_leaves(receive: Receive, work: Any) -> Any:
+    """The result of the coroutine ``work``, or None if the client leaves first; ``work`` is then
+    cancelled (and awaited), so whatever it had open upstream is closed before this returns."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_client_left(receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+        watcher.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)
+    if task.cancelled():
+        return None
+    return task.result()
+
+
+class RelayResponse(StreamingResponse):
+    """A stream that stops the moment its client leaves, on every ASGI server: a listener for
+    ``http.disconnect`` runs beside the sending (Starlette listens only for ASGI < 2.4 and relies
+    on a failing send otherwise), a send that fails because the client is gone counts as leaving,
+    and the body iterator is always closed at the end, so :meth:`ChatServing._relay` closes the
+    upstream request at once (vLLM aborts it) and records its metrics, even when the client left
+    while a send was waiting on a slow reader (where Starlette would abandon the iterator)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        sending = asyncio.ensure_future(self._send_all(send))
+        watcher = asyncio.ensure_future(_client_left(receive))
+        try:
+            await asyncio.wait({sending, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sending.cancel()
+            watcher.cancel()
+            try:
+                await asyncio.gather(sending, watcher, return_exceptions=True)
+            finally:
+                await self.body_iterator.aclose()  # type: ignore[union-attr]  # our async generator
+        if not sending.cancelled() and sending.exception() is not None:
+            raise sending.exception()
+
+    async def _send_all(self, send: Send) -> None:
+        try:
+            await self.stream_response(send)
+        except OSError:  # the client is gone (ASGI >= 2.4 servers raise it from send)
+            pass

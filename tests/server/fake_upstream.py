@@ -7,7 +7,10 @@ parts of vLLM's HTTP API the gateway uses (``/health``, ``/metrics`` with vLLM's
 misbehaves on demand (``mode``): ``ok``, ``error500``, ``die_mid_stream`` (drops the connection
 after two chunks), ``unhealthy`` (``/health`` answers 503), ``hang`` (never answers a chat
 request), ``hang_mid_stream`` (two chunks, then silence), ``garbage`` (200 with an HTML body or a
-plain-text "stream"), ``slow`` (answers after ``delay_s``).
+plain-text "stream"), ``slow`` (answers after ``delay_s``), ``long`` (a completion that takes
+``delay_s``: a stream of a chunk every 20 ms, or one answer at the end; like vLLM, it abandons a
+request whose client leaves, counted in ``fake:aborted_total``, and counts the ones it finished
+in ``fake:completed_total``).
 
 The fault tests need a process they can kill or hang, so ``python -m tests.server.fake_upstream
 --port P --mode M`` runs the same server as a process of its own (:class:`FakeUpstreamProcess`),
@@ -54,6 +57,8 @@ class FakeUpstream:
         self.ttft_sum = 0.0
         self.ttft_count = 0
         self.bodies: list[dict] = []
+        self.aborted = 0
+        self.completed = 0
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         app = Starlette(routes=[
@@ -90,6 +95,8 @@ class FakeUpstream:
             "# HELP vllm:num_requests_running Number of requests running.\n"
             "# TYPE vllm:num_requests_running gauge\n"
             f'vllm:num_requests_running{{engine="0",model_name="fake"}} {self.running}\n'
+            f"fake:aborted_total {self.aborted}\n"
+            f"fake:completed_total {self.completed}\n"
             "# HELP vllm:time_to_first_token_seconds TTFT.\n"
             "# TYPE vllm:time_to_first_token_seconds histogram\n"
             f'vllm:time_to_first_token_seconds_bucket{{engine="0",le="+Inf",model_name="fake"}} {self.ttft_count}\n'
@@ -104,11 +111,63 @@ class FakeUpstream:
     async def _chat(self, request: Request):
         body = await request.json()
         self.bodies.append(body)
+        if self.mode == "long":
+            return await self._long(request, body)
         self.running += 1
         try:
             return await self._answer(body)
         finally:
             self.running -= 1
+
+    async def _long(self, request: Request, body: dict):
+        """A completion that lasts ``delay_s`` and stops when its client leaves, as vLLM's does
+        (``with_cancellation`` for an answer, Starlette's disconnect listener for a stream)."""
+        self.running += 1
+        ended = False
+
+        def end(aborted: bool) -> None:
+            nonlocal ended
+            if not ended:
+                ended = True
+                self.running -= 1
+                if aborted:
+                    self.aborted += 1
+                else:
+                    self.completed += 1
+
+        if body.get("stream"):
+            async def events():
+                try:
+                    deadline = time.monotonic() + self.delay_s
+                    while time.monotonic() < deadline:
+                        event = {"id": "fake-1", "object": "chat.completion.chunk", "created": 0, "model": "fake",
+                                 "choices": [{"index": 0, "delta": {"content": " word"}, "finish_reason": None}]}
+                        yield b"data: " + json.dumps(event).encode() + b"\n\n"
+                        await asyncio.sleep(0.02)
+                    yield b"data: [DONE]\n\n"
+                    end(aborted=False)
+                finally:
+                    end(aborted=True)
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        async def client_left() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        answer = asyncio.ensure_future(asyncio.sleep(self.delay_s))
+        watcher = asyncio.ensure_future(client_left())
+        await asyncio.wait({answer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finished = answer.done()
+        answer.cancel()
+        watcher.cancel()
+        end(aborted=not finished)
+        return JSONResponse({
+            "id": "fake-1", "object": "chat.completion", "created": 0, "model": body.get("model", "fake"),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "a long answer"},
+                         "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 100, "total_tokens": 110},
+        })
 
     async def _answer(self, body: dict):
         if self.mode == "hang":

@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from server.config import GatewaySettings
-from tests.server.conftest import image_message, running_gateway
+from tests.server.conftest import image_message, metric_samples, metric_sum, running_gateway
 from tests.server.fake_upstream import FakeUpstreamProcess
 
 CHAT = "/v1/chat/completions"
@@ -112,6 +112,40 @@ def test_upstream_answering_500_or_garbage_is_a_502_then_retried(tiny_llava_dir,
         with running_gateway(settings(tiny_llava_dir, [bad.url, good.url])) as url:
             for stream in (False, True, False, True):
                 assert post(url, stream).status_code == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_that_leaves_cancels_the_upstream_request_at_once(tiny_llava_dir, stream):
+    """A completion that would take 30 s, whose client leaves (a stream after 3 chunks, an answer
+    at its 1 s read timeout): within 3 s the upstream has seen its client (the gateway) leave and
+    abandoned the request (aborted 1, completed 0, running 0), the gateway records a 499, holds
+    nothing open and has not blamed the upstream. Before the fix the non-streaming request ran its
+    30 s upstream after the client had gone."""
+    with FakeUpstreamProcess("long", str(tiny_llava_dir), delay_s=30) as up, \
+            running_gateway(settings(tiny_llava_dir, [up.url])) as url:
+        body = {"model": "fake", "messages": image_message(), "stream": stream}
+        if stream:
+            with httpx.stream("POST", url + CHAT, json=body, timeout=30) as r:
+                assert r.status_code == 200
+                lines = r.iter_lines()  # kept: dropping it mid-iteration would close the connection itself
+                chunks = 0
+                while chunks < 3:
+                    chunks += next(lines).startswith("data: {")
+                r.close()
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(url + CHAT, json=body, timeout=httpx.Timeout(30, read=1.0))
+        left = time.monotonic()
+        while metric_sum(up.url, "vllm:num_requests_running") != 0:
+            assert time.monotonic() - left < 3, "the upstream request still runs 3 s after the client left"
+            time.sleep(0.05)
+        assert (metric_sum(up.url, "fake:aborted_total"), metric_sum(up.url, "fake:completed_total")) == (1, 0)
+        samples = metric_samples(url)
+        assert samples[("vlmprune_in_flight_requests", ())] == 0
+        assert upstream_in_flight(url) == 0
+        statuses = {dict(labels)["status"]: v for (n, labels), v in samples.items() if n == "vlmprune_requests_total"}
+        assert statuses == {"499": 1}
+        assert httpx.get(url + "/health", timeout=5).json()["upstreams"][0]["healthy"] is True
 
 
 def test_timeouts_are_settings_with_bounds(monkeypatch):

@@ -150,6 +150,50 @@ def test_invalid_json_oversized_body_and_unknown_route(tiny_llava_dir, fake_upst
         assert r.status_code == 404 and r.json()["error"]["code"] == 404
 
 
+def test_request_headers_over_max_header_bytes_are_a_431_in_openai_shape(tiny_llava_dir, fake_upstream):
+    """Headers past max_header_bytes (the default 32 KiB, and a setting): 431 naming the size and the
+    limit in OpenAI's shape, on every route, nothing forwarded; just under the limit is served.
+    uvicorn's own parser would accept any size (httptools) or answer a plain-text 400 (h11)."""
+    with running_gateway(settings(tiny_llava_dir, [fake_upstream.url])) as url:
+        n_before = len(fake_upstream.bodies)
+        body = {"model": "fake", "messages": image_message()}
+        for path in ("/v1/chat/completions", "/health"):
+            r = httpx.request("POST" if "chat" in path else "GET", url + path, json=body,
+                              headers={"x-filler": "x" * 40_000}, timeout=30)
+            assert r.status_code == 431, r.text[:200]
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"} and err["code"] == 431
+            assert "over the limit of 32768 (max_header_bytes)" in err["message"]
+        r = httpx.post(url + "/v1/chat/completions", json=body, headers={"x-filler": "x" * 30_000}, timeout=30)
+        assert r.status_code == 200
+        assert len(fake_upstream.bodies) == n_before + 1
+    with running_gateway(settings(tiny_llava_dir, [fake_upstream.url], max_header_bytes=4096)) as url:
+        r = httpx.post(url + "/v1/chat/completions", json=body, headers={"x-filler": "x" * 5000}, timeout=30)
+        assert r.status_code == 431 and "limit of 4096" in r.json()["error"]["message"]
+
+
+def test_client_that_leaves_while_sending_its_body_is_a_499_not_a_500(tiny_llava_dir, fake_upstream):
+    """A client that announces 100 000 bytes, sends 100 and hangs up: counted as a 499 (no
+    "unexpected error" 500), nothing forwarded, nothing left in flight."""
+    import socket
+
+    with running_gateway(settings(tiny_llava_dir, [fake_upstream.url])) as url:
+        n_before = len(fake_upstream.bodies)
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100000\r\n\r\n" + b"{" * 100)
+            time.sleep(0.3)
+        deadline = time.time() + 5
+        while scrape(url).get(("vlmprune_requests_total", (("method", "none"), ("status", "499")))) != 1:
+            assert time.time() < deadline, {k: v for k, v in scrape(url).items() if "requests_total" in k[0]}
+            time.sleep(0.05)
+        samples = scrape(url)
+        assert not any(n == "vlmprune_requests_total" and ("status", "500") in labels for n, labels in samples)
+        assert samples[("vlmprune_in_flight_requests", ())] == 0
+        assert len(fake_upstream.bodies) == n_before
+
+
 def test_api_keys(tiny_llava_dir, fake_upstream):
     """With keys configured: 401 without or with a wrong key (OpenAI client raises AuthenticationError)."""
     with running_gateway(settings(tiny_llava_dir, [fake_upstream.url], api_keys=["sesame"])) as url:
