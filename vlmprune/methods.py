@@ -33,7 +33,8 @@ class MethodSpec:
     name: str
     stage: Stage
     """pre_llm: decided from vision-side signals; llm_input: instruction-aware, pruned at the LLM
-    input; in_llm: progressive inside the LLM (transformers backend; a shallow probe in vLLM)."""
+    input; in_llm: progressive inside the LLM (transformers backend; a shallow probe in vLLM for
+    transprune and aim; fastv has no probe variant)."""
     models: tuple[str, ...]
     policy_type: type
     summary: str

@@ -318,3 +318,12 @@ def test_fastv_prunes_after_layer_k_by_the_last_tokens_eager_attention(backend, 
     final = pre.final_kept_index[0]
     assert torch.equal(final[image.prunable[final].bool()], prunable_index[expected])
     assert len(backend.greedy_tokens(pre, 3)) >= 1
+
+
+def test_fastv_layer_deeper_than_the_model_is_refused_at_any_ratio(llava):
+    """A FastV ``layer`` the served LLM lacks is a PolicyError naming the field, ratio 0 included."""
+    backend = ReferenceBackend(*llava)
+    depth = len(backend.adapter.text_model.layers)
+    for ratio in (0.0, 0.5):
+        with pytest.raises(PolicyError, match=rf"field 'layer'.*\[1, {depth - 1}\].*got {depth}"):
+            backend.prefill([REQUEST], {"method": "fastv", "ratio": ratio, "layer": depth})

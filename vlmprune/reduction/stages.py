@@ -38,3 +38,13 @@ def stage_plan(policy: Any, n_prunable: int, num_layers: int) -> list[tuple[int,
     if not plan or plan[0][0] != 0:
         plan = [(0, n_prunable), *plan]
     return plan
+
+
+def check_policy_depth(policy: Any, num_layers: int) -> None:
+    """Raise :class:`PolicyError` if the policy names a layer the served LLM lacks (FastV's
+    ``layer``), whatever the ratio, so a bad policy fails the same way at ratio 0."""
+    if getattr(policy, "method", None) == "fastv":
+        try:
+            schedule.fastv_layer(num_layers, policy.layer)
+        except ValueError as exc:
+            raise PolicyError(f"field 'layer': {exc} (got {policy.layer!r})") from None
