@@ -1,11 +1,12 @@
 """Progressive in-LLM pruning with real token removal (TransPrune, AIM's prune stage, FastV).
 
-The official TransPrune code and FastV's ``fast_v_inplace`` branch drop tokens from the hidden states
-between layers; AIM's official code only masks keys, so it saves no compute or memory (PRUNERS.md
-§3(b), §7.3). Here every method physically removes the pruned tokens: after a stage, the hidden states, the position ids and every
-*later* layer's KV cache hold only the kept tokens. Earlier layers keep the keys of every token they
-saw, which is exactly what a cache-free recomputation of the same pruned forward produces, so
-decoding with the cache is consistent (:func:`forward_with_decisions` is that recomputation).
+The official TransPrune code and FastV's ``fast_v_inplace`` branch drop tokens from the hidden
+states between layers; AIM's official code only masks keys, so it saves no compute or memory
+(PRUNERS.md §3(b), §7.3). Here every method physically removes the pruned tokens: after a stage,
+the hidden states, the position ids and every *later* layer's KV cache hold only the kept tokens.
+Earlier layers keep the keys of every token they saw, which is exactly what a cache-free
+recomputation of the same pruned forward produces, so decoding with the cache is consistent
+(:func:`forward_with_decisions` is that recomputation).
 
 Each decoder layer runs through its own ``forward`` (any attention kernel); TransPrune's TTV is read
 from forward hooks on the sub-blocks, IGA / AIM's logits / FastV's query rows are recomputed from q/k
@@ -20,8 +21,9 @@ Positions: ``reindex=True`` gives the remaining tokens 0..L'-1 after every stage
 LLaVA, as the paper); decoded tokens then continue from each layer's own length (one past its
 largest id), so one new token has different position ids in layers before and after a stage (the
 paper's decode shift).
-``reindex=False`` keeps the original ids (Qwen M-RoPE, AIM, FastV as its official code); decoded tokens continue from the
-largest original id + 1, the same id on all three M-RoPE axes and in every layer.
+``reindex=False`` keeps the original ids (Qwen M-RoPE, AIM, FastV as its official code); decoded
+tokens continue from the largest original id + 1, the same id on all three M-RoPE axes and in
+every layer.
 
 Shapes: ``L`` sequence length (shrinks per stage), ``d`` hidden size, ``m`` appended tokens.
 Batch size 1, as in both papers.
@@ -136,8 +138,8 @@ def progressive_prefill(
       rows with ``query="instruction"``) on its input, mean over heads (and rows); a stage at
       k = 0 scores with layer 0's own attention on the embeddings (FastV's schedule has none).
     ``policy``: a TransPrunePolicy (``direction``), an AIMPolicy (``pagerank_temperature``,
-    ``pagerank_iterations``) or a FastVPolicy (``query``). ``accumulate_layers``: TransPrune's TTV window, inclusive 0-based
-    layers; default :func:`transprune_window`.
+    ``pagerank_iterations``) or a FastVPolicy (``query``). ``accumulate_layers``: TransPrune's TTV
+    window, inclusive 0-based layers; default :func:`transprune_window`.
     """
     method = getattr(policy, "method", None)
     if method not in ("transprune", "aim", "fastv"):
