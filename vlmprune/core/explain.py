@@ -12,6 +12,10 @@ The attention is really a map over the image's patch grid: with ``RelevanceCNNCo
 same blocks are 2-D convolutions over that grid (N must then be rows x cols: single-view models
 such as LLaVA-1.5), so neighbours above and below a patch are as close as those beside it.
 ``keep`` for :func:`reduce` comes from :func:`vlmprune.policy.kept_count`.
+
+Training labels: :func:`teacher_target` + :func:`kl_loss` (the paper's); :func:`rank_target` and
+:func:`pairwise_loss` are ranking alternatives over several keep fractions (``--loss``). The
+network and its checkpoint are the same whichever loss trained it.
 """
 
 from __future__ import annotations
