@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             model = RelevanceCNN.load(variant["checkpoint"])
             extra["checkpoint"] = variant["checkpoint"]
         else:
-            cfg = TE.ExplainTrainConfig(**{**variant, "channels": tuple(variant.get("channels", TE.ExplainTrainConfig.channels))})
+            channels = tuple(variant.get("channels", TE.ExplainTrainConfig.channels))
+            cfg = TE.ExplainTrainConfig(**{**variant, "channels": channels})
             t = time.time()
             model, fit = TE.train_student(train, val, cfg, progress=False, log=lambda m: print(m, file=sys.stderr))
             extra = {"config": variant, "train_s": round(time.time() - t, 1), "best_epoch": fit["best_epoch"]}
