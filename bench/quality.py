@@ -105,21 +105,27 @@ def fitting_methods(model: str) -> list[str]:
 
 
 def check_mergeable(old: dict, new: dict) -> None:
-    """ValueError unless a run with ``new``'s model, samples, seed and ratios can merge into ``old``."""
-    for key in ("model", "samples", "seed", "ratios"):
+    """ValueError unless a run with ``new``'s model, samples and seed, at some of ``old``'s ratios,
+    can merge into ``old``."""
+    for key in ("model", "samples", "seed"):
         if old.get(key) != new.get(key):
             raise ValueError(f"--merge: the saved run has {key}={old.get(key)!r}, this one {new.get(key)!r}")
+    extra = sorted(set(new.get("ratios", [])) - set(old.get("ratios", [])))
+    if extra:
+        raise ValueError(f"--merge: ratios {extra} are not in the saved run's {old.get('ratios')!r}")
 
 
 def merged(old: dict, new: dict) -> dict:
-    """``new``'s rows over ``old``'s (same model, samples, seed and ratios required): re-running some
-    rows keeps the others of an earlier run, in the earlier run's order, new rows last."""
+    """``new``'s rows over ``old``'s (same model, samples and seed, ratios among the saved ones):
+    re-running some rows keeps the others of an earlier run, in the earlier run's order, new rows
+    last. A re-run row replaces the whole saved row (never a mix of two runs): ratios it was not
+    re-run at are missing cells ("-" in the table)."""
     check_mergeable(old, new)
     cells = {m: new["cells"].get(m, row) for m, row in old["cells"].items()}
     cells.update({m: row for m, row in new["cells"].items() if m not in cells})
     skipped = {m: r for m, r in {**old.get("skipped", {}), **new["skipped"]}.items() if m not in cells}
     rerun = sorted(set(new["cells"]) | set(new["skipped"]))
-    history = [*old.get("merges", []), {"rows": rerun, "wall_s": new.get("wall_s")}]
+    history = [*old.get("merges", []), {"rows": rerun, "ratios": new.get("ratios"), "wall_s": new.get("wall_s")}]
     return {**old, "cells": cells, "skipped": skipped, "merges": history}
 
 
@@ -127,6 +133,12 @@ def overall_chance(data: dict) -> float:
     """Sample-weighted majority-answer accuracy over the families."""
     n = data["per_family_samples"]
     return sum(data["chance"][f] * n[f] for f in n) / sum(n.values())
+
+
+def _cell(row: dict, ratio: float, fmt) -> str:
+    """One table cell: ``fmt(result)``, or "-" where the row was not run at ``ratio``."""
+    cell = row.get(str(ratio))
+    return "-" if cell is None else fmt(cell)
 
 
 def markdown(data: dict) -> str:
@@ -142,15 +154,17 @@ def markdown(data: dict) -> str:
                   "instruction attention); `oracle`: ranked by the teacher's relevance itself (evaluation only, "
                   "never served)."]
     for merge in data.get("merges", []):
-        lines += ["", f"Rows re-run later and merged into this run: {', '.join(merge['rows'])}."]
+        at = "" if merge.get("ratios") in (None, data["ratios"]) else \
+            f" (at ratios {', '.join(f'{r:g}' for r in merge['ratios'] if r)} only; '-': not run)"
+        lines += ["", f"Rows re-run later and merged into this run: {', '.join(merge['rows'])}{at}."]
     lines += ["", "## Accuracy", "", head, rule]
     for method, row in table_rows(data):
-        lines.append(f"| {method} | " + " | ".join(f"{row[str(r)]['accuracy']:.3f}" for r in ratios) + " |")
+        lines.append(f"| {method} | " + " | ".join(_cell(row, r, lambda c: f"{c['accuracy']:.3f}") for r in ratios) + " |")
     lines += ["", "## Retention (accuracy / ratio-0 accuracy)", "", head, rule]
     for method, row in table_rows(data):
         a0 = row["0.0"]["accuracy"]
         lines.append(f"| {method} | " + " | ".join(
-            f"{row[str(r)]['accuracy'] / a0:.1%}" if a0 else "n/a" for r in ratios) + " |")
+            _cell(row, r, lambda c: f"{c['accuracy'] / a0:.1%}" if a0 else "n/a") for r in ratios) + " |")
     families = list(data["per_family_samples"])
     if 0.9 in ratios:
         lines += ["", "## Per family at ratio 0.9", "",
@@ -159,13 +173,15 @@ def markdown(data: dict) -> str:
         lines.append("| ratio 0 | " + " | ".join(
             f"{next(iter(data['cells'].values()))['0.0']['per_family'][f]:.3f}" for f in families) + " |")
         for method, row in table_rows(data):
-            lines.append(f"| {method} | " + " | ".join(f"{row['0.9']['per_family'][f]:.3f}" for f in families) + " |")
+            lines.append(f"| {method} | " + " | ".join(_cell(row, 0.9, lambda c: f"{c['per_family'][f]:.3f}")
+                                                       for f in families) + " |")
         lines.append("| chance | " + " | ".join(f"{data['chance'][f]:.3f}" for f in families) + " |")
     lines += ["", "## Per family, every ratio", "", "| method | family | " + " | ".join(f"{r:g}" for r in ratios) + " |",
               "|---|---|" + "---:|" * len(ratios)]
     for method, row in table_rows(data):
         for f in families:
-            lines.append(f"| {method} | {f} | " + " | ".join(f"{row[str(r)]['per_family'][f]:.3f}" for r in ratios) + " |")
+            lines.append(f"| {method} | {f} | " + " | ".join(_cell(row, r, lambda c: f"{c['per_family'][f]:.3f}")
+                                                             for r in ratios) + " |")
     for method, reason in data["skipped"].items():
         lines += ["", f"Skipped `{method}`: {reason}"]
     return "\n".join(lines) + "\n"
@@ -180,7 +196,8 @@ def plot(data: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ratios = data["ratios"]
     for method, row in table_rows(data):
-        ax.plot(ratios, [row[str(r)]["accuracy"] for r in ratios], marker="o", label=method)
+        done = [r for r in ratios if str(r) in row]  # a row merged at some ratios only
+        ax.plot(done, [row[str(r)]["accuracy"] for r in done], marker="o", label=method)
     ax.axhline(overall_chance(data), color="grey", linestyle="--", linewidth=1, label="chance")
     ax.set_xlabel("pruning ratio (fraction of visual tokens removed)")
     ax.set_ylabel("accuracy")
@@ -204,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="output stem (default bench/results/quality_<model>)")
     parser.add_argument("--from-json", default=None, help="re-render the table and plot of an earlier run")
     parser.add_argument("--merge", action="store_true",
-                        help="keep the saved json's other rows (same model, samples, seed and ratios)")
+                        help="keep the saved json's other rows (same model, samples and seed; ratios among the saved ones)")
     args = parser.parse_args(argv)
     if args.from_json:
         data = json.loads(Path(args.from_json).read_text())

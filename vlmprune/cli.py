@@ -136,7 +136,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 _EXPLAIN_ONLY_FLAGS = (("--model", "explain_model"), ("--samples", "samples"), ("--epochs", "epochs"),
                        ("--batch-size", "batch_size"), ("--keep-wrong", "keep_wrong"),
-                       ("--no-progress", "no_progress"), ("--cnn", "cnn"), ("--cnn-channels", "cnn_channels"))
+                       ("--no-progress", "no_progress"), ("--cnn", "cnn"), ("--cnn-channels", "cnn_channels"),
+                       ("--loss", "loss"))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -268,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "2-D over the image's patch grid (LLaVA-1.5-style models)")
     p.add_argument("--cnn-channels", help="explain: comma-separated channels of the CNN's blocks "
                    "(default: 32,64,128,256,512, the paper's)")
+    p.add_argument("--loss", choices=("kl", "ranks", "pairwise"),
+                   help="explain: training loss: kl (the paper's KL to the top-50 %% teacher mass; default), ranks "
+                   "(KL to a rank staircase over keep fractions 50/25/10/5 %%) or pairwise (logistic ranking loss)")
     p.add_argument("--seed", type=int, default=0, help="seed of everything (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
     p.set_defaults(func=_cmd_train)

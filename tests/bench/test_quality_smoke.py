@@ -69,3 +69,62 @@ def test_explain_floor_and_ceiling_rows_and_merge(micro, tmp_path):
         evaluate(micro, "fastervlm", 0.5, samples=1, explain_scores="oracle", progress=False)
     with pytest.raises(ValueError, match="explain_scores"):
         evaluate(micro, "explain", 0.5, samples=1, explain_scores="teacher", progress=False)
+
+
+def test_explain_rows_on_anyres_demo_next(tmp_path):
+    """The shipped AnyRes model (thumbnail + 2x2 crops, newline tokens): ``explain-input`` and
+    ``oracle`` keep explain's per-view-summed count (130 of 1280 prunable tokens at 0.9), and
+    ``--merge`` takes rows run at some of the saved ratios only (the others are '-'), while a
+    ratio the saved run lacks is refused."""
+    quality = load_bench("quality")
+    stem = tmp_path / "next"
+    base = ["--model", "demo-next", "--samples", "2", "--out", str(stem)]
+    assert quality.main([*base, "--methods", "random", "--ratios", "0.75,0.9"]) == 0
+    assert quality.main([*base, "--methods", "explain-input,oracle", "--ratios", "0.9", "--merge"]) == 0
+    data = json.loads(stem.with_suffix(".json").read_text())
+    assert data["ratios"] == [0.0, 0.75, 0.9] and list(data["cells"]) == ["random", "explain-input", "oracle"]
+    for row in ("explain-input", "oracle"):
+        cells = data["cells"][row]
+        assert set(cells) == {"0.0", "0.9"}
+        assert cells["0.9"]["visual_tokens"] == 1280 and cells["0.9"]["kept_tokens"] == 130
+        assert cells["0.0"] == data["cells"]["random"]["0.0"]  # the saved ratio 0, not re-run
+    assert data["merges"][-1] == {"rows": ["explain-input", "oracle"], "ratios": [0.0, 0.9],
+                                  "wall_s": data["merges"][-1]["wall_s"]}
+    md = stem.with_suffix(".md").read_text()
+    line = next(x for x in md.splitlines() if x.startswith("| oracle |"))
+    assert line.split("|")[3].strip() == "-"  # ratio 0.75 was not run for this row
+    assert "at ratios 0.9 only" in md
+    with pytest.raises(ValueError, match="ratios"):
+        quality.main([*base, "--methods", "random", "--ratios", "0.5", "--merge"])
+
+
+def test_explain_stand_ins_score_the_anyres_input(tmp_path):
+    """On demo-next the explain rows' stand-ins receive exactly the CNN's input (the (1280,)
+    prunable-token vector of explain_inputs, newlines excluded), once per image, and the prefill
+    keeps explain's count beside every newline token."""
+    import torch
+
+    from vlmprune.backends.hf import ReferenceBackend, Request
+    from vlmprune.evaluate import InputRelevance
+    from vlmprune.policy import parse_policy
+    from vlmprune.testbed import scenes
+    from vlmprune.testbed.registry import resolve_model, scene_layout
+
+    class Spy(InputRelevance):
+        seen: list = []
+
+        def relevance(self, attn):
+            self.seen.append(attn.clone())
+            return attn
+
+    engine = ReferenceBackend.from_pretrained(resolve_model("demo-next"), device="cpu")
+    size, scale = scene_layout(engine.model.config)
+    s = scenes.sample("test", 0, scale)
+    req = Request(s.question, [scenes.render(s.scene, size)])
+    spy = Spy()
+    (pre,) = engine.prefill([req], parse_policy({"method": "explain", "ratio": 0.9}), spy)
+    ((seq, images),) = engine.sequences([req])
+    want = engine.explain_inputs(seq, images)[0]
+    assert len(spy.seen) == 1 and spy.seen[0].shape == (1280,)
+    torch.testing.assert_close(spy.seen[0], want)
+    assert pre.kept_tokens == 130 and pre.fixed_tokens == images[0].n_tokens - 1280

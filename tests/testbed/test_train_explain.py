@@ -160,3 +160,28 @@ def test_cli_model_errors(tmp_path, capsys):
     assert "--samples" in capsys.readouterr().err
     assert main(["train", "demo", "--cnn", "grid"]) == 2
     assert "--cnn" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("loss", ["ranks", "pairwise"])
+def test_cli_trains_with_a_ranking_loss(micro, tmp_path, capsys, loss):
+    """``--loss ranks|pairwise`` trains the same CNN (same checkpoint format, any N) against the
+    teacher's order; the report names the loss and gives recall at every keep fraction, for the
+    student and for its raw input."""
+    from vlmprune.cli import main
+
+    out = tmp_path / f"{loss}.pt"
+    assert main(["train", "explain", "--model", str(micro), "--out", str(out), "--samples", "4", "--epochs", "2",
+                 "--keep-wrong", "--threads", "1", "--no-progress", "--loss", loss, "--cnn-channels", "4,8"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["loss"] == loss and line["train_kl"] is None and line["train_loss"] >= 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["config"]["loss"] == loss
+    for pct in (50, 25, 10, 5):
+        for what in ("top", "mass"):
+            for key in (f"{what}{pct}_recall", f"{what}{pct}_recall_input_attention"):
+                assert 0.0 <= report["val"][key] <= 1.0, key
+    model = RelevanceCNN.load(out)
+    assert model.config.channels == (4, 8) and model.relevance(torch.rand(300)).shape == (300,)
+    with pytest.raises(SystemExit) as exc:  # argparse's choices: usage error, exit 2
+        main(["train", "explain", "--model", str(micro), "--loss", "mse"])
+    assert exc.value.code == 2 and "--loss" in capsys.readouterr().err

@@ -12,6 +12,10 @@ The attention is really a map over the image's patch grid: with ``RelevanceCNNCo
 same blocks are 2-D convolutions over that grid (N must then be rows x cols: single-view models
 such as LLaVA-1.5), so neighbours above and below a patch are as close as those beside it.
 ``keep`` for :func:`reduce` comes from :func:`vlmprune.policy.kept_count`.
+
+Training labels: :func:`teacher_target` + :func:`kl_loss` (the paper's); :func:`rank_target` and
+:func:`pairwise_loss` are ranking alternatives over several keep fractions (``--loss``). The
+network and its checkpoint are the same whichever loss trained it.
 """
 
 from __future__ import annotations
@@ -186,6 +190,70 @@ def kl_loss(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     lp = log_probs.float().masked_fill(target == 0, 0.0)
     per_sample = (torch.xlogy(target.float(), target.float()) - target.float() * lp).sum(dim=-1)
     return per_sample.mean()
+
+
+RANK_CUTS = (0.5, 0.25, 0.1, 0.05)
+"""Keep fractions the ranking labels care about: the explain method keeps the top ``1 - ratio``,
+so a student must order the teacher's tokens at every such cut, not only at 50 %."""
+
+
+def rank_levels(relevance: torch.Tensor, cuts: tuple[float, ...] = RANK_CUTS) -> torch.Tensor:
+    """Per token, how many of ``cuts`` keep it in the teacher's top fraction: (N,) or (B, N) float
+    in ``0..len(cuts)``. Depends only on the teacher's order, not on its (peaked) mass."""
+    if not cuts or any(not 0.0 < c <= 1.0 for c in cuts):
+        raise ValueError(f"cuts must be fractions in (0, 1], got {cuts}")
+    rel = relevance.float()
+    flat = rel.reshape(-1, rel.shape[-1])
+    levels = torch.zeros_like(flat)
+    for cut in cuts:
+        idx = topk_sorted(flat, kept_count(flat.shape[-1], 1.0 - cut))
+        levels += torch.zeros_like(flat).scatter_(1, idx, 1.0)
+    return levels.reshape(rel.shape)
+
+
+def rank_target(relevance: torch.Tensor, cuts: tuple[float, ...] = RANK_CUTS) -> torch.Tensor:
+    """A rank-based training label: the mean over ``cuts`` of the uniform distribution on the
+    teacher's top ``cut`` tokens (a staircase over the teacher's order), for :func:`kl_loss`.
+
+    :func:`teacher_target` weights tokens by the teacher's mass, most of which sits on a few tokens,
+    so the KL barely cares how the rest of the top half is ordered; this label gives every cut the
+    same weight."""
+    rel = relevance.float()
+    flat = rel.reshape(-1, rel.shape[-1])
+    target = torch.zeros_like(flat)
+    for cut in cuts:
+        k = kept_count(flat.shape[-1], 1.0 - cut)
+        target += torch.zeros_like(flat).scatter_(1, topk_sorted(flat, k), 1.0 / k)
+    return (target / len(cuts)).reshape(rel.shape)
+
+
+def pairwise_loss(log_probs: torch.Tensor, levels: torch.Tensor, pairs: int = 256,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Logistic ranking loss: for each cut, ``pairs`` random (kept, dropped) token pairs per row
+    and ``softplus(s_dropped - s_kept)``; mean over rows, cuts and pairs.
+
+    ``log_probs`` (B, N) (padding -inf); ``levels`` (B, N) from :func:`rank_levels`, padding < 0.
+    A pair is (token inside cut c, valid token outside it), for c = 1..max level; sampling bounds
+    the cost at any N."""
+    if log_probs.shape != levels.shape:
+        raise ValueError(f"log_probs and levels disagree in shape: {tuple(log_probs.shape)} vs {tuple(levels.shape)}")
+    if pairs < 1:
+        raise ValueError(f"pairs must be >= 1, got {pairs}")
+    valid = levels >= 0
+    scores = log_probs.float().masked_fill(~valid, 0.0)
+    losses = []
+    for c in range(1, int(levels.max().item()) + 1):
+        pos, neg = levels >= c, valid & (levels < c)
+        rows = pos.any(1) & neg.any(1)
+        if not bool(rows.any()):
+            continue
+        i = torch.multinomial(pos[rows].float(), pairs, replacement=True, generator=generator)  # (B', pairs)
+        j = torch.multinomial(neg[rows].float(), pairs, replacement=True, generator=generator)
+        s = scores[rows]
+        losses.append(F.softplus(s.gather(1, j) - s.gather(1, i)).mean())
+    if not losses:
+        return scores.sum() * 0.0
+    return torch.stack(losses).mean()
 
 
 def reduce(relevance: torch.Tensor, keep: int) -> torch.Tensor:
