@@ -74,3 +74,10 @@ def register() -> None:
     from vlmprune.vllm_plugin.common import install_cpu_runner_hook
 
     install_cpu_runner_hook()
+    # In-LLM TransPrune / AIM (VLMPRUNE_IN_LLM=1): batch rows -> request ids; see inllm.py.
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from vlmprune.vllm_plugin.inllm import install_runner_hooks
+
+        install_runner_hooks()

@@ -234,8 +234,12 @@ def check_probe(request: RequestPolicy, family: str, num_layers: int, model_dir:
     """
     from vlmprune.vllm_plugin.probe import explain_checkpoint, load_explain_model, probe_layers
 
+    from vlmprune.vllm_plugin.inllm import runs_in_llm
+
     policy = request.policy
     if policy is None or policy.ratio == 0.0 or policy.method not in PROBE_METHODS:
+        return
+    if runs_in_llm(policy, family):  # in-LLM stages read the prompt's own instruction
         return
     method = policy.method
     if not request.instruction or not request.instruction.strip():
@@ -490,7 +494,12 @@ class PolicyProcessorMixin:
         if not parts:
             return out
         layers = self._vlmprune_num_layers()
-        counts = [image_count(request.policy, n, fixed, layers) for n, fixed in parts]
+        from vlmprune.vllm_plugin import inllm
+
+        if inllm.runs_in_llm(request.policy, self.vlmprune_family):  # stages inside the LLM
+            counts = [inllm.input_count(request.policy, n, layers) + fixed for n, fixed in parts]
+        else:
+            counts = [image_count(request.policy, n, fixed, layers) for n, fixed in parts]
         ids = instruction_ids(self.info.get_tokenizer(), request)  # type: ignore[attr-defined]
         out.update(encode_fields(request, counts, ids))
         return out
