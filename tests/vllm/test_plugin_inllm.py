@@ -53,7 +53,7 @@ def env(tmp_path_factory, timings):
     root = tmp_path_factory.mktemp("inllm_llava")
     model_dir, model, processor = build_model("llava", root)
     stock_specs = [make_spec(processor), make_spec(processor, images=()), make_spec(processor, images=IMAGES)]
-    stock = StockRun(model_dir, stock_specs, root).result()  # before our engine: one engine at a time
+    stock = StockRun(model_dir, stock_specs, root).result(timeout=900)  # first: one engine at a time
     saved = {k: os.environ.get(k) for k in ENGINE_ENV}
     os.environ.update(ENGINE_ENV)
     try:

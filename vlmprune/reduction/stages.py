@@ -92,3 +92,25 @@ def in_llm_stages(policy: Any, n_prunable: list[int], num_layers: int) -> list[t
     if all(c >= k for _, counts in stages for c, k in zip(counts, inputs)):
         return []
     return stages
+
+
+def served_in_llm_stages(policy: Any, n_prunable: list[int], num_layers: int) -> list[tuple[int, list[int]]]:
+    """The stages vLLM's in-LLM mode runs for one request, ``(after_layer, counts per image)``.
+
+    TransPrune's placeholders keep every visual token, so its LLM-input reduction (schedule stage
+    0, the reference's ``reduce_image``) runs inside the LLM at layer 0, before the reference's
+    in-LLM stages; AIM merges before the LLM (:func:`served_input_count`), so only those remain.
+    """
+    later = in_llm_stages(policy, n_prunable, num_layers)
+    if policy.method != "transprune" or policy.ratio <= 0:
+        return later
+    first = [stage_plan(policy, n, num_layers)[0][1] for n in n_prunable]
+    return ([(0, first)] if any(c < n for c, n in zip(first, n_prunable)) else []) + later
+
+
+def served_input_count(policy: Any, n_prunable: int, num_layers: int) -> int:
+    """Prunable tokens of one image in the prompt under vLLM's in-LLM mode: every one for
+    TransPrune (pruned inside the LLM from layer 0 on), AIM's merge count (its schedule's first stage)."""
+    if policy.ratio <= 0 or policy.method == "transprune":
+        return n_prunable
+    return stage_plan(policy, n_prunable, num_layers)[0][1]

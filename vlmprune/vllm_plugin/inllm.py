@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,39 +55,32 @@ from typing import Any
 import torch
 
 from vlmprune.core import aim, transprune
+from vlmprune.methods import IN_LLM_ENV, IN_LLM_FAMILIES, IN_LLM_METHODS, in_llm_mode, served_in_llm  # noqa: F401
 from vlmprune.policy import parse_policy
-from vlmprune.reduction.reduce import input_keep
-from vlmprune.reduction.stages import in_llm_stages, remap_rows, select_rows, stage_plan, transprune_window
+from vlmprune.reduction.stages import (
+    in_llm_stages,
+    remap_rows,
+    select_rows,
+    served_in_llm_stages,
+    served_input_count,
+    transprune_window,
+)
 from vlmprune.signals.attention import attention_rows
-
-IN_LLM_ENV = "VLMPRUNE_IN_LLM"
-"""``1``: TransPrune and AIM run inside the served LLM (LLaVA-1.5); else today's shallow probe."""
-IN_LLM_METHODS = frozenset({"transprune", "aim"})
-IN_LLM_FAMILIES = frozenset({"llava"})
-
 
 def enabled() -> bool:
     """Whether this engine runs the in-LLM methods inside the LLM (read in every process)."""
-    return os.environ.get(IN_LLM_ENV, "0") == "1"
+    return in_llm_mode()
 
 
 def runs_in_llm(policy: Any, family: str) -> bool:
     """Whether ``policy`` is served by the in-LLM stages on this engine (active policies only)."""
-    return (
-        enabled()
-        and family in IN_LLM_FAMILIES
-        and policy is not None
-        and policy.ratio > 0.0
-        and policy.method in IN_LLM_METHODS
-    )
+    return policy is not None and policy.ratio > 0.0 and served_in_llm(policy.method, family)
 
 
 def input_count(policy: Any, n_prunable: int, num_layers: int) -> int:
-    """Prunable tokens of one image in the prompt for an in-LLM policy: TransPrune keeps all of
-    them (its LLM-input stage runs at layer 0 inside the LLM), AIM its merge count."""
-    if policy.method == "transprune":
-        return n_prunable
-    return input_keep(policy, n_prunable, num_layers)
+    """Prunable tokens of one image in the prompt for an in-LLM policy
+    (:func:`vlmprune.reduction.stages.served_input_count`)."""
+    return served_input_count(policy, n_prunable, num_layers)
 
 
 def check_engine_in_llm(vllm_config: Any, model_name: str) -> None:
@@ -198,15 +190,10 @@ def request_plan(req_state: Any, family: str, n_prunable: int, num_layers: int) 
     feats = sorted(feats, key=lambda f: f.mm_position.offset)
     spans = [torch.arange(f.mm_position.offset, f.mm_position.offset + f.mm_position.length) for f in feats]
     sizes = [n_prunable] * len(feats)
-    later = in_llm_stages(policy, sizes, num_layers)  # the reference's stages inside the LLM
+    stages = served_in_llm_stages(policy, sizes, num_layers)
     window = (0, -1)
-    if policy.method == "transprune":
-        # The reference's LLM-input reduction (schedule stage 0) runs here at layer 0.
-        first = [stage_plan(policy, n, num_layers)[0][1] for n in sizes]
-        stages = ([(0, first)] if any(c < n for c, n in zip(first, sizes)) else []) + later
-        window = transprune_window([layer for layer, _ in later], num_layers)
-    else:
-        stages = later
+    if policy.method == "transprune":  # the reference's window: its own in-LLM stages only
+        window = transprune_window([layer for layer, _ in in_llm_stages(policy, sizes, num_layers)], num_layers)
     if not stages:
         return None
     for f, span in zip(feats, spans):
