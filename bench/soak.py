@@ -303,13 +303,14 @@ async def sample_rss(pid: int, every_s: float, into: list[dict[str, float]], sto
 
 
 def served_methods(model: str) -> list[str]:
-    """The methods whose model families include the served model's (globalcom2 is LLaVA-NeXT only)."""
+    """The methods the vLLM plugin serves whose model families include the served model's
+    (globalcom2 is LLaVA-NeXT only; fastv is reference-backend only for now)."""
     from server.model_info import ServedModel
     from vlmprune.methods import METHODS
     from vlmprune.testbed.registry import resolve_model
 
     family = ServedModel(str(resolve_model(model))).family
-    return [name for name, m in METHODS.items() if family in m.models]
+    return [name for name, m in METHODS.items() if family in m.models and m.vllm]
 
 
 # --- report -------------------------------------------------------------------------------------

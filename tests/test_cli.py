@@ -16,7 +16,7 @@ from vlmprune.policy import kept_count
 from vlmprune.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-EXPECTED_METHODS = {"fastervlm", "globalcom2", "aim", "transprune", "explain", "random", "pool"}
+EXPECTED_METHODS = {"fastervlm", "globalcom2", "aim", "transprune", "fastv", "explain", "random", "pool"}
 
 
 def _run(*args: str, code: str | None = None) -> subprocess.CompletedProcess:

@@ -16,7 +16,7 @@ TINY_VIT = F.VisionGeometry(
     hidden=4, layers=1, heads=2, intermediate=8, patch_size=2, patches_per_view=4, cls_token=True,
     in_channels=1, projector=(4, 6, 4),
 )
-METHODS = ("fastervlm", "globalcom2", "aim", "transprune", "explain", "random", "pool")
+METHODS = ("fastervlm", "globalcom2", "aim", "transprune", "fastv", "explain", "random", "pool")
 PAPER_MODELS = (F.LLAVA_15_7B, F.LLAVA_NEXT_7B)
 
 
@@ -107,6 +107,27 @@ def test_progressive_schedule_per_layer_sum_and_average():
             assert b.llm == sum(F.lm_layer_flops(lm, 40 + c) for c in per_layer)
     # in_llm=False (vLLM probe path): the same average, all of it at the LLM input.
     assert F.method_visual_per_layer("transprune", 0.75, 576, 32, in_llm=False) == [144] * 32
+
+
+def test_fastv_per_layer_counts_and_its_scoring_rows():
+    """FastV: every visual token in layers < K, the schedule's count after (K = 2 of 32, 1 of 4), in
+    the LLM whatever ``in_llm`` says (it has no LLM-input variant); its score is one query row (or
+    the instruction rows) over the tokens present in layer K-1."""
+    lm = F.LLAVA_15_7B.lm
+    per_layer = F.method_visual_per_layer("fastv", 0.5, 576, 32)
+    assert per_layer == [576] * 2 + [269] * 30  # 576 * (1 - 0.5 * 32 / 30) = 268.8
+    assert F.method_visual_per_layer("fastv", 0.5, 576, 32, in_llm=False) == per_layer
+    assert sum(per_layer) / 32 == pytest.approx(576 * 0.5, abs=1.0)
+    assert F.method_visual_per_layer("fastv", 0.5, 12, 4) == [12, 4, 4, 4]
+    assert F.method_visual_per_layer("fastv", 0.9, 12, 4) == [12, 0, 0, 0]  # clamped: ratio 0.75 reached
+    assert F.method_visual_per_layer("fastv", 0.5, 12, 4, {"layer": 2}) == [12, 12, 0, 0]
+    probe = F.method_probe_flops("fastv", 0.5, lm, None, 576, 64)
+    assert probe == F.attention_rows_flops(lm, 1, 576 + 64)
+    rows = F.method_probe_flops("fastv", 0.5, lm, None, 576, 64, policy={"query": "instruction"})
+    assert rows == F.attention_rows_flops(lm, 64, 576 + 64)
+    b = F.method_prefill_flops(F.LLAVA_15_7B, "fastv", 0.5, 40, lm_head="none", include_vision=False)
+    assert b.llm == sum(F.lm_layer_flops(lm, 40 + c) for c in per_layer)
+    assert b.probe == F.attention_rows_flops(lm, 1, 576 + 40)
 
 
 def test_pre_llm_methods_use_kept_count_everywhere():

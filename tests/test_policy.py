@@ -60,7 +60,7 @@ def test_parse_defaults_and_every_method():
 @pytest.mark.parametrize(
     "data,needle",
     [
-        ({"method": "fastv"}, "unknown method 'fastv'"),
+        ({"method": "sparsevlm"}, "unknown method 'sparsevlm'"),
         ({"ratio": 1.0}, "'ratio'"),
         ({"ratio": -0.1}, "'ratio'"),
         ({"ratio": "abc"}, "must be a number"),
@@ -69,6 +69,11 @@ def test_parse_defaults_and_every_method():
         ({"method": "aim", "pagerank_iterations": 0}, "'pagerank_iterations'"),
         ({"method": "random", "sigma": 1}, "unknown option 'sigma'"),
         ({"method": "globalcom2", "temperature": 0}, "'temperature'"),
+        ({"method": "fastv", "K": 2}, "unknown option 'K' for method 'fastv'"),
+        ({"method": "fastv", "probe_layers": 2}, "unknown option 'probe_layers'"),
+        ({"method": "fastv", "layer": 0}, "'layer'"),
+        ({"method": "fastv", "query": "first"}, "'query'"),
+        ({"method": "fastv", "ratio": 1.0}, "'ratio'"),
     ],
     ids=lambda x: str(x)[:30],
 )
@@ -95,3 +100,25 @@ def test_unsupported_method_model_pair_names_both():
         require_support("globalcom2", "llava")
     assert "globalcom2" in str(info.value) and "llava" in str(info.value)
     assert require_support("globalcom2", "llava_next").name == "globalcom2"
+
+
+def test_fastv_policy_defaults_and_its_layer_checked_against_the_served_depth():
+    """FastV defaults to the paper (K depth-scaled from 2 of 32, the last prompt token); a layer the
+    served LLM does not have fails by name when the plan is made."""
+    from vlmprune.reduction.stages import stage_plan
+
+    policy = parse_policy({"method": "fastv", "ratio": 0.5})
+    assert (policy.layer, policy.query) == (None, "last")
+    assert stage_plan(policy, 576, 32) == [(0, 576), (2, 269)]  # 576 * (1 - 0.5 * 32 / 30) = 268.8
+    assert stage_plan(policy, 12, 4) == [(0, 12), (1, 4)]  # K = 1 of 4: 12 * (1 - 0.5 * 4 / 3) = 4
+    assert stage_plan(parse_policy(policy, layer=3), 12, 4) == [(0, 12), (3, 0)]  # 0.5 * 4 / 1 > 1: clamped
+    with pytest.raises(PolicyError, match=r"field 'layer'.*\[1, 3\].*got 4"):
+        stage_plan(parse_policy(policy, layer=4), 12, 4)
+
+
+def test_only_fastv_is_reference_backend_only():
+    """Every method but FastV is served by the vLLM plugin (its in-LLM stages are issue 11's); the
+    plugin's refusal list says the same."""
+    from vlmprune.vllm_plugin.common import INLLM_ONLY_METHODS
+
+    assert {name for name, spec in METHODS.items() if not spec.vllm} == {"fastv"} == set(INLLM_ONLY_METHODS)

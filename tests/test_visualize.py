@@ -121,12 +121,12 @@ def test_ratio_zero_keeps_all_256(micro_model, scene_png, tmp_path, capsys):
     assert states == ["kept"] * 256
 
 
-@pytest.mark.parametrize("method", ["transprune", "aim"])
-def test_in_llm_methods_show_the_last_layer(micro_model, scene_png, tmp_path, capsys, method):
-    """TransPrune / AIM prune inside the LLM: the drawn tokens are those reaching the last layer
-    (the backend's count), a subset of those at the LLM input; the title says so."""
+@pytest.mark.parametrize("method,ratio", [("transprune", "0.75"), ("aim", "0.75"), ("fastv", "0.5")])
+def test_in_llm_methods_show_the_last_layer(micro_model, scene_png, tmp_path, capsys, method, ratio):
+    """TransPrune / AIM / FastV prune inside the LLM: the drawn tokens are those reaching the last
+    layer (the backend's count), a subset of those at the LLM input; the title says so."""
     out = tmp_path / f"{method}.png"
-    result = _visualize(micro_model, scene_png, out, "--method", method, "--ratio", "0.75",
+    result = _visualize(micro_model, scene_png, out, "--method", method, "--ratio", ratio,
                         "--question", "what colour is the cross ?", capsys=capsys)
     assert result["stage"] == "last_layer" and "last LLM layer" in result["title"]
     assert 0 < result["kept_tokens"] <= result["input_kept_tokens"] <= 256

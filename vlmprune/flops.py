@@ -42,6 +42,8 @@ Which convention the papers used (reproduced by ``bench/flops_table.py`` / ``vlm
   projector (ours 43.60 / 11.55 / 5.75 / 3.84 T: +0.0 / +0.3 / +0.7 / +1.1 %, with the official
   per-view counts 5 x 144 / 58 / 29 = 720 / 290 / 145; one budget over all 2880 tokens, 720 / 288 /
   144, gave 5.72 / 3.83 T, closer to the paper's figures than its own code's counts).
+- FastV's 2.01 T in TransPrune's Table 1 (K = 2, R = 50 %) = the same TransPrune rule at the
+  layer-averaged ratio 0.47 (ours 2.00 T, -0.4 %).
 - GlobalCom2's 41.7 T for LLaVA-NeXT-7B = the same FLOPs without the tower (ours 41.65 T, -0.1 %).
 Adding 64 / 100 text tokens moves the LLaVA-1.5 figure by +11 / +18 %, so none of the papers
 counted the text; causal instead of full attention moves it by -1 % (LLaVA-NeXT: -5 %). All
@@ -417,14 +419,17 @@ def method_visual_per_layer(
 ) -> list[int]:
     """Visual tokens entering each decoder layer under ``method`` at ``ratio``.
 
-    Progressive methods (transprune, aim) follow their schedule scaled to the layer-averaged
+    Progressive methods (transprune, aim, fastv) follow their schedule scaled to the layer-averaged
     ``ratio`` when ``in_llm`` (the transformers backend); with ``in_llm=False`` (the vLLM shallow
     probe, pruned at the LLM input) and for every other method, each layer sees
     ``image_kept_count(view_sizes, ratio)`` tokens (``kept_count`` of every view, summed;
-    ``view_sizes`` defaults to one view of ``n_visual``). ``ratio`` is bucketed as a policy would be.
+    ``view_sizes`` defaults to one view of ``n_visual``). FastV has no LLM-input variant: it is
+    counted in the LLM whatever ``in_llm`` says (every token before layer K, the kept ones after).
+    ``ratio`` is bucketed as a policy would be.
     """
     from vlmprune.core import schedule
     from vlmprune.policy import PROGRESSIVE_METHODS, image_kept_count
+    from vlmprune.reduction.stages import progressive_schedule
 
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
@@ -432,13 +437,9 @@ def method_visual_per_layer(
     if sum(views) != n_visual:
         raise ValueError(f"view_sizes {views} do not sum to n_visual={n_visual}")
     resolved = _resolve_policy(method, ratio, policy)
-    if method not in PROGRESSIVE_METHODS or not in_llm:
+    if method not in PROGRESSIVE_METHODS or (not in_llm and method != "fastv"):
         return [image_kept_count(views, resolved.ratio)] * num_layers
-    if method == "transprune":
-        stages = schedule.transprune_stages(num_layers)
-    else:
-        stages = schedule.aim_stages(num_layers, resolved.merge_keep)
-    counts = schedule.stage_counts(schedule.scale_to_ratio(stages, num_layers, resolved.ratio), n_visual)
+    counts = schedule.stage_counts(progressive_schedule(resolved, num_layers), n_visual)
     return schedule.counts_per_layer(counts, n_visual, num_layers)
 
 
@@ -494,7 +495,9 @@ def method_probe_flops(
     fastervlm/globalcom2: one [CLS] row per view (no [CLS] on Qwen: the full score matrix of one
     layer, for the mean attention received); aim: ToMe similarity (metric = tower width) + PageRank
     with recomputed logits at each pruning layer (``in_llm``) or after a shallow probe; transprune:
-    instruction->visual rows at each pruning layer, or a shallow probe; explain: q/k projections
+    instruction->visual rows at each pruning layer, or a shallow probe; fastv: the query rows of
+    layer K-1 (the last prompt token, or ``n_instruction`` rows) over every token present there
+    (its k are the layer's own; only the rows' scores are extra); explain: q/k projections
     of decoder layer 0 + instruction->visual rows; random/pool: 0.
     """
     resolved = _resolve_policy(method, ratio, policy)
@@ -536,6 +539,13 @@ def method_probe_flops(
                 n = per_layer[i - 1] + n_instruction
                 cost += pagerank_flops(lm.heads, n, resolved.pagerank_iterations, lm.head_dim)
         return cost
+    if method == "fastv":  # always in the LLM (no probe variant)
+        per_layer = method_visual_per_layer(method, ratio, n_visual, lm.layers, resolved)
+        rows = 1 if resolved.query == "last" else n_instruction
+        return float(sum(
+            attention_rows_flops(lm, rows, per_layer[i - 1] + n_instruction)
+            for i in range(1, lm.layers) if per_layer[i] < per_layer[i - 1]
+        ))
     return 0.0  # random, pool
 
 
@@ -620,6 +630,9 @@ PAPER_FIGURES: tuple[PaperFigure, ...] = (
     PaperFigure("TransPrune", "llava-1.5-7b", "transprune", 0.0, 3.82, _TRANSPRUNE_CONV),
     PaperFigure("TransPrune", "llava-1.5-7b", "transprune", 0.59, 1.56, _TRANSPRUNE_CONV),
     PaperFigure("TransPrune", "llava-next-7b", "transprune", 0.59, 8.33, _TRANSPRUNE_CONV),
+    # TransPrune's Table 1 row for FastV (K = 2, R = 50 %: 288 of 576 after layer 2), 2.01 T; the
+    # layer-averaged ratio of that schedule is 0.5 * 30 / 32 = 0.469, bucketed 0.47 (287 kept).
+    PaperFigure("TransPrune (FastV row)", "llava-1.5-7b", "fastv", 0.47, 2.01, _TRANSPRUNE_CONV),
     PaperFigure("FasterVLM", "llava-next-7b", "fastervlm", 0.0, 43.58, _FASTERVLM_CONV),
     PaperFigure("FasterVLM", "llava-next-7b", "fastervlm", 0.75, 11.51, _FASTERVLM_CONV),
     PaperFigure("FasterVLM", "llava-next-7b", "fastervlm", 0.9, 5.71, _FASTERVLM_CONV),

@@ -12,6 +12,7 @@ from typing import Literal
 from vlmprune.policy import (
     AIMPolicy,
     ExplainPolicy,
+    FastVPolicy,
     FasterVLMPolicy,
     GlobalCom2Policy,
     PolicyError,
@@ -32,11 +33,16 @@ class MethodSpec:
     name: str
     stage: Stage
     """pre_llm: decided from vision-side signals; llm_input: instruction-aware, pruned at the LLM
-    input; in_llm: progressive inside the LLM (transformers backend; a shallow probe in vLLM)."""
+    input; in_llm: progressive inside the LLM (transformers backend; a shallow probe in vLLM for
+    transprune and aim; fastv has no probe variant)."""
     models: tuple[str, ...]
     policy_type: type
     summary: str
     paper: str
+    vllm: bool = True
+    """The vLLM plugin serves it. False (``fastv`` until the plugin prunes between the served LLM's
+    decoder layers, issue 11): reference backend only; the plugin refuses it by name
+    (:func:`vlmprune.vllm_plugin.common.check_method`) and the gateway does not offer it."""
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -61,6 +67,11 @@ METHODS: dict[str, MethodSpec] = {
             "transprune", "in_llm", ALL_FAMILIES, TransPrunePolicy,
             "token transition variation + instruction-guided attention, pruned after layers 7/9/12",
             "arXiv 2507.20630",
+        ),
+        MethodSpec(
+            "fastv", "in_llm", ALL_FAMILIES, FastVPolicy,
+            "attention from the prompt's last token in layer K-1 ranks the image; pruned after layer K (K=2)",
+            "arXiv 2403.06764", vllm=False,
         ),
         MethodSpec(
             "explain", "llm_input", ALL_FAMILIES, ExplainPolicy,

@@ -2,7 +2,7 @@
 
 One budget notion everywhere: ``ratio`` is the fraction of visual tokens removed, ``0 <= ratio < 1``.
 For pre-LLM methods it is the fraction removed at the LLM input; for progressive in-LLM methods
-(``transprune``, ``aim``) it is the *layer-averaged* fraction removed, so that equal ratios cost
+(``transprune``, ``aim``, ``fastv``) it is the *layer-averaged* fraction removed, so that equal ratios cost
 roughly equal LLM FLOPs across methods (see :mod:`vlmprune.core.schedule`).
 
 ``kept_count`` is the only place a kept-token count is computed: the vLLM processor (which must
@@ -19,8 +19,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-MethodName = Literal["fastervlm", "globalcom2", "aim", "transprune", "explain", "random", "pool"]
-METHOD_NAMES: tuple[str, ...] = ("fastervlm", "globalcom2", "aim", "transprune", "explain", "random", "pool")
+MethodName = Literal["fastervlm", "globalcom2", "aim", "transprune", "fastv", "explain", "random", "pool"]
+METHOD_NAMES: tuple[str, ...] = ("fastervlm", "globalcom2", "aim", "transprune", "fastv", "explain", "random", "pool")
 
 # Ratios are rounded to this step before use, so that the processor and the model compute identical
 # counts from the same float and caches are not fragmented by near-identical ratios.
@@ -138,6 +138,19 @@ class TransPrunePolicy(_PolicyBase):
     """vLLM shallow probe only: decoder layers run to score tokens before the LLM input."""
 
 
+class FastVPolicy(_PolicyBase):
+    """Attention from the prompt's last token in layer K-1 ranks the image; pruned after layer K."""
+
+    method: Literal["fastv"] = "fastv"
+    layer: int | None = Field(None, ge=1, le=256)
+    """K: layers before it see every token, the stage runs after it. None: the paper's K = 2 on a
+    32-layer LLM, depth-scaled to the served LLM (4 layers: 1); an int is that layer exactly and
+    must be below the served LLM's depth."""
+    query: Literal["last", "instruction"] = "last"
+    """Whose attention ranks the image: the prompt's last token (paper, official code) or the mean
+    over the instruction rows (all text after the last image; an option, not the paper)."""
+
+
 class ExplainPolicy(_PolicyBase):
     """Learned relevance from layer-0 instruction->visual attention (a small 1-D CNN)."""
 
@@ -165,6 +178,7 @@ Policy = Annotated[
         GlobalCom2Policy,
         AIMPolicy,
         TransPrunePolicy,
+        FastVPolicy,
         ExplainPolicy,
         RandomPolicy,
         PoolPolicy,
@@ -172,11 +186,12 @@ Policy = Annotated[
     Field(discriminator="method"),
 ]
 PolicyT = Union[
-    FasterVLMPolicy, GlobalCom2Policy, AIMPolicy, TransPrunePolicy, ExplainPolicy, RandomPolicy, PoolPolicy
+    FasterVLMPolicy, GlobalCom2Policy, AIMPolicy, TransPrunePolicy, FastVPolicy, ExplainPolicy, RandomPolicy,
+    PoolPolicy,
 ]
 _POLICY_ADAPTER: TypeAdapter[PolicyT] = TypeAdapter(Policy)
 
-PROGRESSIVE_METHODS = frozenset({"aim", "transprune"})
+PROGRESSIVE_METHODS = frozenset({"aim", "transprune", "fastv"})
 
 
 def parse_policy(value: Mapping[str, Any] | PolicyT | None = None, **overrides: Any) -> PolicyT:

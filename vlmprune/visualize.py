@@ -51,7 +51,7 @@ PANEL_GAP = 8
 """Pixels between panels (LLaVA-NeXT's two views)."""
 
 SUPPORTED_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
-PROGRESSIVE = ("transprune", "aim")
+PROGRESSIVE = ("transprune", "aim", "fastv")
 MERGING = ("aim", "pool")
 
 Box = tuple[float, float, float, float]

@@ -96,7 +96,7 @@ def methods_for(state: Any, model: Any) -> MethodsResponse:
     family = model.family
     methods = []
     for spec in METHODS.values():
-        if family not in spec.models:
+        if family not in spec.models or not spec.vllm:  # not spec.vllm: the plugin refuses it
             continue
         if spec.name == "explain" and not (Path(model.model_dir) / EXPLAIN_WEIGHTS).is_file():
             continue

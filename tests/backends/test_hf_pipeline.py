@@ -51,6 +51,8 @@ def _expected_input_keep(policy, view_sizes: tuple[int, ...], num_layers: int) -
         stages = schedule.transprune_stages(num_layers)
     elif policy.method == "aim":
         stages = schedule.aim_stages(num_layers, policy.merge_keep)
+    elif policy.method == "fastv":
+        return n_prunable  # FastV never prunes before layer K
     else:
         return sum(kept_count(n, policy.ratio) for n in view_sizes)  # every view by itself
     scaled = schedule.scale_to_ratio(stages, num_layers, policy.ratio)
@@ -79,7 +81,7 @@ def test_kept_count_at_llm_input(request, family, method, ratio, cnn_path):
     expected = _expected_input_keep(policy, image.view_sizes, len(backend.adapter.text_model.layers))
     assert pre.visual_tokens == n_prunable
     assert pre.kept_tokens == expected
-    if method in ("transprune", "aim"):  # progressive: fewer tokens somewhere, maybe only inside the LLM
+    if method in ("transprune", "aim", "fastv"):  # progressive: fewer tokens somewhere, maybe only inside the LLM
         assert pre.kept_per_layer[0] == pre.kept_tokens
         assert pre.kept_per_layer == sorted(pre.kept_per_layer, reverse=True)
         assert pre.kept_per_layer[-1] < n_prunable
@@ -286,3 +288,42 @@ def test_unknown_model_type_is_rejected(llava):
     text_only = model.model.language_model
     with pytest.raises(ValueError, match="llama"):
         ReferenceBackend(text_only, processor)
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_fastv_prunes_after_layer_k_by_the_last_tokens_eager_attention(backend, ratio):
+    """FastV through the reference backend: every visual token up to layer K, then the schedule's
+    count; the kept tokens are the top-k of layer K-1's eager attention from the last prompt token;
+    text-only rows are untouched and decoding continues from the pruned cache."""
+    from vlmprune.reduction.stages import stage_plan
+    from vlmprune.testbed.train_explain import eager_attention
+
+    policy = parse_policy({"method": "fastv", "ratio": ratio})
+    text_model = backend.adapter.text_model
+    num_layers = len(text_model.layers)
+    pre = backend.prefill([REQUEST], policy)[0]
+    n = pre.visual_tokens
+    (_, (k, count)) = stage_plan(policy, n, num_layers)
+    assert 0 < count < n and pre.kept_tokens == n
+    assert pre.kept_per_layer == [n] * k + [count] * (num_layers - k)
+
+    ((seq, (image,)),) = backend.sequences([REQUEST])
+    with torch.no_grad(), eager_attention(text_model):
+        out = text_model(inputs_embeds=seq.embeds[None], position_ids=seq.positions[None], output_attentions=True)
+    probs = out.attentions[k - 1][0]  # (H, L, L), layer K-1 over the unpruned prompt
+    span = seq.image_spans[0][image.prunable.bool()]
+    scores = probs[:, -1, span].mean(dim=0)
+    expected = scores.argsort(descending=True, stable=True)[:count].sort().values
+    prunable_index = image.prunable.bool().nonzero().squeeze(1)
+    final = pre.final_kept_index[0]
+    assert torch.equal(final[image.prunable[final].bool()], prunable_index[expected])
+    assert len(backend.greedy_tokens(pre, 3)) >= 1
+
+
+def test_fastv_layer_deeper_than_the_model_is_refused_at_any_ratio(llava):
+    """A FastV ``layer`` the served LLM lacks is a PolicyError naming the field, ratio 0 included."""
+    backend = ReferenceBackend(*llava)
+    depth = len(backend.adapter.text_model.layers)
+    for ratio in (0.0, 0.5):
+        with pytest.raises(PolicyError, match=rf"field 'layer'.*\[1, {depth - 1}\].*got {depth}"):
+            backend.prefill([REQUEST], {"method": "fastv", "ratio": ratio, "layer": depth})

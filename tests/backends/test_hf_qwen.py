@@ -176,7 +176,7 @@ def test_unavailable_signal_and_text_only(qwen):
 # --- through the reference pipeline ----------------------------------------------------------------
 
 QWEN_METHODS = [name for name, spec in METHODS.items() if "qwen2_vl" in spec.models]
-SELECTING = {"fastervlm", "random", "explain", "transprune"}  # keep original tokens (no merging)
+SELECTING = {"fastervlm", "random", "explain", "transprune", "fastv"}  # keep original tokens (no merging)
 REQUESTS = [
     Request("what colour is the box ?", [make_image(112, 84, seed=0)]),
     Request("how many box are there ?", [make_image(84, 56, seed=1), make_image(112, 84, seed=2)]),
@@ -214,7 +214,7 @@ def test_ratio_zero_reproduces_stock_logits(backend):
         stock = torch.stack(
             [be.model(**be.process([req]), logits_to_keep=1).logits[0, -1] for req in REQUESTS]
         )  # (B, V)
-    assert "globalcom2" not in QWEN_METHODS and len(QWEN_METHODS) == 6
+    assert "globalcom2" not in QWEN_METHODS and len(QWEN_METHODS) == 7
     for method in QWEN_METHODS:
         assert torch.equal(be.logits(REQUESTS, _policy(method, 0.0, ckpt)), stock), method
 
@@ -225,6 +225,8 @@ def _expected_input_keep(method: str, policy, n: int, num_layers: int) -> int:
         stages = schedule.transprune_stages(num_layers)
     elif method == "aim":
         stages = schedule.aim_stages(num_layers, policy.merge_keep)
+    elif method == "fastv":
+        return n  # FastV never prunes before layer K
     else:
         return kept_count(n, policy.ratio)
     layer, count = schedule.stage_counts(schedule.scale_to_ratio(stages, num_layers, policy.ratio), n)[0]
@@ -260,7 +262,7 @@ def test_kept_count_and_original_positions(backend, method, ratio):
         row_images = images[cursor : cursor + len(REQUESTS[row].images)]
         cursor += len(row_images)
         expected = sum(_expected_input_keep(method, policy, im.n_tokens, num_layers) for im in row_images)
-        if (method, ratio) != ("transprune", 0.5):  # that schedule first prunes inside the LLM
+        if (method, ratio) != ("transprune", 0.5) and method != "fastv":  # these first prune inside the LLM
             assert expected < sum(im.n_tokens for im in row_images)  # the check is not vacuous
         at_input = sum(int(s.numel()) for s in pre.sequence.image_spans)
         assert pre.kept_tokens == at_input == expected

@@ -1,4 +1,4 @@
-"""Progressive in-LLM pruning (TransPrune, AIM) with real token removal and a consistent KV cache."""
+"""Progressive in-LLM pruning (TransPrune, AIM, FastV) with real token removal and a consistent KV cache."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from vlmprune.backends.hf.progressive import (
     transprune_window,
 )
 from vlmprune.core import aim, transprune
-from vlmprune.policy import AIMPolicy, TransPrunePolicy
+from vlmprune.policy import AIMPolicy, FastVPolicy, TransPrunePolicy
 from vlmprune.signals.attention import attention_logits, instruction_attention
 
 VOCAB = 97
@@ -91,12 +91,12 @@ def _stock(model, seq: Sequence) -> torch.Tensor:
 
 
 def _policy(method: str):
-    return TransPrunePolicy() if method == "transprune" else AIMPolicy()
+    return {"transprune": TransPrunePolicy, "aim": AIMPolicy, "fastv": FastVPolicy}[method]()
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", ["llama", "qwen2vl"])
-@pytest.mark.parametrize("method", ["transprune", "aim"])
+@pytest.mark.parametrize("method", ["transprune", "aim", "fastv"])
 @torch.no_grad()
 def test_no_stages_equals_the_stock_model(method, family, attn):
     """Without stages the layer-by-layer prefill reproduces the stock text model."""
@@ -119,7 +119,7 @@ def test_no_stages_equals_the_stock_model(method, family, attn):
     ],
     ids=["two-stages", "one-image-emptied", "three-stages", "at-input-then-all"],
 )
-@pytest.mark.parametrize("method", ["transprune", "aim"])
+@pytest.mark.parametrize("method", ["transprune", "aim", "fastv"])
 @torch.no_grad()
 def test_kept_counts_per_layer_and_cache_lengths(method, stages, per_layer):
     """Every layer sees exactly the scheduled visual tokens; its KV cache holds only those + text."""
@@ -145,8 +145,8 @@ def test_kept_counts_per_layer_and_cache_lengths(method, stages, per_layer):
 @pytest.mark.parametrize("family", ["llama", "qwen2vl"])
 @pytest.mark.parametrize(
     "method, reindex",
-    [("transprune", True), ("transprune", False), ("aim", False)],
-    ids=["tp-reindex", "tp-orig", "aim"],
+    [("transprune", True), ("transprune", False), ("aim", False), ("fastv", False)],
+    ids=["tp-reindex", "tp-orig", "aim", "fastv"],
 )
 @torch.no_grad()
 def test_cached_decoding_equals_recomputation(family, method, reindex):
@@ -244,6 +244,67 @@ def test_aim_choice_is_pagerank_of_the_stage_layer_input():
     for span, count in zip(spans, [3, 7]):
         expected = span[aim.prune(importance[span], count)]
         assert torch.equal(expected, span[torch.isin(span, state.decisions[0])])
+
+
+def _eager_attentions(model, seq: Sequence) -> tuple[torch.Tensor, ...]:
+    """Per layer, (H, L, L) attention probabilities of the stock model run with eager attention."""
+    pos = seq.positions[None] if seq.positions.ndim == 1 else seq.positions[:, None]
+    out = model(inputs_embeds=seq.embeds[None], position_ids=pos, output_attentions=True)
+    return tuple(a[0] for a in out.attentions)
+
+
+@pytest.mark.parametrize("query", ["last", "instruction"])
+@pytest.mark.parametrize("family", ["llama", "qwen2vl"])
+@pytest.mark.parametrize("k", [1, 2, 3])
+@torch.no_grad()
+def test_fastv_choice_is_the_query_attention_of_layer_k_minus_1(k, family, query):
+    """FastV keeps each image's top-k of the attention its query rows (the last prompt token, or the
+    instruction rows) pay in layer K-1, as transformers' eager attention computes it from scratch."""
+    model = BUILDERS[family](attn="eager")
+    seq, spans = _sequence(model, mrope=family == "qwen2vl")
+    counts = [5, 4]
+    state = progressive_prefill(model, seq, spans, [(k, counts)], FastVPolicy(query=query), reindex=False)
+    probs = _eager_attentions(model, seq)[k - 1]  # (H, L, L): layer K-1 over the full prompt
+    rows = [seq.length - 1] if query == "last" else seq.instruction_index.tolist()
+    scores = probs[:, rows].mean(dim=(0, 1))  # (L,)
+    for span, count in zip(spans, counts):
+        expected = span[scores[span].argsort(descending=True, stable=True)[:count]].sort().values
+        assert torch.equal(expected, span[torch.isin(span, state.decisions[0])])
+    assert state.kept_per_layer == [28] * k + [9] * (4 - k)
+    n_text = seq.length - sum(N_IMAGE)
+    assert state.cache_lengths() == [seq.length] * k + [n_text + 9] * (4 - k)
+
+
+@torch.no_grad()
+def test_fastv_keeps_original_positions_and_decodes_as_the_recomputation():
+    """FastV on M-RoPE: kept tokens keep their ids; 8 cached decode steps equal a cache-free rerun."""
+    model = _qwen()
+    torch.manual_seed(4)
+    lm_head = torch.nn.Linear(64, VOCAB, bias=False)
+    seq, spans = _sequence(model, mrope=True)
+    state = progressive_prefill(model, seq, spans, [(2, [3, 0])], FastVPolicy(), reindex=False)
+    assert state.next_positions == [int(seq.positions.max()) + 1] * 4
+    reference = forward_with_decisions(model, seq, state.decisions, [2], reindex=False)
+    torch.testing.assert_close(state.hidden, reference, atol=1e-5, rtol=1e-5)
+    last, generated = state.hidden[-1], []
+    for _ in range(8):
+        generated.append(int(lm_head(last).argmax()))
+        new = model.embed_tokens(torch.tensor(generated))
+        ref = forward_with_decisions(model, _appended(seq, new), state.decisions, [2], reindex=False,
+                                     prompt_length=seq.length)[-1]
+        last = state.extend(new[-1:])[-1]
+        torch.testing.assert_close(lm_head(last), lm_head(ref), atol=1e-4, rtol=1e-4)
+
+
+def test_fastv_scores_differ_by_query():
+    """The last-token and instruction-rows variants are different signals (not the same rows)."""
+    model = _llama()
+    seq, spans = _sequence(model, mrope=False)
+    picks = {
+        q: progressive_prefill(model, seq, spans, [(1, [4, 3])], FastVPolicy(query=q), reindex=False).decisions[0]
+        for q in ("last", "instruction")
+    }
+    assert not torch.equal(picks["last"], picks["instruction"])
 
 
 @pytest.mark.parametrize(

@@ -270,3 +270,11 @@ def test_trace_id_is_split_from_the_policy_and_checked():
     assert request.trace == "run-0001" and request.policy.method == "pool"
     with pytest.raises(PolicyError, match="'trace'"):
         common.parse_request({"method": "pool", "ratio": 0.5, "trace": "../../x"})
+
+
+def test_fastv_is_refused_until_the_plugin_prunes_inside_the_llm():
+    """FastV exists only in-LLM; the plugin refuses it by name (for every family, any ratio)."""
+    for ratio in (0.0, 0.5):
+        req = common.parse_request({"method": "fastv", "ratio": ratio})
+        with pytest.raises(PolicyError, match=r"'fastv' needs in-LLM pruning.*served model: m"):
+            common.check_method(req, "qwen2_vl", common.PLUGIN_METHODS, "m")

@@ -4,6 +4,9 @@ A schedule is a list of :class:`Stage`: after ``layer`` decoder layers have run 
 input), only a fraction ``keep`` of the image's *original* visual tokens stays in the sequence.
 Fractions never increase along the schedule.
 
+FastV (:func:`fastv_stages`) has one stage after K and is not shape-scaled: its keep after K is
+solved directly for the layer-averaged ratio (clamped at 0 above the reachable maximum).
+
 ``ratio`` for progressive methods means the fraction of visual tokens removed averaged over all
 decoder layers, so equal ratios cost about equal LLM FLOPs across methods. The paper schedule
 has its own ratio (TransPrune on a 32-layer LLM: 1 - 13.125/32 = 0.59). To meet another ratio:
@@ -110,6 +113,45 @@ def transprune_stages(num_layers: int) -> list[Stage]:
     return _merge_same_layer(
         [Stage(depth_scaled_layer(layer, num_layers), keep) for layer, keep in ((7, 0.875), (9, 0.625), (12, 0.125))]
     )
+
+
+FASTV_LAYER = 2
+"""FastV's K on the 32-layer LLMs the paper measured (LLaVA-1.5-7B/13B): prune after layer 2."""
+
+
+def fastv_layer(num_layers: int, layer: int | None = None) -> int:
+    """FastV's K on ``num_layers``: the paper's K = 2 depth-scaled (:func:`depth_scaled_layer`:
+    4 layers -> 1, 28 or 32 -> 2) when ``layer`` is None, else ``layer`` itself, in [1, num_layers-1]."""
+    if num_layers < 2:
+        raise ValueError(f"FastV needs at least 2 decoder layers (layers < K see every token), got {num_layers}")
+    k = depth_scaled_layer(FASTV_LAYER, num_layers) if layer is None else int(layer)
+    if not 1 <= k <= num_layers - 1:
+        raise ValueError(f"FastV's layer K must be in [1, {num_layers - 1}] for a {num_layers}-layer LLM, got {k}")
+    return k
+
+
+def fastv_max_ratio(num_layers: int, layer: int | None = None) -> float:
+    """Largest layer-averaged ratio FastV reaches: every visual token removed after K, ``(N-K)/N``."""
+    k = fastv_layer(num_layers, layer)
+    return (num_layers - k) / num_layers
+
+
+def fastv_stages(num_layers: int, ratio: float, layer: int | None = None) -> list[Stage]:
+    """FastV's single stage after K layers, with the keep fraction that makes the layer-averaged
+    removed fraction ``ratio``: ``keep = 1 - ratio * N / (N - K)``.
+
+    Layer-averaged like the other in-LLM methods, so equal ratios cost about equal LLM FLOPs (the
+    paper's R = 50 % at K = 2 of 32 layers is ratio 0.469 here; ratio 0.5 keeps 46.7 % after layer 2).
+    Above :func:`fastv_max_ratio` (0.9375 on 32 layers, 0.75 on the 4-layer demo LM) the keep is
+    clamped to 0: every visual token leaves after K and the achieved ratio is the maximum, which the
+    per-layer counts (and so the FLOPs model and ``kept_per_layer``) report. FastV never prunes
+    before K (no stage at the LLM input: layers < K see every token, as the paper).
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    k = fastv_layer(num_layers, layer)
+    keep = max(0.0, 1.0 - ratio * num_layers / (num_layers - k))
+    return [Stage(0, 1.0), Stage(k, keep)]
 
 
 AIM_QWEN_LAYERS = 28

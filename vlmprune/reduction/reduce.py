@@ -2,7 +2,7 @@
 
 Counts: ``keep`` prunable tokens survive, ``keep = image_kept_count(view_sizes, ratio)``
 (``kept_count`` of every view, summed: one view except on LLaVA-NeXT) for pre-LLM and
-instruction-aware methods; for the progressive methods (TransPrune, AIM) ``keep`` is the count of
+instruction-aware methods; for the progressive methods (TransPrune, AIM, FastV) ``keep`` is the count of
 the scaled schedule's stage at the LLM input (:func:`vlmprune.reduction.stages.stage_plan`).
 Non-prunable tokens (LLaVA-NeXT's image_newline tokens) always survive, so
 ``count == keep + n_non_prunable``. Ratio 0 (or a stage that keeps everything) returns the identity.
@@ -54,7 +54,7 @@ def input_keep(policy: Any, view_sizes: int | Sequence[int], num_layers: int | N
     n_prunable = sum(sizes)
     if policy.ratio == 0.0:
         return n_prunable
-    if policy.method in ("transprune", "aim"):
+    if policy.method in ("transprune", "aim", "fastv"):
         if num_layers is None:
             raise ValueError(f"num_layers is required for the progressive method {policy.method!r}")
         return stage_plan(policy, n_prunable, num_layers)[0][1]

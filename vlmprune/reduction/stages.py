@@ -1,4 +1,4 @@
-"""Stage plans of the progressive methods (TransPrune, AIM): how many tokens each stage keeps.
+"""Stage plans of the progressive methods (TransPrune, AIM, FastV): how many tokens each stage keeps.
 
 The paper schedules and their scaling to a layer-averaged ``ratio`` are :mod:`vlmprune.core.schedule`;
 this module applies them to one policy and one image, for the reduction at the LLM input
@@ -10,10 +10,19 @@ from __future__ import annotations
 from typing import Any
 
 from vlmprune.core import schedule
+from vlmprune.policy import PolicyError
 
 
 def progressive_schedule(policy: Any, num_layers: int) -> list[schedule.Stage]:
-    """The paper schedule of a progressive policy scaled to its layer-averaged ``ratio``."""
+    """The paper schedule of a progressive policy scaled to its layer-averaged ``ratio``.
+
+    FastV's one stage is solved for the ratio directly (:func:`vlmprune.core.schedule.fastv_stages`);
+    a ``layer`` the served LLM cannot take is a :class:`PolicyError`."""
+    if policy.method == "fastv":
+        try:
+            return schedule.fastv_stages(num_layers, policy.ratio, policy.layer)
+        except ValueError as exc:
+            raise PolicyError(f"field 'layer': {exc} (got {policy.layer!r})") from None
     if policy.method == "transprune":
         stages = schedule.transprune_stages(num_layers)
     elif policy.method == "aim":
@@ -114,3 +123,13 @@ def served_input_count(policy: Any, n_prunable: int, num_layers: int) -> int:
     if policy.ratio <= 0 or policy.method == "transprune":
         return n_prunable
     return stage_plan(policy, n_prunable, num_layers)[0][1]
+
+
+def check_policy_depth(policy: Any, num_layers: int) -> None:
+    """Raise :class:`PolicyError` if the policy names a layer the served LLM lacks (FastV's
+    ``layer``), whatever the ratio, so a bad policy fails the same way at ratio 0."""
+    if getattr(policy, "method", None) == "fastv":
+        try:
+            schedule.fastv_layer(num_layers, policy.layer)
+        except ValueError as exc:
+            raise PolicyError(f"field 'layer': {exc} (got {policy.layer!r})") from None

