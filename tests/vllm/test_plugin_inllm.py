@@ -1,4 +1,4 @@
-"""In-LLM TransPrune and AIM inside the served LLaVA-1.5 LM (``VLMPRUNE_IN_LLM=1``, vllm_plugin/inllm.py).
+"""In-LLM TransPrune, AIM and FastV inside the served LLaVA-1.5 LM (``VLMPRUNE_IN_LLM=1``, vllm_plugin/inllm.py).
 
 One real vLLM CPU engine (tiny LLaVA-1.5: 4 decoder layers, 36 visual tokens per image), engine core
 in this process, run as the in-LLM mode requires: eager, no prefix caching, no chunked prefill.
@@ -114,7 +114,7 @@ def reference(env, spec, policy):
     return tokens, stages
 
 
-CASES = [(m, r) for m in ("transprune", "aim") for r in (0.5, 0.9)]
+CASES = [(m, r) for m in ("transprune", "aim") for r in (0.5, 0.9)] + [("fastv", 0.5), ("fastv", 0.7)]
 
 
 @pytest.mark.parametrize("method,ratio", CASES)
@@ -131,8 +131,11 @@ def test_kept_rows_and_greedy_tokens_equal_the_reference(env, method, ratio):
     assert len(out["token_ids"]) == STEPS
 
 
-def test_transprune_positions_original_matches_the_reference(env):
-    policy = {"method": "transprune", "ratio": 0.75, "positions": "original"}
+@pytest.mark.parametrize("policy", [
+    {"method": "transprune", "ratio": 0.75, "positions": "original"},
+    {"method": "fastv", "ratio": 0.6, "query": "instruction"},
+])
+def test_options_match_the_reference(env, policy):
     spec = make_spec(env.processor, policy=policy)
     (out,), (record,) = run(env, [spec])
     want_tokens, want_stages = reference(env, spec, policy)
@@ -163,6 +166,7 @@ def test_mixed_batch_gives_each_request_its_solo_answer(env):
         make_spec(env.processor),
         make_spec(env.processor, images=()),
         make_spec(env.processor, OTHER, images=IMAGES, policy={"method": "transprune", "ratio": 0.9}),
+        make_spec(env.processor, OTHER, policy={"method": "fastv", "ratio": 0.5}),
     ]
     solo = [run(env, [s]) for s in specs]
     batch, records = run(env, specs)

@@ -1,4 +1,4 @@
-"""In-LLM visual-token pruning inside vLLM's served LLM: TransPrune and AIM between decoder layers.
+"""In-LLM visual-token pruning inside vLLM's served LLM: TransPrune, AIM and FastV between decoder layers.
 
 What runs (engine started with ``VLMPRUNE_IN_LLM=1``; LLaVA-1.5, vLLM 0.32's V1 model runner):
 the reference backend's progressive loop (``vlmprune/backends/hf/progressive.py``) inside the
@@ -15,8 +15,11 @@ and in every decode step.
   own tokens after the last image (as the reference), not a policy field.
 - ``aim``: ToMe merge before the LLM in ``embed_multimodal`` (placeholders = the schedule's
   LLM-input count, as today), then PageRank importance of layer ``k-1``'s full logits at each stage.
+- ``fastv``: every visual token enters the LLM; after layer ``K`` the rows the last prompt token
+  (or the instruction rows, ``query="instruction"``) attended to most in layer ``K-1`` stay
+  (:mod:`vlmprune.core.fastv`), original positions.
 
-Positions: TransPrune with ``positions="reindex"`` (the paper, the reference on LLaVA) gives the
+Positions (FastV and AIM: original ids): TransPrune with ``positions="reindex"`` (the paper, the reference on LLaVA) gives the
 kept rows ``0..L'-1`` after every stage and decoded tokens continue from each layer group's own
 length: that is exactly a row's *compacted index* in its layer group, which is what is passed to
 those layers' RoPE (applied inside each layer's attention). ``positions="original"`` and AIM keep
@@ -54,7 +57,7 @@ from typing import Any
 
 import torch
 
-from vlmprune.core import aim, transprune
+from vlmprune.core import aim, fastv, transprune
 from vlmprune.methods import IN_LLM_ENV, IN_LLM_FAMILIES, IN_LLM_METHODS, in_llm_mode, served_in_llm  # noqa: F401
 from vlmprune.policy import parse_policy
 from vlmprune.reduction.stages import (
@@ -388,15 +391,15 @@ class InLLMForward:
                 changed = True
             if changed:
                 group_fc, group_pos = self._group_context(fc, rows, removed_ctx, names[idx:])
-            # 2. AIM scores a stage from the attention of the layer that precedes it.
+            # 2. AIM and FastV score a stage from the attention of the layer that precedes it.
             offsets = self._offsets(rows)
             for r, row in enumerate(rows):
-                if row.plan is None or row.plan.policy.method != "aim" or row.replay is not None:
+                if row.plan is None or row.plan.policy.method not in ("aim", "fastv") or row.replay is not None:
                     continue
                 nxt = next((c for s, c in row.plan.stages if s == idx + 1), None)
                 if nxt is not None and any(c < s.numel() for c, s in zip(nxt, row.spans)):
                     sl = slice(offsets[r], offsets[r] + int(row.rows.numel()))
-                    row.importance = _aim_importance(layer, _stream(hidden, residual, sl), group_pos[sl], row.plan.policy)
+                    row.importance = _scores(layer, _stream(hidden, residual, sl), group_pos[sl], row)
             # 3. The layer itself; TransPrune's TTV read from hooks inside its window.
             ttv_rows = [r for r, row in enumerate(rows) if row.plan is not None and row.replay is None
                         and row.plan.window[0] <= idx <= row.plan.window[1]]
@@ -447,11 +450,12 @@ class InLLMForward:
             def choose(span_rows, count):
                 ttv = ttv_acc[span_rows] if ttv_acc is not None else None
                 return transprune.reduce(transprune.combine(ttv, iga[span_rows]), count)
-        else:
-            importance = row.importance if row.importance is not None else _aim_importance(layer, h, pos, policy)
+        else:  # AIM / FastV: scores of the layer before the stage (layer 0's own at the LLM input)
+            importance = row.importance if row.importance is not None else _scores(layer, h, pos, row)
+            pick = fastv.select if policy.method == "fastv" else aim.prune
 
             def choose(span_rows, count):
-                return aim.prune(importance[span_rows], count)
+                return pick(importance[span_rows], count)
 
         keep, row.spans = select_rows(choose, row.spans, counts, n, device)
         row.instruction = remap_rows(keep, row.instruction)
@@ -525,6 +529,18 @@ class InLLMForward:
 def _stream(hidden: torch.Tensor, residual: torch.Tensor | None, sl: slice) -> torch.Tensor:
     """(n, d) the residual stream (a layer's input) of one request's current rows."""
     return hidden[sl] if residual is None else hidden[sl] + residual[sl]
+
+
+def _scores(layer, h: torch.Tensor, pos: torch.Tensor, row: _Row) -> torch.Tensor:
+    """(n,) AIM's PageRank importance or FastV's attention received from its query rows."""
+    policy = row.plan.policy
+    if policy.method == "aim":
+        return _aim_importance(layer, h, pos, policy)
+    from vlmprune.vllm_plugin.probe import decoder_qkv
+
+    q, k, _ = decoder_qkv(layer.self_attn, layer.input_layernorm(h), pos)
+    rows = fastv.query_rows(policy.query, h.shape[0], row.instruction).to(h.device)
+    return fastv.attention_scores(attention_rows(q[rows], k, rows))  # (H, t, n) -> (n,)
 
 
 def _aim_importance(layer, h: torch.Tensor, pos: torch.Tensor, policy) -> torch.Tensor:
