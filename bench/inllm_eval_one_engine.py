@@ -1,0 +1,34 @@
+"""All remaining in-LLM evals through ONE vLLM engine (the same _evaluate_vllm code path; only the
+engine is built once and reused: policies travel per request). Usage: one_engine.py N m@r ..."""
+import json, os, sys, time
+os.environ["VLMPRUNE_IN_LLM"] = "1"
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+import vllm
+from vlmprune import evaluate as ev
+
+_real, _cache = vllm.LLM, {}
+def cached_llm(**kw):
+    key = json.dumps(kw, sort_keys=True, default=str)
+    if key not in _cache:
+        llm = _real(**kw)
+        llm._real_shutdown = llm.llm_engine.engine_core.shutdown
+        llm.llm_engine.engine_core.shutdown = lambda: None
+        _cache[key] = llm
+    return _cache[key]
+vllm.LLM = cached_llm
+
+def main():
+    n = int(sys.argv[1])
+    with open("/tmp/inllm-eval/one_engine.txt", "a") as out:
+        for spec in sys.argv[2:]:
+            m, r = spec.split("@")
+            t = time.time()
+            res = ev.evaluate("demo", backend="vllm", method=m, ratio=float(r), samples=n, progress=False)
+            out.write(f"{m} {r} N={n} acc={res['accuracy']:.4f} kept={res.get('kept_tokens')} wall={time.time()-t:.0f}s\n")
+            out.flush()
+    for llm in _cache.values():
+        llm._real_shutdown()
+
+
+if __name__ == "__main__":
+    main()
