@@ -1,5 +1,9 @@
-"""All remaining in-LLM evals through ONE vLLM engine (the same _evaluate_vllm code path; only the
-engine is built once and reused: policies travel per request). Usage: one_engine.py N m@r ..."""
+"""In-LLM vLLM evals of several methods/ratios through ONE engine (``VLMPRUNE_IN_LLM=1``).
+
+The same ``vlmprune.evaluate`` code path as ``vlmprune eval --backend vllm``; only the engine is
+built once and reused (policies travel per request), so a table costs one engine start.
+Usage: ``PYTHONPATH=. python bench/inllm_eval_one_engine.py 300 transprune@0.9 aim@0.5 ...``
+(prints one line per run)."""
 import json, os, sys, time
 os.environ["VLMPRUNE_IN_LLM"] = "1"
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -19,7 +23,8 @@ vllm.LLM = cached_llm
 
 def main():
     n = int(sys.argv[1])
-    with open("/tmp/inllm-eval/one_engine.txt", "a") as out:
+    out = sys.stdout
+    if True:
         for spec in sys.argv[2:]:
             m, r = spec.split("@")
             t = time.time()

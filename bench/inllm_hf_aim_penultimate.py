@@ -1,4 +1,6 @@
-"""Reference backend AIM with the merge metric read from the penultimate ViT layer (as vLLM must)."""
+"""Reference backend AIM with its ToMe merge metric read from the penultimate ViT layer, as vLLM must
+(it never loads the last layer): isolates the merge input from the in-LLM stages when comparing
+with vLLM's in-LLM AIM. Usage: ``PYTHONPATH=. python bench/inllm_hf_aim_penultimate.py 0.9 0.5``."""
 import sys
 import vlmprune.backends.hf.vision_hooks as vh
 from vlmprune import evaluate as ev
