@@ -387,8 +387,7 @@ class InLLMForward:
                 residual = residual[index] if residual is not None else None
                 for r, keep in choices.items():
                     self._apply(rows[r], keep)
-                changed = changed or any(int(k.numel()) for k in choices.values())
-                changed = True
+                changed = True  # every stage taken rebuilds the group (a no-op stage costs one rebuild)
             if changed:
                 group_fc, group_pos = self._group_context(fc, rows, removed_ctx, names[idx:])
             # 2. AIM and FastV score a stage from the attention of the layer that precedes it.
