@@ -306,11 +306,11 @@ def served_methods(model: str) -> list[str]:
     """The methods the vLLM plugin serves whose model families include the served model's
     (globalcom2 is LLaVA-NeXT only; fastv is reference-backend only for now)."""
     from server.model_info import ServedModel
-    from vlmprune.methods import METHODS
+    from vlmprune.methods import METHODS, vllm_serves
     from vlmprune.testbed.registry import resolve_model
 
     family = ServedModel(str(resolve_model(model))).family
-    return [name for name, m in METHODS.items() if family in m.models and m.vllm]
+    return [name for name in METHODS if vllm_serves(name, family)]
 
 
 # --- report -------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from vlmprune.methods import IN_LLM_ENV
 from vlmprune.trace import TRACE_DIR_ENV
 
 DEFAULT_MODEL = "demo"
@@ -61,6 +62,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for vLLM (repeatable, e.g. --vllm-arg=--max-num-seqs=8)")
     p.add_argument("--vllm-log", metavar="FILE", help="vLLM's log file (default: a temporary file)")
+    p.add_argument("--in-llm", action="store_true", default=os.environ.get(IN_LLM_ENV) == "1",
+                   help=f"run transprune/aim between the LLM's decoder layers (LLaVA-1.5; sets {IN_LLM_ENV}=1 "
+                        "and vLLM's --enforce-eager --no-enable-prefix-caching --no-enable-chunked-prefill)")
     p.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for vLLM")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = p.parse_args(argv)
@@ -181,6 +185,10 @@ def vllm_command(model: Path, served_name: str, port: int, args: argparse.Namesp
     ]
     if not gpu:
         cmd += ["--dtype", "float32", "--enforce-eager"]
+    if getattr(args, "in_llm", False):
+        # In-LLM stages (vlmprune.vllm_plugin.inllm) refuse to start without these (a prefix-cache
+        # hit or a split prompt would give wrong answers; a data-dependent gather cannot be captured).
+        cmd += ["--no-enable-prefix-caching", "--no-enable-chunked-prefill"] + ([] if not gpu else ["--enforce-eager"])
     return cmd + list(args.vllm_arg)
 
 
@@ -193,9 +201,11 @@ def _child_setup() -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def start_vllm(cmd: list[str], log_path: Path, gpu: bool, trace_dir: Path | None = None) -> subprocess.Popen:
+def start_vllm(cmd: list[str], log_path: Path, gpu: bool, trace_dir: Path | None = None, in_llm: bool = False) -> subprocess.Popen:
     """``trace_dir``: where the engine writes kept-token traces for the playground (vlmprune.trace)."""
     env = dict(os.environ)
+    if in_llm:
+        env[IN_LLM_ENV] = "1"
     if trace_dir is not None:
         env[TRACE_DIR_ENV] = str(trace_dir)
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -352,7 +362,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"vlmprune serve: starting vLLM ({'GPU' if gpu else 'CPU, float32, eager'}) for {model_dir}\n"
                   f"  log: {log_path}\n  command: {' '.join(cmd)}", flush=True)
             traces = Path(tempfile.mkdtemp(prefix="vlmprune-traces-"))  # shared by the child and the gateway
-            child = start_vllm(cmd, log_path, gpu, traces)
+            if args.in_llm:  # the gateway's accounting reads the same mode (ServedModel.in_llm)
+                os.environ[IN_LLM_ENV] = "1"
+            child = start_vllm(cmd, log_path, gpu, traces, in_llm=args.in_llm)
             upstreams = [f"http://127.0.0.1:{port}"]
             app = _make_app(create_app, GatewaySettings, upstreams, model_dir, args, traces)  # while vLLM boots
             vllm_s = wait_ready(upstreams[0], child, log_path, args.startup_timeout)

@@ -38,12 +38,33 @@ class ServedModel:
     def image_tokens(self, width: int, height: int) -> ImageTokenCounts:
         return self.spec.image_tokens(width, height)
 
+    def in_llm(self, policy: Any) -> bool:
+        """Whether the engine runs ``policy`` stage by stage inside the LLM (``VLMPRUNE_IN_LLM=1``,
+        :mod:`vlmprune.vllm_plugin.inllm`), rather than once at the LLM input."""
+        from vlmprune.methods import served_in_llm
+
+        return policy.ratio > 0 and served_in_llm(policy.method, self.family)
+
     def kept(self, policy: Any, image: ImageTokenCounts) -> int:
-        """Prunable tokens of ``image`` that reach the LLM input in vLLM: ``kept_count(n, ratio)``
-        for every method. The progressive ones (transprune, aim) included: the plugin prunes them
-        once, at the LLM input, to the count with the same LLM FLOPs as their layer-averaged ratio
-        (``vlmprune.vllm_plugin.common.prunable_keep``, the count its processor reserves)."""
+        """Prunable tokens of ``image`` that reach the LLM input in vLLM (the placeholders its processor
+        reserves). Single-count methods and the shallow probe: ``kept_count(n, ratio)`` (the
+        progressive ones pruned once at the LLM input to the count with the same LLM FLOPs as their
+        layer-averaged ratio, ``vlmprune.vllm_plugin.common.prunable_keep``). In-LLM mode
+        (:meth:`in_llm`): TransPrune keeps every token at the input, AIM its merge count; the
+        stages inside the LLM are :meth:`stages`."""
+        if self.in_llm(policy):
+            from vlmprune.reduction.stages import served_input_count
+
+            return served_input_count(policy, image.prunable, self.lm.layers)
         return image.kept(policy.ratio)
+
+    def stages(self, policy: Any, image: ImageTokenCounts) -> list[tuple[int, int]]:
+        """``(after_layer, prunable tokens kept)`` per in-LLM stage of ``image`` ([] when not in-LLM)."""
+        if not self.in_llm(policy):
+            return []
+        from vlmprune.reduction.stages import served_in_llm_stages
+
+        return [(layer, counts[0]) for layer, counts in served_in_llm_stages(policy, [image.prunable], self.lm.layers)]
 
     def cost(self, images: list[ImageTokenCounts], policy: Any, n_text: int, n_instruction: int = 0) -> RequestCost:
         """Visual tokens in/kept and analytic prefill FLOPs at ratio 0 and under ``policy`` (pruned
@@ -56,12 +77,21 @@ class ServedModel:
         kept = sum(self.kept(policy, t) for t in images)
         total0 = sum(t.total for t in images)
         total1 = kept + sum(t.newline for t in images)
+        in_llm = self.in_llm(policy)
+        if in_llm:  # per-layer counts of the schedule, no probe term (scores come from the LLM's own layers)
+            from vlmprune.flops import method_visual_per_layer
+
+            per_layer = [0] * self.lm.layers
+            for t in images:
+                counts = method_visual_per_layer(policy.method, ratio, t.prunable, self.lm.layers, policy)
+                per_layer = [a + b + t.newline for a, b in zip(per_layer, counts)]
+            total1 = per_layer
         tower = probe = 0.0
         for t in images:
             vision = self.vision.with_grid(t.grid_thw) if t.grid_thw is not None else self.vision
             tower += vision_tower_flops(vision, t.views) + projector_flops(vision, t.views * vision.visual_tokens_per_view)
             probe += method_probe_flops(
-                policy.method, ratio, self.lm, vision, t.prunable, n_instruction, t.views, policy, in_llm=False
+                policy.method, ratio, self.lm, vision, t.prunable, n_instruction, t.views, policy, in_llm=in_llm
             )
         n_text = max(0, n_text)
         base = prefill_flops(self.lm, n_text, total0).total + tower

@@ -84,6 +84,33 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 
+IN_LLM_ENV = "VLMPRUNE_IN_LLM"
+"""``1`` on a vLLM engine (and the gateway in front of it): the progressive methods of
+:data:`IN_LLM_METHODS` run between the served LLM's decoder layers (``vlmprune.vllm_plugin.inllm``)
+on the families of :data:`IN_LLM_FAMILIES`; otherwise (and on other families) the shallow probe
+prunes them at the LLM input. The launcher sets it with the engine flags the mode requires."""
+IN_LLM_METHODS = frozenset({"transprune", "aim", "fastv"})
+IN_LLM_FAMILIES = frozenset({"llava"})
+
+
+def in_llm_mode() -> bool:
+    """Whether this process serves (or fronts) an engine in in-LLM mode (``VLMPRUNE_IN_LLM=1``)."""
+    import os
+
+    return os.environ.get(IN_LLM_ENV, "0") == "1"
+
+
+def served_in_llm(method: str, family: str) -> bool:
+    """Whether vLLM runs ``method`` on ``family`` inside the LLM here (stage by stage)."""
+    return in_llm_mode() and method in IN_LLM_METHODS and family in IN_LLM_FAMILIES
+
+
+def vllm_serves(method: str, family: str) -> bool:
+    """Whether the vLLM plugin serves ``method`` on ``family`` here (``fastv``: in-LLM mode only)."""
+    spec = METHODS.get(method)
+    return spec is not None and family in spec.models and (spec.vllm or served_in_llm(method, family))
+
+
 def require_support(method: str, family: str) -> MethodSpec:
     """The method's spec, or a :class:`PolicyError` naming both the method and the model family."""
     spec = METHODS.get(method)

@@ -181,12 +181,16 @@ class AppliedPolicy(BaseModel):
     """The named policy at the base of the precedence stack."""
     source: str
     """Where the ratio came from: policy, adaptive, body or header."""
+    stages: str = ""
+    """In-LLM methods (``VLMPRUNE_IN_LLM=1``): the visual tokens each stage inside the LLM kept, all
+    images, as ``after_layer:kept,...`` (``kept`` is then what enters the LLM); empty otherwise."""
 
     def header(self) -> str:
-        return (
+        out = (
             f"method={self.method}; ratio={self.ratio:g}; visual_tokens={self.visual_tokens}; kept={self.kept}; "
             f"policy={self.policy}; source={self.source}"
         )
+        return out + (f"; stages={self.stages}" if self.stages else "")
 
     @classmethod
     def parse(cls, value: str) -> AppliedPolicy:

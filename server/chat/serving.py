@@ -67,6 +67,8 @@ class Prepared:
     """Prunable tokens kept per image (the served model's rule, :meth:`ServedModel.kept`)."""
     sizes: list[tuple[int, int]] = field(default_factory=list)
     """(width, height) per image, for the playground's overlay."""
+    stages: list[list[tuple[int, int]]] = field(default_factory=list)
+    """Per image, ``(after_layer, kept)`` of each in-LLM stage (:meth:`ServedModel.stages`)."""
 
     @property
     def trace(self) -> str | None:
@@ -84,7 +86,17 @@ class Prepared:
             visual_tokens=sum(t.prunable for t in self.images),
             kept=sum(self.kept),
             policy=self.resolved.name, source=self.resolved.ratio_source,
+            stages=",".join(f"{layer}:{kept}" for layer, kept in _summed_stages(self.stages)),
         )
+
+
+def _summed_stages(per_image: list[list[tuple[int, int]]]) -> list[tuple[int, int]]:
+    """``(after_layer, kept over all images)``; every image of a request has the same stage layers."""
+    out: dict[int, int] = {}
+    for stages in per_image:
+        for layer, kept in stages:
+            out[layer] = out.get(layer, 0) + kept
+    return sorted(out.items())
 
 
 def instruction_text(messages: list[dict[str, Any]]) -> str:
@@ -216,19 +228,20 @@ class ChatServing:
             )
         except PolicyError as exc:
             raise GatewayError(400, str(exc), param="vlmprune") from None
-        images, kept = [], []
+        images, kept, stages = [], [], []
         if parts and model is not None:
             try:
                 images = [model.image_tokens(w, h) for w, h in sizes]
             except ValueError as exc:
                 raise GatewayError(400, f"image cannot be served: {exc}", param="messages") from None
             kept = [model.kept(resolved.policy, t) for t in images]
+            stages = [model.stages(resolved.policy, t) for t in images]
             vlmprune = resolved.processor_kwargs()
             if s.trace_dir is None:  # the engines would refuse it; the run still gets its costs
                 vlmprune.pop(TRACE_KEY, None)
             body["mm_processor_kwargs"] = {**(mm_kwargs or {}), "vlmprune": vlmprune}
         return Prepared(payload=json.dumps(body).encode(), stream=stream, resolved=resolved, images=images,
-                        kept=kept, sizes=sizes)
+                        kept=kept, sizes=sizes, stages=stages)
 
     async def _load_image(self, url: str) -> DecodedImage:
         s = self.state.settings

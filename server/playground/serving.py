@@ -32,7 +32,7 @@ from server.playground.protocol import (
     TracedImage,
     TraceResponse,
 )
-from vlmprune.methods import METHODS
+from vlmprune.methods import METHODS, vllm_serves
 from vlmprune.policy import PROGRESSIVE_METHODS, RATIO_STEP
 from vlmprune.trace import check_trace_id, pop_trace
 
@@ -96,7 +96,7 @@ def methods_for(state: Any, model: Any) -> MethodsResponse:
     family = model.family
     methods = []
     for spec in METHODS.values():
-        if family not in spec.models or not spec.vllm:  # not spec.vllm: the plugin refuses it
+        if not vllm_serves(spec.name, family):  # fastv: only on an in-LLM engine
             continue
         if spec.name == "explain" and not (Path(model.model_dir) / EXPLAIN_WEIGHTS).is_file():
             continue

@@ -40,6 +40,91 @@ def stage_plan(policy: Any, n_prunable: int, num_layers: int) -> list[tuple[int,
     return plan
 
 
+def transprune_window(stage_layers: list[int], num_layers: int) -> tuple[int, int]:
+    """0-based decoder layers (first, last) whose TTV TransPrune accumulates.
+
+    The released code accumulates over 1-based layers 7..12 with stages after 7/9/12: from the
+    layer that ends the first stage to the layer that ends the last one. The same rule is applied
+    to depth-scaled schedules (a 4-layer model with stages after 1/2 accumulates layers 0..1).
+    A stage at the LLM input (after 0 layers) has no TTV yet and is ignored here.
+    ``stage_layers``: the in-LLM stages of the reference backend (the schedule without its
+    LLM-input stage), which both backends pass.
+    """
+    positive = [s for s in stage_layers if s > 0]
+    if not positive:
+        return (0, -1)
+    return (max(0, positive[0] - 1), min(num_layers - 1, positive[-1] - 1))
+
+
+def select_rows(choose, spans: list, counts: list[int], length: int, device) -> tuple[Any, list]:
+    """One stage's kept rows of one sequence: every non-visual row plus, per image, the rows
+    ``choose(rows, count)`` picks (local indices into ``rows``, ascending); all ascending.
+
+    ``spans``: per image, (n_i,) its visual rows in the current sequence of ``length`` rows.
+    Returns ``(keep (L',), new spans)``: each image's chosen rows re-expressed in the kept sequence.
+    Both backends call this (the reference's progressive loop and the vLLM plugin's in-LLM stage).
+    """
+    import torch
+
+    keep_mask = torch.ones(length, dtype=torch.bool, device=device)  # (L,)
+    chosen = []
+    for rows, count in zip(spans, counts):
+        picked = rows if count == rows.numel() else rows[choose(rows, count)]
+        keep_mask[rows] = False
+        chosen.append(picked)
+    for picked in chosen:
+        keep_mask[picked] = True
+    new_row = keep_mask.long().cumsum(0) - 1  # (L,) row of each kept token after the gather
+    return keep_mask.nonzero().squeeze(1), [new_row[p] for p in chosen]
+
+
+def remap_rows(keep, rows):
+    """Rows of always-kept tokens (instruction) after gathering ``keep`` (ascending rows)."""
+    import torch
+
+    where = torch.searchsorted(keep, rows)  # (t,)
+    if bool((where >= keep.numel()).any()) or not torch.equal(keep[where.clamp_max(keep.numel() - 1)], rows):
+        raise ValueError("instruction tokens must never be pruned; an instruction index lies in a visual span")
+    return where
+
+
+def in_llm_stages(policy: Any, n_prunable: list[int], num_layers: int) -> list[tuple[int, list[int]]]:
+    """The reference backend's in-LLM stages of one request, ``(after_layer, counts per image)``:
+    the schedule without its LLM-input stage (where the reference reduces the image before the
+    LLM); ``[]`` at ratio 0 or when no stage removes a token."""
+    if policy.ratio <= 0 or not n_prunable:
+        return []
+    plans = [stage_plan(policy, n, num_layers) for n in n_prunable]
+    layers = [layer for layer, _ in plans[0][1:]]
+    stages = [(layer, [plan[j + 1][1] for plan in plans]) for j, layer in enumerate(layers)]
+    inputs = [plan[0][1] for plan in plans]
+    if all(c >= k for _, counts in stages for c, k in zip(counts, inputs)):
+        return []
+    return stages
+
+
+def served_in_llm_stages(policy: Any, n_prunable: list[int], num_layers: int) -> list[tuple[int, list[int]]]:
+    """The stages vLLM's in-LLM mode runs for one request, ``(after_layer, counts per image)``.
+
+    TransPrune's placeholders keep every visual token, so its LLM-input reduction (schedule stage
+    0, the reference's ``reduce_image``) runs inside the LLM at layer 0, before the reference's
+    in-LLM stages; AIM merges before the LLM (:func:`served_input_count`), so only those remain.
+    """
+    later = in_llm_stages(policy, n_prunable, num_layers)
+    if policy.method != "transprune" or policy.ratio <= 0:
+        return later
+    first = [stage_plan(policy, n, num_layers)[0][1] for n in n_prunable]
+    return ([(0, first)] if any(c < n for c, n in zip(first, n_prunable)) else []) + later
+
+
+def served_input_count(policy: Any, n_prunable: int, num_layers: int) -> int:
+    """Prunable tokens of one image in the prompt under vLLM's in-LLM mode: every one for
+    TransPrune (pruned inside the LLM from layer 0 on), AIM's merge count (its schedule's first stage)."""
+    if policy.ratio <= 0 or policy.method == "transprune":
+        return n_prunable
+    return stage_plan(policy, n_prunable, num_layers)[0][1]
+
+
 def check_policy_depth(policy: Any, num_layers: int) -> None:
     """Raise :class:`PolicyError` if the policy names a layer the served LLM lacks (FastV's
     ``layer``), whatever the ratio, so a bad policy fails the same way at ratio 0."""

@@ -31,6 +31,13 @@ instruction-aware ``transprune``, ``aim`` (ToMe merge, then PageRank pruning) an
 score with a shallow probe of the served LM (:mod:`vlmprune.vllm_plugin.probe`) and need the request's
 instruction in the policy: ``{"vlmprune": {"method": "transprune", "ratio": 0.75, "instruction": "..."}}``.
 
+In-LLM mode (``VLMPRUNE_IN_LLM=1`` on the engine, ``vlmprune serve --in-llm``): on LLaVA-1.5,
+``transprune``, ``aim`` and ``fastv`` run between the served LLM's decoder layers instead, exactly as
+the reference backend's progressive loop, with the prompt's own instruction tokens (no
+``instruction`` needed); the engine must run eager without prefix caching or chunked prefill, or it
+refuses to start (:mod:`vlmprune.vllm_plugin.inllm`). The counts below are then the LLM-input ones
+of :func:`vlmprune.reduction.stages.served_input_count`.
+
 Counts: every method keeps ``kept_count(n, ratio)`` tokens per image at the LLM input. For the
 progressive methods (``transprune``, ``aim``) ``ratio`` is the layer-averaged removed fraction, so
 pruning everything at the LLM input to ``kept_count(n, ratio)`` gives the same LLM FLOPs as the
@@ -74,3 +81,10 @@ def register() -> None:
     from vlmprune.vllm_plugin.common import install_cpu_runner_hook
 
     install_cpu_runner_hook()
+    # In-LLM TransPrune / AIM (VLMPRUNE_IN_LLM=1): batch rows -> request ids; see inllm.py.
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from vlmprune.vllm_plugin.inllm import install_runner_hooks
+
+        install_runner_hooks()

@@ -60,8 +60,9 @@ import torch
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.processing import InputProcessingContext
 
-from vlmprune.methods import require_support
+from vlmprune.methods import require_support, served_in_llm
 from vlmprune.policy import PolicyError, PolicyT, image_kept_count, parse_policy
+from vlmprune.reduction.stages import served_input_count
 from vlmprune.trace import TRACE_DIR_ENV, TRACE_KEY, check_trace_id, trace_dir
 
 logger = logging.getLogger(__name__)
@@ -166,12 +167,13 @@ def check_method(request: RequestPolicy, family: str, available: frozenset[str],
         require_support(method, family)
     except PolicyError as exc:
         raise PolicyError(f"{exc} (served model: {model_name})") from None
-    if method not in available:
+    if method not in available and not served_in_llm(method, family):
         from vlmprune.methods import METHODS
 
         here = sorted(m for m in available if family in METHODS[m].models)
         if method in INLLM_ONLY_METHODS:
-            what = "needs in-LLM pruning (between the served LLM's decoder layers), which is not available yet"
+            what = ("needs in-LLM pruning (between the served LLM's decoder layers), which the plugin runs only "
+                    "on LLaVA-1.5 engines started with VLMPRUNE_IN_LLM=1 (vlmprune serve --in-llm)")
         elif method in PROBE_METHODS:
             what = "needs the instruction probe, which is not enabled"
         else:
@@ -245,6 +247,8 @@ def check_probe(request: RequestPolicy, family: str, num_layers: int, model_dir:
 
     policy = request.policy
     if policy is None or policy.ratio == 0.0 or policy.method not in PROBE_METHODS:
+        return
+    if served_in_llm(policy.method, family):  # in-LLM stages read the prompt's own instruction
         return
     method = policy.method
     if not request.instruction or not request.instruction.strip():
@@ -499,7 +503,12 @@ class PolicyProcessorMixin:
         if not parts:
             return out
         layers = self._vlmprune_num_layers()
-        counts = [image_count(request.policy, n, fixed, layers) for n, fixed in parts]
+        policy = request.policy
+        if policy is not None and policy.ratio > 0 and served_in_llm(policy.method, self.vlmprune_family):
+            # Stages inside the LLM (vlmprune.vllm_plugin.inllm): what enters its first layer.
+            counts = [served_input_count(policy, n, layers) + fixed for n, fixed in parts]
+        else:
+            counts = [image_count(request.policy, n, fixed, layers) for n, fixed in parts]
         ids = instruction_ids(self.info.get_tokenizer(), request)  # type: ignore[attr-defined]
         out.update(encode_fields(request, counts, ids))
         return out

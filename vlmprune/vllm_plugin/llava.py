@@ -45,6 +45,8 @@ from vlmprune.reduction.image_tokens import CLS_ATTENTION, CLS_LOGITS, MERGE_MET
 from vlmprune.reduction.projector import projection, projector_input_capture
 from vlmprune.reduction.reduce import reduce_image, signals_needed
 from vlmprune.signals.attention import cls_attention_from_qk
+from vlmprune.vllm_plugin.inllm import IN_LLM_FAMILIES, InLLMForward, check_engine_in_llm, runs_in_llm
+from vlmprune.vllm_plugin.inllm import enabled as in_llm_enabled
 from vlmprune.vllm_plugin.probe import ModelProbe
 from vlmprune.vllm_plugin.tracing import record_kept
 from vlmprune.vllm_plugin.common import (
@@ -129,7 +131,12 @@ def reduce_rows(
     passed on.
     """
     reduction = None
-    if item.active and item.policy.method in PROBE_METHODS:
+    if item.active and runs_in_llm(item.policy, family):
+        # In-LLM stages (vlmprune.vllm_plugin.inllm): TransPrune keeps every row here, AIM merges
+        # to its schedule's LLM-input count (reduce_image's count for the progressive methods).
+        if item.policy.method == "aim":
+            reduction = reduce_image(item.policy, family, image, num_layers=num_layers, **extra)
+    elif item.active and item.policy.method in PROBE_METHODS:
         if probe is None:
             raise RuntimeError(f"vlmprune: method {item.policy.method!r} needs the model's probe")
         reduction = probe.reduce(item, image, family, num_layers)
@@ -248,12 +255,17 @@ class LlavaPruningMixin:
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         model_name = str(vllm_config.model_config.model)
         default = check_engine(vllm_config, model_name, self.vlmprune_family, self.vlmprune_methods)
+        if self.vlmprune_family in IN_LLM_FAMILIES:
+            check_engine_in_llm(vllm_config, model_name)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._vlmprune_reason = vision_unsupported(self.config)
         if default.policy is not None and self._vlmprune_reason is not None:
             raise RuntimeError(f"vlmprune cannot apply the engine default policy to {model_name}: {self._vlmprune_reason}")
         self._vlmprune_layers = int(self.config.text_config.num_hidden_layers)
         self._vlmprune_probe = ModelProbe(self.language_model.model, model_name)
+        if in_llm_enabled() and self.vlmprune_family in IN_LLM_FAMILIES:
+            vc = self.config.vision_config
+            InLLMForward(self.language_model.model, self.vlmprune_family, (vc.image_size // vc.patch_size) ** 2).install()
 
     def _vlmprune_stock_grid(self) -> tuple[int, int] | None:
         """The token grid of an unpruned image (LLaVA-NeXT has several views: None)."""

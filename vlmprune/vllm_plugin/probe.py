@@ -139,12 +139,12 @@ class ShallowProbe:
             attn = layer.self_attn
             _check_heads(attn)
             normed = layer.input_layernorm(hidden)  # (L, d)
-            q, k, v = _qkv(attn, normed, positions)  # (L, H, D), (L, Hkv, D), (L, Hkv, D)
+            q, k, v = decoder_qkv(attn, normed, positions)  # (L, H, D), (L, Hkv, D), (L, Hkv, D)
             if last and iga:
                 probs = attention_rows(q[instr_rows], k, instr_rows)  # (H, t, L)
                 out_iga = probs.mean(dim=(0, 1))  # (L,)
             if last and logits:
-                out_logits = _causal_logits(q, k)  # (H, L, L)
+                out_logits = causal_logits(q, k)  # (H, L, L)
             if last and ttv is None:
                 break  # nothing below the attention scores is needed
             scale = float(getattr(attn, "scaling", attn.head_dim**-0.5))  # the served attention's own scale
@@ -169,7 +169,7 @@ def _check_heads(attn: nn.Module) -> None:
         )
 
 
-def _qkv(attn: nn.Module, normed: torch.Tensor, positions: torch.Tensor):
+def decoder_qkv(attn: nn.Module, normed: torch.Tensor, positions: torch.Tensor):
     """q (L, H, D), k (L, Hkv, D), v (L, Hkv, D) after the layer's q/k norms and RoPE."""
     length = normed.shape[0]
     qkv, _ = attn.qkv_proj(normed)  # (L, (H + 2 Hkv) D)
@@ -183,7 +183,7 @@ def _qkv(attn: nn.Module, normed: torch.Tensor, positions: torch.Tensor):
     return q.view(length, -1, d), k.view(length, -1, d), v.reshape(length, -1, d)
 
 
-def _causal_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def causal_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """(H, L, L) fp32 scaled logits, -inf above the diagonal (AIM's input; same scale as
     :func:`vlmprune.signals.attention.attention_logits`)."""
     length, heads, d = q.shape

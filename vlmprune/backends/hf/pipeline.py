@@ -42,7 +42,7 @@ from vlmprune.reduction.reduce import (
     reduce_image,
     signals_needed,
 )
-from vlmprune.reduction.stages import check_policy_depth, stage_plan
+from vlmprune.reduction.stages import check_policy_depth, in_llm_stages
 from vlmprune.signals.attention import instruction_attention
 
 # Family (config.model_type) -> "module:Class", imported on first use so that a family whose
@@ -313,14 +313,7 @@ class ReferenceBackend:
         fixed = sum(im.n_tokens - im.n_prunable for im in images)
 
         # 2. Progressive methods: later stages inside the LLM (only when one of them removes tokens).
-        stages = []
-        if progressive and policy.ratio > 0:
-            plans = [stage_plan(policy, im.n_prunable, num_layers)[1:] for im in images]
-            if plans:
-                layers = [layer for layer, _ in plans[0]]
-                stages = [(layer, [plan[j][1] for plan in plans]) for j, layer in enumerate(layers)]
-            if all(c >= int(s.numel()) for _, counts in stages for c, s in zip(counts, prunable_spans)):
-                stages = []
+        stages = in_llm_stages(policy, [im.n_prunable for im in images], num_layers) if progressive else []
         if stages:
             from vlmprune.backends.hf.progressive import progressive_prefill
 

@@ -40,6 +40,9 @@ from transformers import DynamicCache
 
 from vlmprune.backends.hf.base import Sequence
 from vlmprune.core import aim, fastv, transprune
+from vlmprune.reduction.stages import remap_rows as _remap
+from vlmprune.reduction.stages import select_rows as _select
+from vlmprune.reduction.stages import transprune_window
 from vlmprune.signals.attention import attention_logits, instruction_attention, query_attention
 
 StageSpec = tuple[int, list[int]]
@@ -98,20 +101,6 @@ class ProgressiveState:
             hidden = _call_layer(layer, hidden, mask, rope_by_start[start], self.cache)
         self.next_positions = [p + m for p in self.next_positions]
         return model.norm(hidden)[0]
-
-
-def transprune_window(stage_layers: list[int], num_layers: int) -> tuple[int, int]:
-    """0-based decoder layers (first, last) whose TTV TransPrune accumulates.
-
-    The released code accumulates over 1-based layers 7..12 with stages after 7/9/12: from the
-    layer that ends the first stage to the layer that ends the last one. The same rule is applied
-    to depth-scaled schedules (a 4-layer model with stages after 1/2 accumulates layers 0..1).
-    A stage at the LLM input (after 0 layers) has no TTV yet and is ignored here.
-    """
-    positive = [s for s in stage_layers if s > 0]
-    if not positive:
-        return (0, -1)
-    return (max(0, positive[0] - 1), min(num_layers - 1, positive[-1] - 1))
 
 
 def progressive_prefill(
@@ -328,37 +317,9 @@ def _aim_importance(layer, hidden: torch.Tensor, rope, policy) -> torch.Tensor:
     )
 
 
-def _select(
-    choose: Callable[[torch.Tensor, int], torch.Tensor],
-    spans: list[torch.Tensor],
-    counts: list[int],
-    length: int,
-    device: torch.device,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Rows kept (all text + chosen visual), ascending, and each image's span in the new rows."""
-    keep_mask = torch.ones(length, dtype=torch.bool, device=device)  # (L,)
-    chosen = []
-    for rows, count in zip(spans, counts):
-        picked = rows if count == rows.numel() else rows[choose(rows, count)]
-        keep_mask[rows] = False
-        chosen.append(picked)
-    for picked in chosen:
-        keep_mask[picked] = True
-    new_row = keep_mask.long().cumsum(0) - 1  # (L,) row of each kept token after the gather
-    return keep_mask.nonzero().squeeze(1), [new_row[p] for p in chosen]
-
-
 def _prunes(counts: list[int] | None, spans: list[torch.Tensor]) -> bool:
     """Whether a stage removes any token (a stage that keeps every token needs no scores)."""
     return counts is not None and any(c < s.numel() for c, s in zip(counts, spans))
-
-
-def _remap(keep: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Rows of always-kept tokens (instruction) after gathering ``keep`` (ascending rows)."""
-    where = torch.searchsorted(keep, rows)  # (t,)
-    if bool((where >= keep.numel()).any()) or not torch.equal(keep[where.clamp_max(keep.numel() - 1)], rows):
-        raise ValueError("instruction tokens must never be pruned; an instruction index lies in a visual span")
-    return where
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,56 @@
+"""Gateway accounting of the in-LLM methods (``VLMPRUNE_IN_LLM=1``): stages, placeholders, FLOPs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.chat.protocol import AppliedPolicy
+from server.model_info import ServedModel
+from vlmprune.flops import method_probe_flops, method_visual_per_layer, prefill_flops
+from vlmprune.policy import parse_policy
+from vlmprune.reduction.stages import served_in_llm_stages, stage_plan
+
+DEMO = Path(__file__).resolve().parents[2] / "vlmprune" / "testbed" / "models" / "demo"
+
+
+@pytest.fixture
+def model():
+    return ServedModel(DEMO)
+
+
+@pytest.mark.parametrize("method,ratio", [("transprune", 0.5), ("transprune", 0.9), ("aim", 0.75)])
+def test_in_llm_requests_report_stages_and_per_layer_flops(model, monkeypatch, method, ratio):
+    policy = parse_policy({"method": method, "ratio": ratio})
+    image = model.image_tokens(336, 336)
+    n, layers = image.prunable, model.lm.layers
+    monkeypatch.delenv("VLMPRUNE_IN_LLM", raising=False)
+    assert model.stages(policy, image) == [] and model.kept(policy, image) == image.kept(ratio)
+    probe_cost = model.cost([image], policy, 20, 5)
+
+    monkeypatch.setenv("VLMPRUNE_IN_LLM", "1")
+    stages = model.stages(policy, image)
+    assert stages == [(layer, c[0]) for layer, c in served_in_llm_stages(policy, [n], layers)] and stages
+    assert all(c < n for _, c in stages) and [c for _, c in stages] == sorted((c for _, c in stages), reverse=True)
+    want_input = n if method == "transprune" else stage_plan(policy, n, layers)[0][1]
+    assert model.kept(policy, image) == want_input
+    cost = model.cost([image], policy, 20, 5)
+    per_layer = method_visual_per_layer(method, ratio, n, layers, policy)
+    probe = method_probe_flops(method, ratio, model.lm, model.vision, n, 5, 1, policy, in_llm=True)
+    tower = cost.baseline_flops - prefill_flops(model.lm, 20, n).total
+    assert cost.actual_flops == pytest.approx(prefill_flops(model.lm, 20, per_layer).total + tower + probe)
+    assert cost.actual_flops != probe_cost.actual_flops  # no shallow-probe term, per-layer counts
+    header = AppliedPolicy(method=method, ratio=ratio, visual_tokens=n, kept=want_input, policy="p", source="body",
+                           stages=",".join(f"{a}:{b}" for a, b in stages)).header()
+    parsed = AppliedPolicy.parse(header)
+    assert parsed.stages == ",".join(f"{a}:{b}" for a, b in stages)
+
+
+def test_other_methods_and_ratio_zero_have_no_stages(model, monkeypatch):
+    monkeypatch.setenv("VLMPRUNE_IN_LLM", "1")
+    image = model.image_tokens(336, 336)
+    for policy in (parse_policy({"method": "fastervlm", "ratio": 0.9}), parse_policy({"method": "transprune", "ratio": 0.0})):
+        assert model.stages(policy, image) == []
+        assert model.kept(policy, image) == image.kept(policy.ratio)
+    assert "stages" not in AppliedPolicy(method="x", ratio=0.5, visual_tokens=1, kept=1, policy="p", source="b").header()

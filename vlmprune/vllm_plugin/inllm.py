@@ -1,0 +1,607 @@
+"""In-LLM visual-token pruning inside vLLM's served LLM: TransPrune, AIM and FastV between decoder layers.
+
+What runs (engine started with ``VLMPRUNE_IN_LLM=1``; LLaVA-1.5, vLLM 0.32's V1 model runner):
+the reference backend's progressive loop (``vlmprune/backends/hf/progressive.py``) inside the
+served ``LlamaModel``. Layers before a stage see every row; at a stage after ``k`` layers the kept
+visual rows of each request are chosen from the signals of the layers just run, through the same
+functions the reference uses (:mod:`vlmprune.core.transprune`, :mod:`vlmprune.core.aim`,
+:func:`vlmprune.reduction.stages.select_rows`); later layers run on the kept rows only, in prefill
+and in every decode step.
+
+- ``transprune``: the placeholders keep every visual token (all enter layer 0); its stage at the
+  LLM input (schedule stage 0) runs here *at layer 0* from layer 0's instruction attention on the
+  embeddings (the reference's LLM-input reduction, same formula); later stages
+  ``combine(TTV summed over transprune_window, IGA of layer k)``. The instruction is the prompt's
+  own tokens after the last image (as the reference), not a policy field.
+- ``aim``: ToMe merge before the LLM in ``embed_multimodal`` (placeholders = the schedule's
+  LLM-input count, as today), then PageRank importance of layer ``k-1``'s full logits at each stage.
+- ``fastv``: every visual token enters the LLM; after layer ``K`` the rows the last prompt token
+  (or the instruction rows, ``query="instruction"``) attended to most in layer ``K-1`` stay
+  (:mod:`vlmprune.core.fastv`), original positions.
+
+Positions (FastV and AIM: original ids): TransPrune with ``positions="reindex"`` (the paper, the reference on LLaVA) gives the
+kept rows ``0..L'-1`` after every stage and decoded tokens continue from each layer group's own
+length: that is exactly a row's *compacted index* in its layer group, which is what is passed to
+those layers' RoPE (applied inside each layer's attention). ``positions="original"`` and AIM keep
+the original ids (gathered); decoded tokens keep the runner's position. Both match the reference.
+
+Mechanism (verified against ``../shared/design/spike_inllm_v1/``): per layer group, a shallow copy
+of the forward context with attention metadata rebuilt by the layers' own metadata builder for the
+shortened sequences (``seq_lens - pruned``, new ``query_start_loc``) and a compacted slot mapping
+(kept rows written to the request's first ``seq_len - pruned`` slots of its own block table), under
+``override_forward_context``; rows are scattered back before the LM head. Per-request state
+(removed rows per stage) lives in this process keyed by request id, matched to the batch rows
+through ``CPUModelRunner._model_forward`` (``input_batch.req_ids``, the row order of
+``query_start_loc``); the policy comes from the request's multimodal fields
+(``CachedRequestState.mm_features``), the image rows from their placeholder ranges.
+
+Conditions (:func:`check_engine_in_llm`, refused at start with the flag named): eager mode
+(``enforce_eager``), no prefix caching (``--no-enable-prefix-caching``: a cache hit would reuse
+another request's compacted rows, or skip rows the stage must see), no chunked prefill
+(``--no-enable-chunked-prefill``: the stage needs the whole prompt in one forward), tensor and
+pipeline parallel size 1, the CPU platform's V1 runner (the only one hooked). KV memory is not
+saved (layers after a stage leave their tail slots unused); compute is.
+
+Not done here: LLaVA-NeXT and the Qwen models (they keep the shallow probe,
+:mod:`vlmprune.vllm_plugin.probe`), kept-token traces of the in-LLM stages, prompt logprobs of
+pruned rows (meaningless), speculative decoding.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vlmprune.core import aim, fastv, transprune
+from vlmprune.methods import IN_LLM_ENV, IN_LLM_FAMILIES, IN_LLM_METHODS, in_llm_mode, served_in_llm  # noqa: F401
+from vlmprune.policy import parse_policy
+from vlmprune.reduction.stages import (
+    in_llm_stages,
+    remap_rows,
+    select_rows,
+    served_in_llm_stages,
+    served_input_count,
+    transprune_window,
+)
+from vlmprune.signals.attention import attention_rows
+
+def enabled() -> bool:
+    """Whether this engine runs the in-LLM methods inside the LLM (read in every process)."""
+    return in_llm_mode()
+
+
+def runs_in_llm(policy: Any, family: str) -> bool:
+    """Whether ``policy`` is served by the in-LLM stages on this engine (active policies only)."""
+    return policy is not None and policy.ratio > 0.0 and served_in_llm(policy.method, family)
+
+
+def input_count(policy: Any, n_prunable: int, num_layers: int) -> int:
+    """Prunable tokens of one image in the prompt for an in-LLM policy
+    (:func:`vlmprune.reduction.stages.served_input_count`)."""
+    return served_input_count(policy, n_prunable, num_layers)
+
+
+def check_engine_in_llm(vllm_config: Any, model_name: str) -> None:
+    """Refuse to start an in-LLM engine whose settings would give wrong answers (names the flag)."""
+    if not enabled():
+        return
+    from vllm.platforms import current_platform
+
+    problems = []
+    if not current_platform.is_cpu():
+        problems.append("only vLLM's CPU V1 model runner is hooked (run on the CPU platform)")
+    if not vllm_config.model_config.enforce_eager:
+        problems.append("CUDA graphs / torch.compile cannot run a data-dependent gather: pass --enforce-eager")
+    if vllm_config.cache_config.enable_prefix_caching:
+        problems.append("a prefix-cache hit would reuse another request's shortened rows: pass --no-enable-prefix-caching")
+    if vllm_config.scheduler_config.enable_chunked_prefill:
+        problems.append("a stage needs the whole prompt in one forward: pass --no-enable-chunked-prefill")
+    parallel = vllm_config.parallel_config
+    if int(parallel.tensor_parallel_size) > 1 or int(parallel.pipeline_parallel_size) > 1:
+        problems.append("the stage scores need every attention head and layer on one rank: tensor/pipeline parallel size must be 1")
+    if vllm_config.speculative_config is not None:
+        problems.append("speculative decoding is not supported")
+    if problems:
+        raise RuntimeError(
+            f"vlmprune: {IN_LLM_ENV}=1 (in-LLM TransPrune/AIM) cannot serve {model_name}: " + "; ".join(problems)
+        )
+
+
+# --- Per-request plans and state ----------------------------------------------------------------
+
+
+@dataclass
+class RequestPlan:
+    """What one request's prefill must do: its policy, stages and prompt rows."""
+
+    policy: Any
+    stages: list[tuple[int, list[int]]]
+    """``(after_layer, kept visual rows per image)``, after_layer ascending."""
+    spans: list[torch.Tensor]
+    """Per image, (n_i,) prompt rows of its visual tokens (the placeholder run)."""
+    instruction: torch.Tensor
+    """(t,) prompt rows after the last image (the reference's instruction)."""
+    reindex: bool
+    window: tuple[int, int]
+    """TransPrune's TTV layers (inclusive; empty for AIM)."""
+    prompt_len: int
+
+
+@dataclass
+class RequestState:
+    """Kept across steps for a prefilled request."""
+
+    stage_layers: list[int]
+    removed: list[int]
+    """Prompt rows removed by the end of each stage (cumulative)."""
+    decisions: list[torch.Tensor] = field(default_factory=list)
+    """Per stage, (L_s,) prompt rows kept, ascending (a re-prefill after preemption replays them)."""
+    reindex: bool = False
+
+    def removed_at(self, layer: int) -> int:
+        """Rows of the prompt missing from layer ``layer``'s KV cache."""
+        out = 0
+        for stage_layer, removed in zip(self.stage_layers, self.removed):
+            if stage_layer <= layer:
+                out = removed
+        return out
+
+
+STATES: dict[str, RequestState] = {}
+_BATCH: dict[str, Any] = {"runner": None, "req_ids": None}
+_LOG: list[dict] | None = None
+
+
+def start_log() -> bool:
+    """Record every prefill's decisions (tests: ``llm.apply_model(lambda m: start_log())``)."""
+    global _LOG
+    _LOG = []
+    return True
+
+
+def read_log() -> list[dict]:
+    """The records since the last read; the read empties the log."""
+    out = list(_LOG or [])
+    if _LOG is not None:
+        _LOG.clear()
+    return out
+
+
+def request_plan(req_state: Any, family: str, n_prunable: int, num_layers: int) -> RequestPlan | None:
+    """The plan of a request from its multimodal fields and placeholders (None: nothing in-LLM)."""
+    from vlmprune.vllm_plugin.common import FIELD_POLICY
+
+    feats = [f for f in (req_state.mm_features or []) if f.modality == "image"]
+    if not feats:
+        return None
+    policies = []
+    for f in feats:
+        if f.data is None or FIELD_POLICY not in f.data:
+            return None
+        raw = bytes(f.data[FIELD_POLICY].data.to(torch.uint8).cpu().numpy().tobytes())
+        policies.append(raw)
+    if not policies[0] or len(set(policies)) != 1:
+        return None
+    policy = parse_policy(json.loads(policies[0]))
+    if not runs_in_llm(policy, family):
+        return None
+    feats = sorted(feats, key=lambda f: f.mm_position.offset)
+    spans = [torch.arange(f.mm_position.offset, f.mm_position.offset + f.mm_position.length) for f in feats]
+    sizes = [n_prunable] * len(feats)
+    stages = served_in_llm_stages(policy, sizes, num_layers)
+    window = (0, -1)
+    if policy.method == "transprune":  # the reference's window: its own in-LLM stages only
+        window = transprune_window([layer for layer, _ in in_llm_stages(policy, sizes, num_layers)], num_layers)
+    if not stages:
+        return None
+    for f, span in zip(feats, spans):
+        if f.mm_position.is_embed is not None and not bool(f.mm_position.is_embed.all()):
+            raise RuntimeError("vlmprune: in-LLM pruning expects every placeholder row to be an image row")
+    prompt_len = len(req_state.prompt_token_ids)
+    instruction = torch.arange(int(spans[-1][-1]) + 1, prompt_len)
+    if policy.method == "transprune" and instruction.numel() == 0:
+        raise RuntimeError("vlmprune: transprune needs instruction text after the last image, and the prompt has none")
+    reindex = policy.method == "transprune" and policy.positions == "reindex"
+    return RequestPlan(policy, stages, spans, instruction, reindex, window, prompt_len)
+
+
+# --- Runner hooks --------------------------------------------------------------------------------
+
+
+def install_runner_hooks() -> None:
+    """Wrap ``CPUModelRunner._model_forward`` (batch rows -> request ids) and ``_update_states``
+    (drop finished requests). Idempotent; a no-op unless in-LLM mode is on."""
+    if not enabled():
+        return
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    if getattr(CPUModelRunner._model_forward, "_vlmprune_inllm", False):
+        return
+    original_forward = CPUModelRunner._model_forward
+    original_update = CPUModelRunner._update_states
+
+    def _model_forward(self, *args: Any, **kwargs: Any):
+        n = self.input_batch.num_reqs
+        _BATCH.update(runner=self, req_ids=list(self.input_batch.req_ids[:n]))
+        try:
+            return original_forward(self, *args, **kwargs)
+        finally:
+            _BATCH.update(req_ids=None)
+
+    def _update_states(self, scheduler_output: Any):
+        for rid in scheduler_output.finished_req_ids:
+            STATES.pop(rid, None)
+        return original_update(self, scheduler_output)
+
+    _model_forward._vlmprune_inllm = True  # type: ignore[attr-defined]
+    CPUModelRunner._model_forward = _model_forward  # type: ignore[method-assign]
+    CPUModelRunner._update_states = _update_states  # type: ignore[method-assign]
+
+
+def _builders(runner: Any) -> dict[str, Any]:
+    cache = getattr(runner, "_vlmprune_builders", None)
+    if cache is None:
+        cache = {}
+        for groups in runner.attn_groups:
+            for group in groups:
+                for name in group.layer_names:
+                    cache[name] = group.get_metadata_builder()
+        runner._vlmprune_builders = cache
+    return cache
+
+
+# --- The forward ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Row:
+    """One request of the batch inside one forward."""
+
+    rid: str
+    rows: torch.Tensor
+    """(n,) rows of the step's input this request still has, ascending."""
+    positions: torch.Tensor
+    """(n,) the runner's positions of those rows (original ids)."""
+    ctx: int
+    """Tokens already in the cache before this step (full view)."""
+    plan: RequestPlan | None = None
+    state: RequestState | None = None
+    spans: list[torch.Tensor] = field(default_factory=list)
+    """Per image, its visual rows among this request's current rows (prefill)."""
+    instruction: torch.Tensor | None = None
+    ttv: torch.Tensor | None = None
+    importance: torch.Tensor | None = None
+    replay: list[torch.Tensor] | None = None
+    prompt_index: torch.Tensor | None = None
+    """(n,) index in the request's own sequence of each current row (prefill)."""
+
+
+class InLLMForward:
+    """Replaces ``forward`` of a served LLaVA-1.5 ``LlamaModel`` (set as an instance attribute)."""
+
+    def __init__(self, lm: Any, family: str, n_prunable: int) -> None:
+        self.lm = lm
+        self.family = family
+        self.n_prunable = n_prunable
+        self.num_layers = len(lm.layers)
+        self.stock = lm.forward
+
+    def install(self) -> None:
+        self.lm.forward = self
+
+    # ---- which rows belong to which request, and what each must do
+    def _rows(self, md: Any, positions: torch.Tensor) -> list[_Row] | None:
+        runner, req_ids = _BATCH["runner"], _BATCH["req_ids"]
+        if runner is None or req_ids is None:
+            return None
+        qsl = md.query_start_loc.tolist()
+        seq_lens = md.seq_lens.tolist()
+        if len(qsl) != len(req_ids) + 1:
+            raise RuntimeError(f"vlmprune: the batch has {len(req_ids)} requests but {len(qsl) - 1} attention rows")
+        out, active = [], False
+        for r, rid in enumerate(req_ids):
+            qs, qe = qsl[r], qsl[r + 1]
+            ctx = seq_lens[r] - (qe - qs)
+            row = _Row(rid, torch.arange(qs, qe, device=positions.device), positions[qs:qe], ctx)
+            state = STATES.get(rid)
+            req = runner.requests[rid]
+            if ctx == 0:
+                plan = request_plan(req, self.family, self.n_prunable, self.num_layers)
+                if plan is not None:
+                    if qe - qs < plan.prompt_len:
+                        raise RuntimeError(
+                            f"vlmprune: request {rid}'s prompt was split (chunked prefill); an in-LLM stage "
+                            "needs it whole: start vLLM with --no-enable-chunked-prefill"
+                        )
+                    row.plan = plan
+                    row.replay = state.decisions if state is not None else None
+                    row.spans = [s.to(positions.device) for s in plan.spans]
+                    row.instruction = plan.instruction.to(positions.device)
+                    row.prompt_index = torch.arange(qe - qs, device=positions.device)
+                    row.state = RequestState([s for s, _ in plan.stages], [], reindex=plan.reindex)
+                    active = True
+            elif state is not None:
+                row.state = state
+                active = True
+            elif req.num_computed_tokens < len(req.prompt_token_ids or []) and request_plan(
+                req, self.family, self.n_prunable, self.num_layers
+            ) is not None:
+                raise RuntimeError(
+                    f"vlmprune: request {rid} reached an in-LLM stage with {ctx} tokens already cached "
+                    "(a prefix-cache hit or a chunked prefill): start vLLM with --no-enable-prefix-caching "
+                    "and --no-enable-chunked-prefill"
+                )
+            out.append(row)
+        return out if active else None
+
+    # ---- the forward
+    @torch.no_grad()
+    def __call__(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **extra):
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+
+        def stock():
+            return self.stock(input_ids, positions, intermediate_tensors, inputs_embeds, **extra)
+
+        if not is_forward_context_available():
+            return stock()
+        fc = get_forward_context()
+        md_all = fc.attn_metadata
+        names = [layer.self_attn.attn.layer_name for layer in self.lm.layers]
+        if not isinstance(md_all, dict) or names[0] not in md_all:
+            return stock()
+        rows = self._rows(md_all[names[0]], positions)
+        if rows is None:
+            return stock()
+
+        hidden = inputs_embeds if inputs_embeds is not None else self.lm.embed_input_ids(input_ids)
+        num_tokens = hidden.shape[0]
+        residual: torch.Tensor | None = None
+        removed_ctx = [0] * len(rows)  # cached rows missing from the current layer group, per request
+        group_fc, group_pos = None, positions
+        for idx, layer in enumerate(self.lm.layers):
+            # 1. Stages after `idx` layers: prefill rows choose their kept rows from the layout of
+            #    the previous group; decode rows see a shorter cache from here on.
+            offsets = self._offsets(rows)
+            choices: dict[int, torch.Tensor] = {}
+            changed = False
+            for r, row in enumerate(rows):
+                if row.plan is not None:
+                    counts = next((c for s, c in row.plan.stages if s == idx), None)
+                    if counts is not None:
+                        sl = slice(offsets[r], offsets[r] + int(row.rows.numel()))
+                        choices[r] = self._choose(row, layer, counts, hidden, residual, sl, group_pos[sl])
+                elif row.state is not None and row.state.removed_at(idx) != removed_ctx[r]:
+                    removed_ctx[r] = row.state.removed_at(idx)
+                    changed = True
+            if choices:
+                index = torch.cat([
+                    offsets[r] + choices[r] if r in choices else torch.arange(offsets[r], offsets[r] + int(row.rows.numel()), device=hidden.device)
+                    for r, row in enumerate(rows)
+                ])
+                hidden = hidden[index]
+                residual = residual[index] if residual is not None else None
+                for r, keep in choices.items():
+                    self._apply(rows[r], keep)
+                changed = True  # every stage taken rebuilds the group (a no-op stage costs one rebuild)
+            if changed:
+                group_fc, group_pos = self._group_context(fc, rows, removed_ctx, names[idx:])
+            # 2. AIM and FastV score a stage from the attention of the layer that precedes it.
+            offsets = self._offsets(rows)
+            for r, row in enumerate(rows):
+                if row.plan is None or row.plan.policy.method not in ("aim", "fastv") or row.replay is not None:
+                    continue
+                nxt = next((c for s, c in row.plan.stages if s == idx + 1), None)
+                if nxt is not None and any(c < s.numel() for c, s in zip(nxt, row.spans)):
+                    sl = slice(offsets[r], offsets[r] + int(row.rows.numel()))
+                    row.importance = _scores(layer, _stream(hidden, residual, sl), group_pos[sl], row)
+            # 3. The layer itself; TransPrune's TTV read from hooks inside its window.
+            ttv_rows = [r for r, row in enumerate(rows) if row.plan is not None and row.replay is None
+                        and row.plan.window[0] <= idx <= row.plan.window[1]]
+            with override_context(group_fc) if group_fc is not None else nullcontext():
+                if ttv_rows:
+                    with _SubBlockCapture(layer) as cap:
+                        hidden, residual = layer(group_pos, hidden, residual, **extra)
+                    for r in ttv_rows:
+                        row = rows[r]
+                        ttv = cap.ttv(slice(offsets[r], offsets[r] + int(row.rows.numel())), row.plan.policy.direction)
+                        row.ttv = ttv if row.ttv is None else row.ttv + ttv
+                else:
+                    hidden, residual = layer(group_pos, hidden, residual, **extra)
+        hidden, _ = self.lm.norm(hidden, residual)
+        self._finish(rows)
+        out = hidden.new_zeros(num_tokens, hidden.shape[-1])
+        out[torch.cat([row.rows for row in rows])] = hidden  # the runner's logits_indices stay valid
+        return out
+
+    @staticmethod
+    def _offsets(rows: list[_Row]) -> list[int]:
+        out, start = [], 0
+        for row in rows:
+            out.append(start)
+            start += int(row.rows.numel())
+        return out
+
+    def _choose(self, row: _Row, layer, counts: list[int], hidden, residual, sl: slice, pos) -> torch.Tensor:
+        """Local indices (ascending) of the rows request ``row`` keeps at this stage."""
+        n = int(row.rows.numel())
+        device = hidden.device
+        s_index = len(row.state.decisions)
+        if row.replay is not None:  # re-prefill after preemption: the first prefill's decisions
+            kept = row.replay[s_index].to(device)
+            member = torch.isin(row.prompt_index, kept) | (row.prompt_index >= row.plan.prompt_len)
+            keep = member.nonzero().squeeze(1)
+            row.spans = [torch.searchsorted(keep, s[torch.isin(s, keep)]) for s in row.spans]
+            return keep
+        if not any(c < s.numel() for c, s in zip(counts, row.spans)):
+            row.importance = None
+            return torch.arange(n, device=device)
+        h = _stream(hidden, residual, sl)
+        policy = row.plan.policy
+        if policy.method == "transprune":
+            iga = _instruction_attention(layer, h, pos, row.instruction)  # (n,)
+            ttv_acc = row.ttv
+
+            def choose(span_rows, count):
+                ttv = ttv_acc[span_rows] if ttv_acc is not None else None
+                return transprune.reduce(transprune.combine(ttv, iga[span_rows]), count)
+        else:  # AIM / FastV: scores of the layer before the stage (layer 0's own at the LLM input)
+            importance = row.importance if row.importance is not None else _scores(layer, h, pos, row)
+            pick = fastv.select if policy.method == "fastv" else aim.prune
+
+            def choose(span_rows, count):
+                return pick(importance[span_rows], count)
+
+        keep, row.spans = select_rows(choose, row.spans, counts, n, device)
+        row.instruction = remap_rows(keep, row.instruction)
+        row.importance = None
+        return keep
+
+    @staticmethod
+    def _apply(row: _Row, keep: torch.Tensor) -> None:
+        row.rows = row.rows[keep]
+        row.positions = row.positions[keep]
+        row.prompt_index = row.prompt_index[keep]
+        if row.ttv is not None:
+            row.ttv = row.ttv[keep]
+        row.state.decisions.append(row.prompt_index[row.prompt_index < row.plan.prompt_len].clone())
+        row.state.removed.append(row.plan.prompt_len - int(row.state.decisions[-1].numel()))
+
+    def _group_context(self, fc, rows: list[_Row], removed_ctx: list[int], names: list[str]):
+        """Forward context and positions of the layers ``names`` for the current rows."""
+        from vllm.v1.attention.backend import CommonAttentionMetadata
+
+        md_all = fc.attn_metadata
+        device = rows[0].rows.device
+        qlens = [int(row.rows.numel()) for row in rows]
+        seqs = [row.ctx - removed_ctx[r] + qlens[r] for r, row in enumerate(rows)]
+        compact = torch.cat([torch.arange(s - q, s, device=device) for s, q in zip(seqs, qlens)])  # (T',)
+        owner = torch.cat([torch.full((q,), r, dtype=torch.long, device=device) for r, q in enumerate(qlens)])
+        pos = torch.cat([
+            compact[o : o + q] if (row.state is not None and row.state.reindex) else row.positions
+            for row, o, q in zip(rows, self._offsets(rows), qlens)
+        ])
+        i32 = md_all[names[0]].query_start_loc.dtype
+        qsl = torch.zeros(len(rows) + 1, dtype=i32)
+        qsl[1:] = torch.cumsum(torch.tensor(qlens, dtype=torch.int64), 0).to(i32)
+        seq_t = torch.tensor(seqs, dtype=md_all[names[0]].seq_lens.dtype)
+        new_md, new_slots, built = dict(md_all), dict(fc.slot_mapping), {}
+        builders = _builders(_BATCH["runner"])
+        for name in names:
+            md = md_all[name]
+            key = id(md)
+            if key not in built:
+                table = md.block_table
+                size = fc.no_compile_layers[name].kv_cache.shape[2]  # [blocks, kv heads, block size, 2 * head]
+                slot = (table[owner, compact // size].long() * size + compact % size).to(fc.slot_mapping[name].dtype)
+                common = CommonAttentionMetadata(
+                    query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq_t, num_reqs=len(rows),
+                    num_actual_tokens=int(sum(qlens)), max_query_len=max(qlens), max_seq_len=max(seqs),
+                    block_table_tensor=table, slot_mapping=slot, causal=True,
+                )
+                built[key] = (builders[name].build(0, common), slot)
+            new_md[name], new_slots[name] = built[key]
+        group = copy.copy(fc)
+        group.attn_metadata = new_md
+        group.slot_mapping = new_slots
+        return group, pos.to(rows[0].positions.dtype)
+
+    @staticmethod
+    def _finish(rows: list[_Row]) -> None:
+        for row in rows:
+            if row.plan is None:
+                continue
+            STATES[row.rid] = row.state
+            if _LOG is not None and row.replay is None:
+                _LOG.append({
+                    "req_id": row.rid, "method": row.plan.policy.method, "ratio": row.plan.policy.ratio,
+                    "stages": list(row.state.stage_layers),
+                    "decisions": [d.tolist() for d in row.state.decisions],
+                    "spans": [s.tolist() for s in row.plan.spans],
+                })
+
+
+def _stream(hidden: torch.Tensor, residual: torch.Tensor | None, sl: slice) -> torch.Tensor:
+    """(n, d) the residual stream (a layer's input) of one request's current rows."""
+    return hidden[sl] if residual is None else hidden[sl] + residual[sl]
+
+
+def _scores(layer, h: torch.Tensor, pos: torch.Tensor, row: _Row) -> torch.Tensor:
+    """(n,) AIM's PageRank importance or FastV's attention received from its query rows."""
+    policy = row.plan.policy
+    if policy.method == "aim":
+        return _aim_importance(layer, h, pos, policy)
+    from vlmprune.vllm_plugin.probe import decoder_qkv
+
+    q, k, _ = decoder_qkv(layer.self_attn, layer.input_layernorm(h), pos)
+    rows = fastv.query_rows(policy.query, h.shape[0], row.instruction).to(h.device)
+    return fastv.attention_scores(attention_rows(q[rows], k, rows))  # (H, t, n) -> (n,)
+
+
+def _aim_importance(layer, h: torch.Tensor, pos: torch.Tensor, policy) -> torch.Tensor:
+    """(n,) PageRank importance from the full causal logits of ``layer`` on its input ``h``."""
+    from vlmprune.vllm_plugin.probe import causal_logits, decoder_qkv
+
+    q, k, _ = decoder_qkv(layer.self_attn, layer.input_layernorm(h), pos)
+    return aim.pagerank_importance(
+        causal_logits(q, k), temperature=policy.pagerank_temperature, iterations=policy.pagerank_iterations
+    )
+
+
+def override_context(fc):
+    from vllm.forward_context import override_forward_context
+
+    return override_forward_context(fc)
+
+
+def _instruction_attention(layer, h: torch.Tensor, pos: torch.Tensor, instruction: torch.Tensor) -> torch.Tensor:
+    """(n,) the instruction rows' attention over every row of one request, mean over heads and rows
+    (:func:`vlmprune.signals.attention.instruction_attention` on vLLM's fused q/k projection)."""
+    from vlmprune.vllm_plugin.probe import decoder_qkv
+
+    q, k, _ = decoder_qkv(layer.self_attn, layer.input_layernorm(h), pos)
+    probs = attention_rows(q[instruction], k, instruction)  # (H, t, n)
+    return probs.mean(dim=(0, 1))
+
+
+class _SubBlockCapture:
+    """Forward hooks recording a vLLM decoder layer's sub-block inputs (normed) and outputs."""
+
+    def __init__(self, layer) -> None:
+        self.layer = layer
+        self.seen: dict[str, torch.Tensor] = {}
+        self.handles: list[Any] = []
+
+    def __enter__(self):
+        def keep(name: str):
+            def hook(_module, _inputs, output):
+                out = output[0] if isinstance(output, tuple) else output
+                self.seen[name] = out.detach()
+
+            return hook
+
+        layer = self.layer
+        for name, module in (
+            ("attn_in", layer.input_layernorm),
+            ("attn_out", layer.self_attn),
+            ("mlp_in", layer.post_attention_layernorm),
+            ("mlp_out", layer.mlp),
+        ):
+            self.handles.append(module.register_forward_hook(keep(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def ttv(self, sl: slice, direction: str) -> torch.Tensor:
+        """Layer TTV of one request's rows (softmax over that request's rows only)."""
+        s = self.seen
+        return transprune.transition_variation(s["attn_in"][sl], s["attn_out"][sl], direction) + (
+            transprune.transition_variation(s["mlp_in"][sl], s["mlp_out"][sl], direction)
+        )
