@@ -12,7 +12,12 @@ What it measures, in ONE run, on the same prompts and images (random weights: sp
   vision tower + projector + LLM, baseline / pruned, with the bench model's own config).
 
 Configurations: stock vLLM (the plugin excluded with ``VLLM_PLUGINS=none``) and the plugin at ratio 0
-and at each ratio of ``--ratios`` for every pre-LLM method the plugin serves for LLaVA. Each engine
+and at each ratio of ``--ratios`` for every pre-LLM method the plugin serves for LLaVA; the in-LLM
+methods (``transprune``, ``aim``, ``fastv``) run on a third engine started with ``VLMPRUNE_IN_LLM=1``
+(pruned between decoder layers, rows ``M r=R``) and, with ``--in-llm both`` (default), their probe
+variants (pruned at the LLM input) on the plugin engine as rows ``M (probe) r=R`` (fastv has none).
+Every engine runs with the in-LLM mode's flags (eager, no prefix caching, no chunked prefill), so
+one stock row is the baseline of all. Each engine
 lives in a worker subprocess of its own (one process never hosts two engines; both stay alive and
 are driven in turn over a pipe); configurations are interleaved (every repetition runs every
 configuration once, in a shuffled order) so that load from other jobs on a shared machine hits all
@@ -49,7 +54,7 @@ from speedbench.bench_model import CACHE, FULL_MODEL, QUICK_MODEL, BenchModel, b
 from speedbench.report import render_markdown, write_outputs  # noqa: E402
 from speedbench.runs import ENGINE_KWARGS, Worker, measure  # noqa: E402
 from speedbench.summary import summarize, targets  # noqa: E402
-from speedbench.workload import INSTRUCTION_METHODS, Config, make_configs, plugin_methods  # noqa: E402
+from speedbench.workload import IN_LLM_CHOICES, INSTRUCTION_METHODS, Config, make_configs, plugin_methods  # noqa: E402
 
 
 def rerender(path: Path, out_dir: Path) -> int:
@@ -61,7 +66,7 @@ def rerender(path: Path, out_dir: Path) -> int:
 
     hf_config = AutoConfig.from_pretrained(build_bench_model(spec))
     data = {"samples": result["samples"], "loadavg_1min": result["meta"]["loadavg_1min"]}
-    result["rows"] = summarize(configs, data, hf_config, spec.visual_tokens)
+    result["rows"] = summarize(configs, data, hf_config, spec.visual_tokens, result["meta"].get("block_size"))
     result["targets"] = targets(result["rows"])
     write_outputs(result, out_dir, result["meta"]["tag"])
     print(render_markdown(result))
@@ -83,7 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small model, few repetitions (a few minutes)")
     parser.add_argument("--ratios", type=_parse_floats, default=None, help="default 0,0.5,0.75,0.9,0.95 (quick: 0,0.9)")
-    parser.add_argument("--methods", default=None, help="comma-separated; default: every method the plugin serves for LLaVA")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated; default: every method the plugin serves for LLaVA, plus fastv "
+                             "(in-LLM names: transprune, aim, fastv)")
+    parser.add_argument("--in-llm", choices=IN_LLM_CHOICES, default="both",
+                        help="in-LLM methods (transprune, aim, fastv): 'both' = rows 'M r=R' on an engine with "
+                             "VLMPRUNE_IN_LLM=1 (pruned between decoder layers) and 'M (probe) r=R' on the plugin "
+                             "engine (pruned at the LLM input; none for fastv); 'only' = in-LLM rows only; "
+                             "'off' = probe rows only, named 'M r=R' (no in-LLM engine, no fastv). Default both")
     parser.add_argument("--reps", type=int, default=None, help="TTFT repetitions per configuration (default 10, quick 3)")
     parser.add_argument("--batch", type=int, default=None, help="requests per throughput batch (default 8, quick 4)")
     parser.add_argument("--rounds", type=int, default=None, help="throughput rounds (default 3, quick 1)")
@@ -110,12 +122,17 @@ def main(argv: list[str] | None = None) -> int:
 
     if PROBE_METHODS != INSTRUCTION_METHODS:
         raise RuntimeError(f"INSTRUCTION_METHODS {sorted(INSTRUCTION_METHODS)} != the plugin's {sorted(PROBE_METHODS)}")
+    from vlmprune.methods import IN_LLM_METHODS
+
     available = plugin_methods()
+    if args.in_llm != "off":
+        available += sorted(IN_LLM_METHODS - set(available))
     methods = available if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in available]
     if unknown or not methods:
-        parser.error(f"--methods: {unknown or methods!r} not served by the plugin for LLaVA; available: {', '.join(available)}")
-    configs = make_configs(methods, ratios)
+        parser.error(f"--methods: {unknown or methods!r} not served by the plugin for LLaVA"
+                     f"{'' if args.in_llm != 'off' else ' with --in-llm off'}; available: {', '.join(available)}")
+    configs = make_configs(methods, ratios, args.in_llm)
 
     started = time.perf_counter()
     print(f"[speed] building/loading {spec.name} under {CACHE}", file=sys.stderr)
@@ -127,11 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     logs = Path(tempfile.gettempdir()) / "vlmprune-bench-logs"  # vLLM's engine logs: large, not results
     logs.mkdir(parents=True, exist_ok=True)
     print(f"[speed] engine logs: {logs}", file=sys.stderr)
-    print(f"[speed] starting stock and plugin engines ({len(configs)} configurations)", file=sys.stderr)
-    workers = {e: Worker(e, model_dir, batch, logs / f"speed_{tag}_{e}.log") for e in ("stock", "plugin")}
+    engines = [e for e in ("stock", "plugin", "inllm") if any(c.engine == e for c in configs)]
+    print(f"[speed] starting {', '.join(engines)} engines ({len(configs)} configurations)", file=sys.stderr)
+    workers: dict[str, Worker] = {}
     try:
-        infos = {e: w.ready() for e, w in workers.items()}
-        if infos["stock"]["model_class"] != "LlavaForConditionalGeneration" or infos["plugin"]["model_class"] != "PrunedLlava":
+        for e in engines:  # started one after the other: two engines never load at once
+            workers[e] = Worker(e, model_dir, batch, logs / f"speed_{tag}_{e}.log")
+            workers[e].ready()
+        infos = {e: w.info for e, w in workers.items()}
+        want = {"stock": "LlavaForConditionalGeneration", "plugin": "PrunedLlava", "inllm": "PrunedLlava"}
+        if any(i["model_class"] != want[e] for e, i in infos.items()):
             raise RuntimeError(f"unexpected model classes: {infos}")
         data = measure(configs, workers, reps, batch, rounds, tries)
     finally:
@@ -157,11 +179,13 @@ def main(argv: list[str] | None = None) -> int:
             "wall_s": time.perf_counter() - started,
             "command": "python bench/speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "engine_kwargs": ENGINE_KWARGS,
+            "engines": engines,
+            "block_size": infos["stock"].get("block_size"),
         },
         "configs": [dataclasses.asdict(c) for c in configs],
         "samples": data["samples"],
     }
-    result["rows"] = summarize(configs, data, hf_config, spec.visual_tokens)
+    result["rows"] = summarize(configs, data, hf_config, spec.visual_tokens, result["meta"]["block_size"])
     result["targets"] = targets(result["rows"])
     paths = write_outputs(result, args.out, tag)
     print(render_markdown(result))

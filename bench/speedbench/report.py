@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from speedbench.summary import TTFT_TARGET_SHARE
+from speedbench.summary import TTFT_TARGET_SHARE, row_label
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -20,8 +20,12 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"{meta['params_m']:.0f} M parameters (CLIP {meta['model']['vit_layers']} x {meta['model']['vit_hidden']}, "
         f"Llama {meta['model']['lm_layers']} x {meta['model']['lm_hidden']}); vision + projector = "
         f"{100 * rows[0]['vision_share']:.1f} % of baseline prefill FLOPs",
-        f"- vLLM {meta['vllm']}, {meta['cpu']}, {meta['cores']} cores; engine start stock {meta['start_s']['stock']:.0f} s, "
-        f"plugin {meta['start_s']['plugin']:.0f} s",
+        f"- vLLM {meta['vllm']}, {meta['cpu']}, {meta['cores']} cores; engine start "
+        + ", ".join(f"{e} {t:.0f} s" for e, t in meta["start_s"].items()),
+        "- engines: every one with the in-LLM mode's flags (`enforce_eager`, no prefix caching, no chunked "
+        "prefill, `max_num_batched_tokens=2048`), so the one stock row is the baseline of every row; they differ "
+        "only by environment: stock `VLLM_PLUGINS=none`, plugin (pre-LLM methods, `(probe)` rows), inllm "
+        "(`VLMPRUNE_IN_LLM=1`: transprune, aim, fastv between decoder layers)",
         f"- TTFT: {meta['reps']} interleaved repetitions per configuration (max_tokens=1, one request at a time), "
         f"each the fastest of {meta.get('tries', 1)} back-to-back tries; "
         f"throughput: {meta['rounds']} round(s) of {meta['batch']} requests at once (max_tokens=4)",
@@ -30,14 +34,15 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"wall time {meta['wall_s'] / 60:.1f} min",
         f"- command: `{meta['command']}`",
         "",
-        "| config | kept | TTFT p50 (s) | TTFT p90 (s) | TTFT min (s) | speedup p50 | paired | min | ideal (FLOPs) "
+        "| config | engine | kept (prompt) | kept (mean/layer) | KV blocks | TTFT p50 (s) | TTFT p90 (s) | TTFT min (s) | speedup p50 | paired | min | ideal (FLOPs) "
         "| ideal + scoring | LLM-only ideal | p50/ideal | req/s (median) | vs stock | req/s (best) | vs stock "
         "| embed ms/img | plugin ms/img | embed ms (fastest) | plugin ms (fastest) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['config']} | {r['kept_tokens']} | {r['ttft_p50_s']:.3f} | {r['ttft_p90_s']:.3f} | {r['ttft_min_s']:.3f} | "
+            f"| {r['config']} | {r.get('engine', '')} | {r['kept_tokens']} | {r.get('kept_mean', r['kept_tokens']):.1f} | "
+            f"{r.get('kv_blocks') if r.get('kv_blocks') is not None else '-'} | {r['ttft_p50_s']:.3f} | {r['ttft_p90_s']:.3f} | {r['ttft_min_s']:.3f} | "
             f"{r['speedup_p50']:.2f}x | {r['speedup_paired']:.2f}x | {r['speedup_min']:.2f}x | {r['ideal']:.2f}x | "
             f"{r['ideal_with_scoring']:.2f}x | {r['ideal_llm_only']:.2f}x | "
             f"{r['speedup_over_ideal']:.2f} | {r['rps']:.3f} | {r['rps_vs_stock']:.2f}x | {r['rps_best']:.3f} | "
@@ -50,8 +55,13 @@ def render_markdown(result: dict[str, Any]) -> str:
         "speedup p50 = stock TTFT p50 / config TTFT p50; paired = median over repetitions of the per-request "
         "ratio (same image and prompt, run back to back); min = stock's fastest / config's fastest repetition (the "
         "least disturbed by other jobs on a shared machine); ideal = baseline / pruned prefill FLOPs "
-        "(vision + projector + LLM, causal attention, the measured text length); ideal + scoring adds the "
-        "method's own scoring FLOPs (FLOPs model, vLLM shallow probe: `method_probe_flops(in_llm=False)`); "
+        "(vision + projector + LLM, causal attention, the measured text length; in-LLM rows count the visual "
+        "tokens entering each decoder layer, `kept (mean/layer)` = their mean, `flops.method_visual_per_layer`); "
+        "ideal + scoring adds the method's own scoring FLOPs (`method_probe_flops`: the shallow probe on the "
+        "plugin engine, the in-LLM scoring on the inllm engine); kept (prompt) = visual tokens in the served "
+        "prompt (in-LLM transprune/fastv keep all 576 there and prune between layers; aim merges first); "
+        "KV blocks = ceil(prompt length / block size) per request, what the scheduler allocates: the in-LLM "
+        "design saves compute only, so its blocks equal stock's (aim: its merged prompt's); "
         "p50/ideal = speedup p50 / ideal (the target's measure); plugin ms/img = time the "
         "plugin adds inside `embed_multimodal` around vLLM's own vision tower + projector (mean over repetitions; "
         "'fastest' = in the fastest repetition).",
@@ -65,6 +75,10 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"{100 * tg['ratio0_plugin_share_of_ttft']:.2f} % of stock's fastest TTFT; "
         f"throughput {100 * tg['ratio0_rps_vs_stock']:+.1f} % (median), {100 * tg['ratio0_rps_best_vs_stock']:+.1f} % (best)",
     ]
+    lines.append(
+        f"- in-LLM rows' ideals differ per method (per-layer counts): see each row's `ideal (FLOPs)`; LM layers "
+        f"{meta['model']['lm_layers']}, so fastv (K = 2 of 32, depth-scaled) can remove at most (N-K)/N of the image"
+    )
     for method, t in tg["at_0.9"].items():
         lines.append(
             f"- {method} at ratio 0.9: TTFT speedup {t['speedup']:.2f}x vs ideal {t['ideal']:.2f}x = "
@@ -85,15 +99,20 @@ def plot(result: dict[str, Any], path: Path) -> None:
     rows = result["rows"]
     r0 = next(r for r in rows if r["config"] == "plugin r=0")
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    labels = sorted({row_label(r["config"]) for r in rows if r["method"] and r["ratio"] > 0})
     methods = sorted({r["method"] for r in rows if r["method"] and r["ratio"] > 0})
-    for method in methods:
+    for method in labels:
         pts = [(0.0, r0["speedup_min"], r0["speedup_p50"])] + sorted(
-            (r["ratio"], r["speedup_min"], r["speedup_p50"]) for r in rows if r["method"] == method and r["ratio"] > 0
+            (r["ratio"], r["speedup_min"], r["speedup_p50"]) for r in rows
+            if r["method"] and r["ratio"] > 0 and row_label(r["config"]) == method
         )
         (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{method} (fastest)")
         ax.scatter([p[0] for p in pts], [p[2] for p in pts], marker="x", s=18, alpha=0.45, color=line.get_color())
-    ideal = [(0.0, 1.0)] + sorted((r["ratio"], r["ideal"]) for r in rows if r["method"] == methods[0] and r["ratio"] > 0)
-    ax.plot([p[0] for p in ideal], [p[1] for p in ideal], "k--", label="ideal (FLOPs model)")
+    first = next(r for r in rows if r["method"] == methods[0] and r["ratio"] > 0)
+    ideal = [(0.0, 1.0)] + sorted(
+        (r["ratio"], r["ideal"]) for r in rows if row_label(r["config"]) == row_label(first["config"]) and r["ratio"] > 0
+    )
+    ax.plot([p[0] for p in ideal], [p[1] for p in ideal], "k--", label=f"ideal (FLOPs model, {row_label(first['config'])})")
     ax.plot(
         [p[0] for p in ideal], [TTFT_TARGET_SHARE * p[1] for p in ideal], "k:", linewidth=1,
         label=f"{TTFT_TARGET_SHARE} x ideal (target)",

@@ -1,8 +1,13 @@
 """Engine runs: one vLLM engine per worker subprocess, driven over a pipe, and the interleaved measurement.
 
 A worker is ``python -m speedbench.runs ENGINE MODEL_DIR MAX_NUM_SEQS`` (``bench/`` on the path):
-it serves JSON-line commands with one engine (stock: ``VLLM_PLUGINS=none``; plugin) and times
+it serves JSON-line commands with one engine (stock: ``VLLM_PLUGINS=none``; plugin; inllm: the
+plugin with ``VLMPRUNE_IN_LLM=1``, transprune/aim/fastv between decoder layers) and times
 ``embed_multimodal`` inside its own process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
+
+Every engine gets the same :data:`ENGINE_KWARGS`, which are the in-LLM mode's required flags
+(eager, no prefix caching, no chunked prefill): stock, the pre-LLM plugin and the in-LLM engine
+differ only by their environment, so one stock row is the baseline of every row.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ ENGINE_KWARGS: dict[str, Any] = dict(
     enforce_eager=True,
     max_model_len=1024,
     limit_mm_per_prompt={"image": 1},
-    enable_prefix_caching=False,  # repeated prompts must be recomputed
+    enable_prefix_caching=False,  # repeated prompts must be recomputed (and in-LLM mode requires it)
+    enable_chunked_prefill=False,  # in-LLM mode requires it; the same for every engine (fair baseline)
     mm_processor_cache_gb=0,  # and re-processed, as unique images would be
     max_num_batched_tokens=2048,
     seed=0,
@@ -90,7 +96,7 @@ def worker_main(engine: str, model_dir: str, max_num_seqs: int) -> None:
     """Serve commands (JSON lines on stdin) with one engine; replies on the original stdout."""
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # everything else (vLLM's logs) goes to stderr
-    plugin = engine == "plugin"
+    plugin = engine != "stock"
     timer = EmbedTimer()
     timer.install(plugin)
     from vllm import LLM, SamplingParams
@@ -104,6 +110,7 @@ def worker_main(engine: str, model_dir: str, max_num_seqs: int) -> None:
         "ready": True,
         "start_s": time.perf_counter() - started,
         "model_class": model_cls,
+        "block_size": int(llm.llm_engine.vllm_config.cache_config.block_size),
         "torch_threads": torch.get_num_threads(),
         "affinity": sorted(os.sched_getaffinity(0)),
     }
@@ -175,6 +182,10 @@ class Worker:
             env["VLLM_PLUGINS"] = "none"  # vLLM's allow-list: no general plugin loaded
         else:
             env.pop("VLLM_PLUGINS", None)
+        if engine == "inllm":
+            env["VLMPRUNE_IN_LLM"] = "1"  # transprune/aim/fastv between decoder layers (vllm_plugin.inllm)
+        else:
+            env.pop("VLMPRUNE_IN_LLM", None)
         self.engine = engine
         self.log_path = log
         self.log = open(log, "w")

@@ -20,20 +20,41 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def expected_kept(config: Config, n_visual: int, lm_layers: int) -> int:
-    """Visual tokens the plugin should pass to the LLM under ``config``: the FLOPs model's count for a
-    pruning done at the LLM input (``in_llm=False``: every method keeps ``kept_count(n, ratio)``)."""
+    """Visual tokens the served prompt should hold under ``config``: on the plugin engine the FLOPs
+    model's count for a pruning done at the LLM input (``in_llm=False``: ``kept_count(n, ratio)``);
+    on the in-LLM engine every token for transprune and fastv (pruned between layers), AIM's merge
+    count (``vlmprune.reduction.stages.served_input_count``)."""
     if config.method is None or config.ratio == 0:
         return n_visual
     from vlmprune import flops
 
+    if config.engine == "inllm":
+        from vlmprune.policy import parse_policy
+        from vlmprune.reduction.stages import served_input_count
+
+        return served_input_count(parse_policy({"method": config.method}, ratio=config.ratio), n_visual, lm_layers)
     return flops.method_visual_per_layer(config.method, config.ratio, n_visual, lm_layers, in_llm=False)[0]
 
 
+def visual_per_layer(config: Config, n_visual: int, lm_layers: int) -> list[int]:
+    """Visual tokens entering each decoder layer (the FLOPs model's): the in-LLM schedule on the
+    in-LLM engine, the LLM-input count in every layer otherwise."""
+    if config.method is None or config.ratio == 0:
+        return [n_visual] * lm_layers
+    from vlmprune import flops
+
+    return flops.method_visual_per_layer(
+        config.method, config.ratio, n_visual, lm_layers, in_llm=config.engine == "inllm"
+    )
+
+
 def ideal_speedup(
-    hf_config: Any, n_text: int, n_visual: int, kept: int, config: Config | None = None, n_instruction: int = 0,
+    hf_config: Any, n_text: int, n_visual: int, kept: int | list[int], config: Config | None = None,
+    n_instruction: int = 0,
 ) -> dict[str, float]:
     """FLOPs model: baseline / pruned prefill FLOPs (vision + projector + LLM; and LLM only), and the
-    same with the method's scoring work (``method_probe_flops`` of the vLLM shallow probe) added."""
+    same with the method's scoring work (``method_probe_flops``: the vLLM shallow probe, or the
+    in-LLM scoring on the in-LLM engine) added. ``kept``: visual tokens in every layer, or per layer."""
     from vlmprune import flops
 
     vision, lm = flops.from_hf_config(hf_config)
@@ -42,7 +63,7 @@ def ideal_speedup(
     probe = 0.0
     if config is not None and config.method is not None and config.ratio > 0:
         probe = flops.method_probe_flops(
-            config.method, config.ratio, lm, vision, n_visual, n_instruction, in_llm=False
+            config.method, config.ratio, lm, vision, n_visual, n_instruction, in_llm=config.engine == "inllm"
         )
     return {
         "ideal": base.total / pruned.total,
@@ -55,7 +76,9 @@ def ideal_speedup(
     }
 
 
-def summarize(configs: list[Config], data: dict[str, Any], hf_config: Any, n_visual: int) -> list[dict[str, Any]]:
+def summarize(
+    configs: list[Config], data: dict[str, Any], hf_config: Any, n_visual: int, block_size: int | None = None,
+) -> list[dict[str, Any]]:
     """One row per configuration: TTFT p50/p90, speedups (vs stock, paired medians), rps, overhead, ideal."""
     samples = data["samples"]
     stock = samples["stock"]
@@ -73,6 +96,7 @@ def summarize(configs: list[Config], data: dict[str, Any], hf_config: Any, n_vis
         want = expected_kept(config, n_visual, layers)
         if kept != want:
             raise RuntimeError(f"{config.name}: the served prompt holds {kept} visual tokens, expected {want}")
+        per_layer = visual_per_layer(config, n_visual, layers)
         paired = [a / b for a, b in zip(stock["ttft"], s["ttft"])]
         embed = s["embed"]
         images = sum(e["images"] for e in embed) or 1
@@ -101,12 +125,22 @@ def summarize(configs: list[Config], data: dict[str, Any], hf_config: Any, n_vis
             # the same two times in the fastest repetition (the least disturbed by other jobs)
             "embed_ms_fastest": 1000 * embed[fastest]["embed_s"] / max(1, embed[fastest]["images"]),
             "plugin_ms_fastest": 1000 * embed[fastest]["plugin_s"] / max(1, embed[fastest]["images"]),
-            **ideal_speedup(hf_config, n_text, n_visual, kept, config, n_instruction),
+            **ideal_speedup(hf_config, n_text, n_visual, per_layer, config, n_instruction),
         }
+        row["kept_per_layer"] = per_layer
+        row["kept_mean"] = sum(per_layer) / len(per_layer)
+        # KV blocks the scheduler allocates for the prompt: ceil(prompt_len / block_size). The in-LLM
+        # design saves compute only, so its prompts (and blocks) stay stock's, except AIM's merge.
+        row["kv_blocks"] = -(-row["prompt_len"] // block_size) if block_size else None
         row["speedup_over_ideal"] = row["speedup_p50"] / row["ideal"]
         row["speedup_min_over_ideal"] = row["speedup_min"] / row["ideal"]
         rows.append(row)
     return rows
+
+
+def row_label(config_name: str) -> str:
+    """A row's name without its ratio: ``"aim (probe) r=0.9"`` -> ``"aim (probe)"``."""
+    return config_name.rsplit(" r=", 1)[0]
 
 
 TTFT_TARGET_RATIO = 0.9
@@ -132,7 +166,7 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
     for r in rows:
         if r["method"] and r["ratio"] == TTFT_TARGET_RATIO:
-            out["at_0.9"][r["method"]] = {
+            out["at_0.9"][row_label(r["config"])] = {
                 "speedup": r["speedup_p50"],
                 "ideal": r["ideal"],
                 "share": r["speedup_over_ideal"],

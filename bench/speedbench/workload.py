@@ -17,7 +17,7 @@ class Config:
     """One measured configuration: which engine, and the request's policy (None: no policy key)."""
 
     name: str
-    engine: str  # "stock" | "plugin"
+    engine: str  # "stock" | "plugin" | "inllm" (the plugin with VLMPRUNE_IN_LLM=1)
     method: str | None = None
     ratio: float = 0.0
 
@@ -58,12 +58,39 @@ def plugin_methods(family: str = "llava") -> list[str]:
     return [m for m in METHODS if m in PrunedLlava.vlmprune_methods and family in METHODS[m].models]
 
 
-def make_configs(methods: list[str], ratios: list[float]) -> list[Config]:
-    """Stock, the plugin at ratio 0 (the same code path for every method), then method x ratio."""
-    first = methods[0] if methods else "fastervlm"
-    configs = [Config("stock", "stock"), Config("plugin r=0", "plugin", first, 0.0)]
+IN_LLM_CHOICES = ("both", "only", "off")
+"""``--in-llm``: the in-LLM methods (``vlmprune.methods.IN_LLM_METHODS``) on the in-LLM engine and
+their probe variants on the plugin engine (both), the in-LLM rows only, or the probe rows only (off)."""
+
+
+def make_configs(methods: list[str], ratios: list[float], in_llm: str = "off") -> list[Config]:
+    """Stock, the plugin at ratio 0 (the same code path for every method), then method x ratio.
+
+    An in-LLM method (transprune, aim, fastv) gets, unless ``in_llm == "off"``, a row ``M r=R`` on the
+    in-LLM engine and (``both``, where the probe serves it) a row ``M (probe) r=R`` on the plugin
+    engine; with ``off`` it keeps its old name ``M r=R`` on the plugin engine (probe). ``fastv`` has
+    no probe variant: it needs in-LLM rows.
+    """
+    from vlmprune.methods import IN_LLM_METHODS
+
+    if in_llm not in IN_LLM_CHOICES:
+        raise ValueError(f"in_llm must be one of {IN_LLM_CHOICES}, got {in_llm!r}")
+    probe_served = set(plugin_methods())
+    rows: list[Config] = []
     for method in methods:
         for ratio in ratios:
-            if ratio > 0:
-                configs.append(Config(f"{method} r={ratio:g}", "plugin", method, ratio))
-    return configs
+            if ratio <= 0:
+                continue
+            r = f"r={ratio:g}"
+            if method in IN_LLM_METHODS and in_llm != "off":
+                rows.append(Config(f"{method} {r}", "inllm", method, ratio))
+                if in_llm == "both" and method in probe_served:
+                    rows.append(Config(f"{method} (probe) {r}", "plugin", method, ratio))
+            elif method in IN_LLM_METHODS and method not in probe_served:
+                raise ValueError(f"{method!r} runs only inside the LLM: use --in-llm both or only")
+            else:
+                rows.append(Config(f"{method} {r}", "plugin", method, ratio))
+    # ratio 0 (no stage, the plugin's pass-through) on the plugin engine, or the in-LLM one if it is alone
+    r0_engine = "plugin" if not rows or any(c.engine == "plugin" for c in rows) else "inllm"
+    first = next((m for m in methods if r0_engine == "inllm" or m in probe_served), "fastervlm")
+    return [Config("stock", "stock"), Config("plugin r=0", r0_engine, first, 0.0), *rows]

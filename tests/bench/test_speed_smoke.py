@@ -106,13 +106,15 @@ def _synthetic(configs, stock_ttft=2.0, r0_factor=1.0, reps=5):
     """Samples where TTFT scales with the prompt length (an ideal engine) plus a fixed 0.1 s."""
     samples = {}
     for c in configs:
-        kept = summary.expected_kept(c, 576, 2)
+        served = kept = summary.expected_kept(c, 576, 2)
+        if c.engine == "inllm":  # TTFT from the mean tokens per layer, prompt length as served
+            kept = round(sum(summary.visual_per_layer(c, 576, 2)) / 2)
         ttft = 0.1 + (stock_ttft - 0.1) * (kept + 40) / (576 + 40)
         if c.name == "plugin r=0":
             ttft *= r0_factor
         samples[c.name] = {
             "ttft": [ttft * (1 + 0.01 * i) for i in range(reps)],
-            "prompt_len": [kept + 40] * reps,
+            "prompt_len": [served + 40] * reps,
             "embed": [{"embed_s": 0.05, "tower_s": 0.04, "plugin_s": 0.01, "images": 1}] * reps,
             "rps": [1 / ttft, 1.1 / ttft],
         }
@@ -151,8 +153,66 @@ def test_summary_targets_and_writers(tmp_path):
     data = json.loads(paths["json"].read_text())
     assert {"meta", "samples", "rows", "targets"} <= set(data)
     md = paths["md"].read_text()
-    assert "| fastervlm r=0.9 | 58 |" in md and "NOT met" in md and "+5.0 %" in md
+    assert "| fastervlm r=0.9 | plugin | 58 |" in md and "NOT met" in md and "+5.0 %" in md
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_in_llm_configs_and_names():
+    """In-LLM methods get an in-LLM row and (both) a probe row; fastv has no probe; off keeps old names."""
+    both = workload.make_configs(["fastervlm", "transprune", "fastv"], [0.0, 0.9], "both")
+    assert [(c.name, c.engine) for c in both] == [
+        ("stock", "stock"), ("plugin r=0", "plugin"), ("fastervlm r=0.9", "plugin"), ("transprune r=0.9", "inllm"),
+        ("transprune (probe) r=0.9", "plugin"), ("fastv r=0.9", "inllm"),
+    ]
+    only = workload.make_configs(["aim", "fastv"], [0.9], "only")
+    assert [(c.name, c.engine) for c in only] == [
+        ("stock", "stock"), ("plugin r=0", "inllm"), ("aim r=0.9", "inllm"), ("fastv r=0.9", "inllm"),
+    ]
+    assert only[1].method == "aim"
+    off = workload.make_configs(["aim"], [0.9], "off")
+    assert [(c.name, c.engine) for c in off][2] == ("aim r=0.9", "plugin")
+    with pytest.raises(ValueError, match="fastv"):
+        workload.make_configs(["fastv"], [0.9], "off")
+
+
+def test_in_llm_kept_and_ideal_count_per_layer():
+    """In-LLM rows: the prompt keeps every token (transprune, fastv) or AIM's merge count, and the
+    ideal is the FLOPs ratio over the per-layer counts, higher than the same count at layer 0 only."""
+    from vlmprune import flops
+
+    layers = bench_model.FULL_MODEL.lm_layers
+    config = _hf_config(bench_model.FULL_MODEL)
+    for method in ("transprune", "fastv"):
+        assert summary.expected_kept(workload.Config("x", "inllm", method, 0.9), 576, layers) == 576
+    aim_in = workload.Config("x", "inllm", "aim", 0.9)
+    per_layer = summary.visual_per_layer(aim_in, 576, layers)
+    assert summary.expected_kept(aim_in, 576, layers) == per_layer[0] < 576
+    fastv = workload.Config("x", "inllm", "fastv", 0.9)
+    fv = summary.visual_per_layer(fastv, 576, layers)
+    assert fv[0] == 576 and fv[-1] < 576 and len(fv) == layers
+    vision, lm = flops.from_hf_config(config)
+    got = summary.ideal_speedup(config, 40, 576, fv, fastv, 9)
+    assert got["ideal"] == pytest.approx(
+        flops.prefill_flops(lm, 40, 576, vision).total / flops.prefill_flops(lm, 40, fv, vision).total
+    )
+    assert 1 < got["ideal"] < summary.ideal_speedup(config, 40, 576, fv[-1])["ideal"]
+    assert 0 < got["scoring_gflops"] and got["ideal_with_scoring"] < got["ideal"]
+
+
+def test_summary_with_in_llm_rows(tmp_path):
+    """An in-LLM row next to its probe row: same label scheme in the targets, KV blocks equal to stock."""
+    configs = workload.make_configs(["fastervlm", "transprune"], [0.0, 0.9], "both")
+    data = _synthetic(configs)
+    cfg = _hf_config()
+    rows = {r["config"]: r for r in summary.summarize(configs, data, cfg, 576, block_size=16)}
+    tp, probe, stock = rows["transprune r=0.9"], rows["transprune (probe) r=0.9"], rows["stock"]
+    assert tp["kept_tokens"] == 576 and tp["kv_blocks"] == stock["kv_blocks"] == -(-stock["prompt_len"] // 16)
+    assert probe["kept_tokens"] == 58 and probe["kv_blocks"] < stock["kv_blocks"]
+    assert tp["kept_per_layer"] == summary.visual_per_layer(configs[3], 576, 2) and tp["kept_mean"] < 576
+    result = _result(configs, data)
+    assert set(result["targets"]["at_0.9"]) == {"fastervlm", "transprune", "transprune (probe)"}
+    md = report.render_markdown(result)
+    assert "| transprune r=0.9 | inllm | 576 |" in md and "| transprune (probe) r=0.9 | plugin | 58 |" in md
 
 
 def test_ratio0_within_tolerance_is_met():
@@ -172,21 +232,27 @@ def test_bad_arguments_exit_2(capsys):
 
 @pytest.mark.slow
 def test_quick_run_end_to_end(tmp_path):
-    """``bench/speed.py --quick`` with real stock and plugin engines writes a complete report."""
+    """``bench/speed.py --quick`` with real stock, plugin and in-LLM engines writes a complete report."""
     pytest.importorskip("vllm")
     env = dict(os.environ, HF_HUB_OFFLINE="1", VLMPRUNE_BENCH_CACHE=str(tmp_path / "cache"))
     proc = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--methods", "fastervlm,pool", "--reps", "2", "--out", str(tmp_path)],
+        [sys.executable, str(BENCH), "--quick", "--methods", "fastervlm,fastv", "--ratios", "0,0.25", "--reps", "2",
+         "--tries", "1", "--out", str(tmp_path)],
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     data = json.loads((tmp_path / "speed_quick.json").read_text())
     names = [r["config"] for r in data["rows"]]
-    assert names == ["stock", "plugin r=0", "fastervlm r=0.9", "pool r=0.9"]
+    assert names == ["stock", "plugin r=0", "fastervlm r=0.25", "fastv r=0.25"]
     rows = {r["config"]: r for r in data["rows"]}
-    # The served prompts really shrink: 576 image tokens -> 58 at ratio 0.9, same text.
-    assert rows["stock"]["prompt_len"] - rows["fastervlm r=0.9"]["prompt_len"] == 576 - 58
+    assert data["meta"]["engines"] == ["stock", "plugin", "inllm"]
+    # The served prompts really shrink: 576 image tokens -> 432 at ratio 0.25, same text.
+    assert rows["stock"]["prompt_len"] - rows["fastervlm r=0.25"]["prompt_len"] == 576 - 432
+    # In-LLM fastv serves every token (pruned after layer 1 of 2) and allocates stock's KV blocks.
+    fv = rows["fastv r=0.25"]
+    assert fv["engine"] == "inllm" and fv["prompt_len"] == rows["stock"]["prompt_len"]
+    assert fv["kept_per_layer"] == [576, 288] and fv["kv_blocks"] == rows["stock"]["kv_blocks"] > 0
     assert rows["plugin r=0"]["prompt_len"] == rows["stock"]["prompt_len"]
     assert all(len(s["ttft"]) == 2 for s in data["samples"].values())
-    assert rows["fastervlm r=0.9"]["plugin_ms_per_image"] > 0  # the plugin's own work was timed
+    assert rows["fastervlm r=0.25"]["plugin_ms_per_image"] > 0  # the plugin's own work was timed
     assert (tmp_path / "speed_quick.md").exists() and (tmp_path / "speed_quick.png").exists()
