@@ -18,12 +18,13 @@ methods (``transprune``, ``aim``, ``fastv``) run on a third engine started with 
 variants (pruned at the LLM input) on the plugin engine as rows ``M (probe) r=R`` (fastv has none).
 Every engine runs with the in-LLM mode's flags (eager, no prefix caching, no chunked prefill), so
 one stock row is the baseline of all. Each engine
-lives in a worker subprocess of its own (one process never hosts two engines; both stay alive and
-are driven in turn over a pipe); configurations are interleaved (every repetition runs every
+lives in a worker subprocess of its own (one process never hosts two engines; all stay alive and
+are driven in turn over a pipe; they are started one after the other); configurations are interleaved (every repetition runs every
 configuration once, in a shuffled order) so that load from other jobs on a shared machine hits all
 of them alike. Results: ``bench/results/speed_<tag>.{md,json,png}``.
 
-    python bench/speed.py            # full run (about 15 min on the 2-core CPU machine)
+    python bench/speed.py            # full run: 38 configurations (about 30-40 min on the 2-core CPU machine)
+    python bench/speed.py --methods fastervlm,transprune,aim,fastv --ratios 0.9   # 8 rows, < 12 min
     python bench/speed.py --quick    # small model, few repetitions (a few minutes)
 
 The engines run with ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (engine core in the worker's own process) so

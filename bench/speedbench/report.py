@@ -75,9 +75,14 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"{100 * tg['ratio0_plugin_share_of_ttft']:.2f} % of stock's fastest TTFT; "
         f"throughput {100 * tg['ratio0_rps_vs_stock']:+.1f} % (median), {100 * tg['ratio0_rps_best_vs_stock']:+.1f} % (best)",
     ]
+    from vlmprune.core.schedule import fastv_layer
+
+    n_layers = meta["model"]["lm_layers"]
+    k = fastv_layer(n_layers)
     lines.append(
-        f"- in-LLM rows' ideals differ per method (per-layer counts): see each row's `ideal (FLOPs)`; LM layers "
-        f"{meta['model']['lm_layers']}, so fastv (K = 2 of 32, depth-scaled) can remove at most (N-K)/N of the image"
+        f"- in-LLM rows' ideals differ per method (per-layer counts): see each row's `ideal (FLOPs)`; the bench "
+        f"LLM has N = {n_layers} layers, so fastv (K = 2 of 32, depth-scaled: K = {k}) removes at most "
+        f"(N-K)/N = {(n_layers - k) / n_layers:.2f} of the image (beyond that it keeps no visual token after layer K)"
     )
     for method, t in tg["at_0.9"].items():
         lines.append(
