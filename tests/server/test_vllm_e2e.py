@@ -74,7 +74,8 @@ def test_startup_prints_url_and_curl_example(served):
     url, _, _, log, seconds = served
     text = log.read_text()
     assert "waiting for vLLM" in text or "vLLM ready" in text
-    assert f"vlmprune gateway ready: {url}" in text and "curl -s -i" in text and "X-VLMPrune-Ratio" in text
+    assert f"vlmprune gateway ready: {url}" in text and "curl -s -D -" in text and "X-VLMPrune-Ratio" in text
+    assert "vlmprune scene --out scene.png" in text and "deploy/client.py scene.png" in text
     assert f"playground (what each policy keeps, answers and costs): {url}/playground" in text
     m = re.search(r"started in ([\d.]+) s \(vLLM ([\d.]+) s\)", text)
     assert m and float(m.group(1)) <= seconds + 1
