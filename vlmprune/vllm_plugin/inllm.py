@@ -68,7 +68,9 @@ from vlmprune.reduction.stages import (
     served_input_count,
     transprune_window,
 )
+from vlmprune.reduction.ttv_capture import SubBlockCapture
 from vlmprune.signals.attention import attention_rows
+
 
 def enabled() -> bool:
     """Whether this engine runs the in-LLM methods inside the LLM (read in every process)."""
@@ -404,11 +406,11 @@ class InLLMForward:
                         and row.plan.window[0] <= idx <= row.plan.window[1]]
             with override_context(group_fc) if group_fc is not None else nullcontext():
                 if ttv_rows:
-                    with _SubBlockCapture(layer) as cap:
+                    with SubBlockCapture(layer) as cap:
                         hidden, residual = layer(group_pos, hidden, residual, **extra)
                     for r in ttv_rows:
                         row = rows[r]
-                        ttv = cap.ttv(slice(offsets[r], offsets[r] + int(row.rows.numel())), row.plan.policy.direction)
+                        ttv = cap.ttv(row.plan.policy.direction, slice(offsets[r], offsets[r] + int(row.rows.numel())))
                         row.ttv = ttv if row.ttv is None else row.ttv + ttv
                 else:
                     hidden, residual = layer(group_pos, hidden, residual, **extra)
@@ -566,42 +568,3 @@ def _instruction_attention(layer, h: torch.Tensor, pos: torch.Tensor, instructio
     q, k, _ = decoder_qkv(layer.self_attn, layer.input_layernorm(h), pos)
     probs = attention_rows(q[instruction], k, instruction)  # (H, t, n)
     return probs.mean(dim=(0, 1))
-
-
-class _SubBlockCapture:
-    """Forward hooks recording a vLLM decoder layer's sub-block inputs (normed) and outputs."""
-
-    def __init__(self, layer) -> None:
-        self.layer = layer
-        self.seen: dict[str, torch.Tensor] = {}
-        self.handles: list[Any] = []
-
-    def __enter__(self):
-        def keep(name: str):
-            def hook(_module, _inputs, output):
-                out = output[0] if isinstance(output, tuple) else output
-                self.seen[name] = out.detach()
-
-            return hook
-
-        layer = self.layer
-        for name, module in (
-            ("attn_in", layer.input_layernorm),
-            ("attn_out", layer.self_attn),
-            ("mlp_in", layer.post_attention_layernorm),
-            ("mlp_out", layer.mlp),
-        ):
-            self.handles.append(module.register_forward_hook(keep(name)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-
-    def ttv(self, sl: slice, direction: str) -> torch.Tensor:
-        """Layer TTV of one request's rows (softmax over that request's rows only)."""
-        s = self.seen
-        return transprune.transition_variation(s["attn_in"][sl], s["attn_out"][sl], direction) + (
-            transprune.transition_variation(s["mlp_in"][sl], s["mlp_out"][sl], direction)
-        )

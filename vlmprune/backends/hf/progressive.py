@@ -43,6 +43,7 @@ from vlmprune.core import aim, fastv, transprune
 from vlmprune.reduction.stages import remap_rows as _remap
 from vlmprune.reduction.stages import select_rows as _select
 from vlmprune.reduction.stages import transprune_window
+from vlmprune.reduction.ttv_capture import SubBlockCapture
 from vlmprune.signals.attention import attention_logits, instruction_attention, query_attention
 
 StageSpec = tuple[int, list[int]]
@@ -203,7 +204,7 @@ def progressive_prefill(
         next_positions.append(int(positions.max()) + 1 if positions.numel() else 0)
         mask = _causal_mask(impl, hidden.shape[1], hidden.shape[1], hidden.dtype, device)
         if window[0] <= idx <= window[1]:
-            with _SubBlockCapture(layer) as cap:
+            with SubBlockCapture(layer, batched=True) as cap:
                 hidden = _call_layer(layer, hidden, mask, rope, cache)
             layer_ttv = cap.ttv(policy.direction)  # (L,)
             ttv_acc = layer_ttv if ttv_acc is None else ttv_acc + layer_ttv
@@ -324,45 +325,6 @@ def _prunes(counts: list[int] | None, spans: list[torch.Tensor]) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # Layer plumbing.
-
-
-class _SubBlockCapture:
-    """Forward hooks that record each sub-block's normed input and output (before the residual)."""
-
-    def __init__(self, layer) -> None:
-        self.layer = layer
-        self.seen: dict[str, torch.Tensor] = {}
-        self.handles: list[Any] = []
-
-    def __enter__(self) -> _SubBlockCapture:
-        def keep(name: str):
-            def hook(_module, _inputs, output):
-                out = output[0] if isinstance(output, tuple) else output
-                self.seen[name] = out.detach()[0]  # (L, d)
-
-            return hook
-
-        layer = self.layer
-        for name, module in (
-            ("attn_in", layer.input_layernorm),
-            ("attn_out", layer.self_attn),
-            ("mlp_in", layer.post_attention_layernorm),
-            ("mlp_out", layer.mlp),
-        ):
-            self.handles.append(module.register_forward_hook(keep(name)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-
-    def ttv(self, direction: str) -> torch.Tensor:
-        """Layer TTV (L,) = TTV(attention) + TTV(FFN)."""
-        s = self.seen
-        attn = transprune.transition_variation(s["attn_in"], s["attn_out"], direction)  # (L,)
-        ffn = transprune.transition_variation(s["mlp_in"], s["mlp_out"], direction)  # (L,)
-        return attn + ffn
 
 
 def _call_layer(layer, hidden: torch.Tensor, mask, rope, cache) -> torch.Tensor:
