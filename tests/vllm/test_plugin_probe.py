@@ -27,6 +27,7 @@ from vlmprune.core import aim, transprune
 from vlmprune.core.explain import RelevanceCNN, RelevanceCNNConfig
 from vlmprune.core.select import topk_sorted
 from vlmprune.policy import PolicyError, image_kept_count, kept_count, parse_policy
+from vlmprune.reduction.ttv_capture import SubBlockCapture
 from vlmprune.signals.attention import attention_logits, instruction_attention
 from vlmprune.vllm_plugin import common
 from vlmprune.vllm_plugin.probe import EXPLAIN_CHECKPOINT, probe_log, start_probe_log
@@ -230,7 +231,7 @@ def _reference_scores(env, record: dict, policy) -> torch.Tensor:
             if idx == layers - 1:
                 iga = instruction_attention(layer, hidden[0], rope, instr)  # (L,)
                 logits = attention_logits(layer, hidden[0], rope)  # (H, L, L)
-            with progressive._SubBlockCapture(layer) as cap:
+            with SubBlockCapture(layer, batched=True) as cap:
                 hidden = progressive._call_layer(layer, hidden, mask, rope, None)
             ttv += cap.ttv(getattr(policy, "direction", "one_minus_cos"))
     cand = record["prunable"].nonzero().squeeze(1)
