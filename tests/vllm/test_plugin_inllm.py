@@ -120,11 +120,11 @@ def reference(env, spec, policy):
     return tokens, stages, logprobs
 
 
-LOGPROB_ATOL = {"transprune": 1e-3, "fastv": 1e-3, "aim": 2e-2}
+LOGPROB_ATOL = {"transprune": 1e-3, "fastv": 1e-3, "aim": 1e-3}
 """vLLM and transformers in float32 (the spike measured 5.5e-6 on a text-only model). AIM's ToMe merge
-before the LLM reads the last ViT layer's keys in the reference and the last *loaded* one in vLLM
-(vllm_plugin/llava.py: vLLM never loads the last layer), so its merged rows differ slightly (measured
-|dlogprob| 8e-3 / 2e-3 at ratio 0.5 / 0.9); the kept rows of its in-LLM stages are still equal."""
+before the LLM reads the last ViT layer's keys in both (vLLM: ``FinalLayerQK``, the layer vLLM's
+tower does not build); with the last *loaded* layer's keys instead, |dlogprob| was 8e-3 / 2e-3 at
+ratio 0.5 / 0.9."""
 
 
 def assert_logprobs(out, tokens, want, what, method):

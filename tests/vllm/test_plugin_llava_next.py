@@ -89,13 +89,13 @@ def test_prompt_equals_reference_backend_sequence(env, method):
             assert len(image.view_sizes) == 5  # the square image: thumbnail + 2x2 crops
 
 
-@pytest.mark.parametrize("method", ["fastervlm", "random", "pool"])
+@pytest.mark.parametrize("method", ["fastervlm", "globalcom2", "random", "pool"])
 @pytest.mark.parametrize("ratio", [0.5, 0.9])
 def test_pruned_output_matches_reference_backend(env, method, ratio):
     """Same kept tokens as the transformers backend -> same greedy tokens, close logprobs.
 
-    Not compared: ``globalcom2`` and ``aim`` score with the last ViT layer in the transformers
-    backend, which vLLM never loads (the plugin uses the last loaded layer; documented deviation)."""
+    ``globalcom2`` scores with the last ViT layer's [CLS] logits, a layer vLLM's tower does not
+    build: the plugin's ``FinalLayerQK`` computes them from the checkpoint's weights."""
     s = spec(prompt="which colour is the box ?", images=TWO, policy={"method": method, "ratio": ratio})
     got = env.engine.run_one(s)
     policy = parse_policy(s["vlmprune"])

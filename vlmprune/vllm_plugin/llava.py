@@ -9,10 +9,11 @@ merges rows with :func:`vlmprune.reduction.reduce.reduce_image` (the routing int
 through the model's shallow LM probe (:mod:`vlmprune.vllm_plugin.probe`).
 
 Which ViT layer: vLLM builds the CLIP tower only up to ``vision_feature_layer`` (-2 for LLaVA), so
-the last loaded layer is Hugging Face's penultimate layer: exactly FasterVLM's layer. Signals that
-the transformers backend reads from the *last* ViT layer (AIM's merge keys, GlobalCom2's logits)
-come from the last loaded layer here, because the last layer's weights are never loaded (a
-documented deviation; FasterVLM, ``random`` and ``pool`` are identical in both backends).
+the last loaded layer is Hugging Face's penultimate layer: exactly FasterVLM's layer. The signals
+read from the *last* ViT layer (AIM's merge keys, GlobalCom2's [CLS] logits, as their official code
+and the transformers backend) are per-token functions of the last loaded layer's output, so
+:class:`FinalLayerQK` loads just that layer's ``layer_norm1`` and q/k projections from the
+checkpoint and computes them exactly (two C x C matrices; the rest of the layer never runs).
 
 Pixtral-HF checkpoints share the architecture name; they keep the stock processor and model path
 (no pruning; an engine-default policy makes the model refuse to start, and a per-request key is
@@ -21,7 +22,8 @@ ignored by their stock processor).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -64,45 +66,120 @@ from vlmprune.vllm_plugin.common import (
 # --- Vision-side signals ------------------------------------------------------------------------
 
 
-@contextmanager
-def clip_signals(vision_tower: nn.Module, needs: frozenset[str]) -> Iterator[Callable[[], dict[str, torch.Tensor]]]:
-    """Capture the [CLS] signals in ``needs`` from the last loaded CLIP layer during one tower run.
+FINAL_LAYER_SIGNALS = frozenset({CLS_LOGITS, MERGE_METRIC})
+"""Signals of the last ViT layer (AIM's merge keys, GlobalCom2's [CLS] logits)."""
 
-    The hook reads the ``qkv_proj`` output the layer computes anyway (no attention matrix, any
-    attention kernel). Yields a callable returning ``name -> (B, P)`` (CLS_ATTENTION, CLS_LOGITS)
-    or ``(B, P, C)`` (MERGE_METRIC: the layer's keys), ``B`` = ViT passes in call order.
+_CLIP_QK_WEIGHT = re.compile(r"vision_tower\.vision_model\.encoder\.layers\.(\d+)\.(layer_norm1|self_attn\.q_proj|self_attn\.k_proj)\.(weight|bias)$")
+
+
+class FinalLayerQK(nn.Module):
+    """The last CLIP layer's ``layer_norm1`` and q/k projections, beside vLLM's shortened tower.
+
+    vLLM drops the last layer's weights (the LLM reads the penultimate layer's output), yet AIM
+    merges by that layer's keys and GlobalCom2 scores by its [CLS] logits. Its q and k are
+    ``proj(layer_norm1(h))`` of the last *loaded* layer's output ``h``, row by row, so these weights
+    give them exactly; :meth:`take` collects them during ``load_weights``.
+    """
+
+    def __init__(self, config: CLIPVisionConfig, layer: int) -> None:
+        super().__init__()
+        width = int(config.hidden_size)
+        self.layer = layer
+        self.heads = int(config.num_attention_heads)
+        self.layer_norm1 = nn.LayerNorm(width, eps=float(config.layer_norm_eps))
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self._taken: set[str] = set()
+
+    def take(self, checkpoint_name: str, weight: torch.Tensor) -> bool:
+        """Copy ``weight`` if it is one of this layer's tensors (True: consumed)."""
+        match = _CLIP_QK_WEIGHT.search(checkpoint_name)
+        if match is None or int(match.group(1)) != self.layer:
+            return False
+        name = f"{match.group(2).removeprefix('self_attn.')}.{match.group(3)}"
+        with torch.no_grad():
+            self.get_parameter(name).copy_(weight)
+        self._taken.add(name)
+        return True
+
+    def loaded_names(self, prefix: str) -> set[str]:
+        """The parameter names for vLLM's loaded-weights check; raises if the checkpoint lacked one."""
+        missing = {name for name, _ in self.named_parameters()} - self._taken
+        if missing:
+            raise RuntimeError(f"vlmprune: the checkpoint has no {sorted(missing)} of ViT layer {self.layer} "
+                               "(AIM and GlobalCom2 score with the last ViT layer)")
+        return {f"{prefix}.{name}" for name in self._taken}
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q, k), each (B, T, C), of the last layer from its input ``hidden`` (B, T, C)."""
+        x = self.layer_norm1(hidden)
+        return self.q_proj(x), self.k_proj(x)
+
+
+def final_layer_qk(vision_tower: nn.Module, config: CLIPVisionConfig) -> FinalLayerQK | None:
+    """The module a tower built one layer short needs (None when the last layer is loaded, or when
+    the tower stops earlier: then the last loaded layer stands in, a documented deviation)."""
+    loaded = len(vision_tower.vision_model.encoder.layers)
+    total = int(config.num_hidden_layers)
+    return FinalLayerQK(config, total - 1) if loaded == total - 1 else None
+
+
+@contextmanager
+def clip_signals(vision_tower: nn.Module, needs: frozenset[str], final: FinalLayerQK | None = None
+                 ) -> Iterator[Callable[[], dict[str, torch.Tensor]]]:
+    """Capture the [CLS] signals in ``needs`` during one tower run.
+
+    CLS_ATTENTION (FasterVLM) is the last loaded layer's: a hook reads the ``qkv_proj`` output the
+    layer computes anyway (no attention matrix, any attention kernel). The last ViT layer's signals
+    (:data:`FINAL_LAYER_SIGNALS`) come from ``final`` applied to the last loaded layer's output, or,
+    without ``final`` (the whole tower is loaded, or a shallower feature layer), from the last
+    loaded layer's own q/k. Yields a callable returning ``name -> (B, P)`` (CLS_ATTENTION,
+    CLS_LOGITS) or ``(B, P, C)`` (MERGE_METRIC: keys), ``B`` = ViT passes in call order.
     """
     needs = frozenset(needs) & {CLS_ATTENTION, CLS_LOGITS, MERGE_METRIC}
     if not needs:
         yield dict
         return
-    attn = vision_tower.vision_model.encoder.layers[-1].self_attn
+    last = vision_tower.vision_model.encoder.layers[-1]
+    attn = last.self_attn
     heads = int(getattr(attn, "num_heads_per_partition", attn.num_heads))
     if heads != attn.num_heads:
         raise RuntimeError("vlmprune needs the whole ViT on one rank (--mm-encoder-tp-mode data)")
-    outputs: list[torch.Tensor] = []
+    qkvs: list[torch.Tensor] = []
+    hiddens: list[torch.Tensor] = []
+    use_final = final is not None and bool(needs & FINAL_LAYER_SIGNALS)
 
-    def hook(_module: nn.Module, _args: Any, output: Any) -> None:
-        qkv = output[0] if isinstance(output, tuple) else output  # (B, T, 3C)
-        outputs.append(qkv.detach())
+    def qkv_hook(_module: nn.Module, _args: Any, output: Any) -> None:
+        qkvs.append((output[0] if isinstance(output, tuple) else output).detach())  # (B, T, 3C)
+
+    def output_hook(_module: nn.Module, _args: Any, output: Any) -> None:
+        hiddens.append((output[0] if isinstance(output, tuple) else output).detach())  # (B, T, C)
 
     def read() -> dict[str, torch.Tensor]:
-        qkv = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
-        q, k, _ = qkv.chunk(3, dim=-1)  # (B, T, C) each, CLIPAttention's own split
         out: dict[str, torch.Tensor] = {}
-        if CLS_ATTENTION in needs:
-            out[CLS_ATTENTION] = cls_attention_from_qk(q, k, heads)  # (B, P)
+        if qkvs:
+            q, k, _ = torch.cat(qkvs).chunk(3, dim=-1)  # (B, T, C) each, CLIPAttention's own split
+            if CLS_ATTENTION in needs:
+                out[CLS_ATTENTION] = cls_attention_from_qk(q, k, heads)  # (B, P)
+        if use_final:
+            with torch.no_grad():
+                q, k = final(torch.cat(hiddens))  # the last ViT layer's own q, k
         if CLS_LOGITS in needs:
             out[CLS_LOGITS] = cls_attention_from_qk(q, k, heads, logits=True)  # (B, P)
         if MERGE_METRIC in needs:
             out[MERGE_METRIC] = k[:, 1:].float()  # (B, P, C)
         return out
 
-    handle = attn.qkv_proj.register_forward_hook(hook)
+    handles = []
+    if CLS_ATTENTION in needs or not use_final:
+        handles.append(attn.qkv_proj.register_forward_hook(qkv_hook))
+    if use_final:
+        handles.append(last.register_forward_hook(output_hook))
     try:
         yield read
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def needed_signals(items: Sequence[ItemPolicy], family: str) -> frozenset[str]:
@@ -261,11 +338,22 @@ class LlavaPruningMixin:
         self._vlmprune_reason = vision_unsupported(self.config)
         if default.policy is not None and self._vlmprune_reason is not None:
             raise RuntimeError(f"vlmprune cannot apply the engine default policy to {model_name}: {self._vlmprune_reason}")
+        self.vlmprune_final_qk = (final_layer_qk(self.vision_tower, self.config.vision_config)
+                                  if self._vlmprune_reason is None else None)
         self._vlmprune_layers = int(self.config.text_config.num_hidden_layers)
         self._vlmprune_probe = ModelProbe(self.language_model.model, model_name)
         if in_llm_enabled() and self.vlmprune_family in IN_LLM_FAMILIES:
             vc = self.config.vision_config
             InLLMForward(self.language_model.model, self.vlmprune_family, (vc.image_size // vc.patch_size) ** 2).install()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """The stock loading, with the last ViT layer's q/k tensors kept for :class:`FinalLayerQK`
+        (the stock tower drops them)."""
+        final = self.vlmprune_final_qk
+        if final is None:
+            return super().load_weights(weights)  # type: ignore[misc]
+        loaded = super().load_weights((n, w) for n, w in weights if not final.take(n, w))  # type: ignore[misc]
+        return set(loaded) | final.loaded_names("vlmprune_final_qk")
 
     def _vlmprune_stock_grid(self) -> tuple[int, int] | None:
         """The token grid of an unpruned image (LLaVA-NeXT has several views: None)."""
@@ -302,7 +390,7 @@ class PrunedLlava(LlavaPruningMixin, LlavaForConditionalGeneration):
         side = self.config.vision_config.image_size // self.config.vision_config.patch_size
         needs = needed_signals(items, self.vlmprune_family)
         with (
-            clip_signals(self.vision_tower, needs) as read_signals,
+            clip_signals(self.vision_tower, needs, self.vlmprune_final_qk) as read_signals,
             projector_input_capture(self.multi_modal_projector, needs, side * side) as read_inputs,
         ):
             embeds = super().embed_multimodal(**kwargs)

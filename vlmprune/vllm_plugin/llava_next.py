@@ -14,9 +14,8 @@ becomes the :class:`~vlmprune.reduction.image_tokens.ImageTokens` geometry that 
 backend builds for the same model. ``reduce_image`` then decides (FasterVLM per view, GlobalCom2's
 thumbnail-guided crop budgets, ``random``, ``pool`` per view, AIM's merge per view).
 
-Deviation (documented): GlobalCom2 scores with the [CLS] logits of the *last loaded* ViT layer,
-which is Hugging Face's penultimate layer for ``vision_feature_layer=-2``; vLLM never loads the
-last layer's weights. AIM's merge keys come from the same layer.
+GlobalCom2's [CLS] logits and AIM's merge keys are the *last* ViT layer's, as in the transformers
+backend, although vLLM builds the tower one layer short: :class:`~vlmprune.vllm_plugin.llava.FinalLayerQK`.
 """
 
 from __future__ import annotations
@@ -217,7 +216,7 @@ class PrunedLlavaNext(LlavaPruningMixin, LlavaNextForConditionalGeneration):
         side = vc.image_size // vc.patch_size
         needs = needed_signals(items, self.vlmprune_family)
         with (
-            clip_signals(self.vision_tower, needs) as read_signals,
+            clip_signals(self.vision_tower, needs, self.vlmprune_final_qk) as read_signals,
             projector_input_capture(self.multi_modal_projector, needs, side * side) as read_inputs,
         ):
             embeds = self._process_image_input(image_input)  # list of (n_i, d)
