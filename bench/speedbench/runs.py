@@ -49,6 +49,7 @@ class EmbedTimer:
     def reset(self) -> None:
         self.stock_s = 0.0
         self.outer_s = 0.0
+        self.llm_s = 0.0
         self.images = 0
 
     def install(self, plugin: bool) -> None:
@@ -70,6 +71,15 @@ class EmbedTimer:
             cls.embed_multimodal = timed
 
         wrap(vllm_llava.LlavaForConditionalGeneration, "stock_s", not plugin)
+        forward = vllm_llava.LlavaForConditionalGeneration.forward
+
+        def timed_forward(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            start = time.perf_counter()  # the LLM's forward (in-LLM stages included), not the sampler
+            out = forward(self, *args, **kwargs)
+            timer.llm_s += time.perf_counter() - start
+            return out
+
+        vllm_llava.LlavaForConditionalGeneration.forward = timed_forward
         if plugin:
             from vlmprune.vllm_plugin.llava import PrunedLlava
 
@@ -77,14 +87,19 @@ class EmbedTimer:
 
     def read(self, plugin: bool) -> dict[str, float]:
         outer = self.outer_s if plugin else self.stock_s
-        return {"embed_s": outer, "tower_s": self.stock_s, "plugin_s": outer - self.stock_s, "images": self.images}
+        return {"embed_s": outer, "tower_s": self.stock_s, "plugin_s": outer - self.stock_s, "llm_s": self.llm_s,
+                "images": self.images}
 
 
-def _prompt(spec: dict[str, Any]) -> dict[str, Any]:
+def _prompt(spec: dict[str, Any], text_prompt: Any = None) -> dict[str, Any]:
+    """The request of ``spec``; a text-only one (``text_prompt(text, ratio)``) for the engine ideal."""
     from vlmprune.testbed.tiny import make_image
 
+    text = "USER: <image>\n" + spec["question"] + " ASSISTANT:"
+    if spec.get("text_only_ratio") is not None:
+        return text_prompt(text, spec["text_only_ratio"])
     request: dict[str, Any] = {
-        "prompt": "USER: <image>\n" + spec["question"] + " ASSISTANT:",
+        "prompt": text,
         "multi_modal_data": {"image": make_image(336, 336, seed=spec["seed"])},
     }
     if spec["policy"] is not None:
@@ -115,12 +130,13 @@ def worker_main(engine: str, model_dir: str, max_num_seqs: int) -> None:
         "affinity": sorted(os.sched_getaffinity(0)),
     }
     proto.write(json.dumps(info) + "\n")
+    text_prompt = _text_prompt_builder(llm)
     for line in sys.stdin:
         cmd = json.loads(line)
         try:
             if cmd["op"] == "quit":
                 break
-            requests = [_prompt(s) for s in cmd["requests"]]
+            requests = [_prompt(s, text_prompt) for s in cmd["requests"]]
             params = SamplingParams(max_tokens=cmd["max_tokens"], temperature=0.0, ignore_eos=True)
             timer.reset()
             start = time.perf_counter()
@@ -136,6 +152,24 @@ def worker_main(engine: str, model_dir: str, max_num_seqs: int) -> None:
             reply = {"error": traceback.format_exc()}
         proto.write(json.dumps(reply) + "\n")
     llm.llm_engine.engine_core.shutdown()
+
+
+def _text_prompt_builder(llm: Any):
+    """``(text, ratio) -> prompt``: the token ids of ``text`` with its one ``<image>`` token replaced
+    by ``kept_count(n_visual, ratio)`` ordinary word tokens: the pruned prompt's length, no image."""
+    from vlmprune.policy import kept_count
+
+    config = llm.llm_engine.vllm_config.model_config.hf_config
+    n_visual = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    tokenizer = llm.get_tokenizer()
+    filler = tokenizer.encode("box", add_special_tokens=False)[0]
+
+    def build(text: str, ratio: float) -> dict[str, Any]:
+        ids = tokenizer.encode(text)
+        at = ids.index(config.image_token_index)
+        return {"prompt_token_ids": ids[:at] + [filler] * kept_count(n_visual, ratio) + ids[at + 1:]}
+
+    return build
 
 
 def engine_preload() -> str:
@@ -251,7 +285,8 @@ def measure(
 
     def run(config: Config, specs: list[dict[str, Any]], max_tokens: int) -> dict[str, Any]:
         reply = workers[config.engine].run(specs, max_tokens)
-        if reply["images"] != len(specs):  # the encoder must run for every request, or we time a cache
+        want = 0 if config.text_only else len(specs)
+        if reply["images"] != want:  # the encoder must run for every request, or we time a cache
             raise RuntimeError(f"{config.name}: {reply['images']} images encoded for {len(specs)} requests")
         return reply
 
@@ -269,13 +304,16 @@ def measure(
             raw[config.name]["ttft"].append(best["wall_s"])
             raw[config.name]["ttft_tries"].append([r["wall_s"] for r in replies])
             raw[config.name]["prompt_len"].append(best["prompt_lens"][0])
-            raw[config.name]["embed"].append({k: best[k] for k in ("embed_s", "tower_s", "plugin_s", "images")})
+            raw[config.name]["embed"].append({k: best[k] for k in ("embed_s", "tower_s", "plugin_s", "llm_s", "images")})
             bar.update()
     for rnd in range(rounds):
         load.append(os.getloadavg()[0])
         order = configs[:]
         rng.shuffle(order)
         for config in order:
+            if config.text_only:  # the engine ideal is a TTFT figure
+                bar.update()
+                continue
             specs = [request_spec(1000 + rnd * batch + j, config) for j in range(batch)]
             reply = run(config, specs, 4)
             raw[config.name]["rps"].append(batch / reply["wall_s"])

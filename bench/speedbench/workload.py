@@ -20,6 +20,9 @@ class Config:
     engine: str  # "stock" | "plugin" | "inllm" (the plugin with VLMPRUNE_IN_LLM=1)
     method: str | None = None
     ratio: float = 0.0
+    text_only: bool = False
+    """The measured engine ideal: stock vLLM on the request's text with the image's placeholder run
+    replaced by ``kept_count(n_visual, ratio)`` text tokens (no image: only its LLM time is used)."""
 
     def policy(self, instruction: str) -> dict[str, Any] | None:
         if self.method is None:
@@ -47,7 +50,8 @@ def request_spec(index: int, config: Config, attempt: int = 0) -> dict[str, Any]
     find its image in vLLM's encoder cache, which is shared across requests with the same image.
     """
     question = QUESTIONS[index % len(QUESTIONS)]
-    return {"question": question, "seed": index * 16 + attempt, "policy": config.policy(question)}
+    return {"question": question, "seed": index * 16 + attempt, "policy": config.policy(question),
+            "text_only_ratio": config.ratio if config.text_only else None}
 
 
 def plugin_methods(family: str = "llava") -> list[str]:
@@ -64,7 +68,8 @@ their probe variants on the plugin engine (both), the in-LLM rows only, or the p
 
 
 def make_configs(methods: list[str], ratios: list[float], in_llm: str = "off") -> list[Config]:
-    """Stock, the plugin at ratio 0 (the same code path for every method), then method x ratio.
+    """Stock, the plugin at ratio 0 (the same code path for every method), then method x ratio, then
+    one ``engine ideal r=R`` row per ratio (:attr:`Config.text_only`).
 
     An in-LLM method (transprune, aim, fastv) gets, unless ``in_llm == "off"``, a row ``M r=R`` on the
     in-LLM engine and (``both``, where the probe serves it) a row ``M (probe) r=R`` on the plugin
@@ -93,4 +98,5 @@ def make_configs(methods: list[str], ratios: list[float], in_llm: str = "off") -
     # ratio 0 (no stage, the plugin's pass-through) on the plugin engine, or the in-LLM one if it is alone
     r0_engine = "plugin" if not rows or any(c.engine == "plugin" for c in rows) else "inllm"
     first = next((m for m in methods if r0_engine == "inllm" or m in probe_served), "fastervlm")
-    return [Config("stock", "stock"), Config("plugin r=0", r0_engine, first, 0.0), *rows]
+    ideals = [Config(f"engine ideal r={r:g}", "stock", None, r, text_only=True) for r in ratios if r > 0]
+    return [Config("stock", "stock"), Config("plugin r=0", r0_engine, first, 0.0), *rows, *ideals]
