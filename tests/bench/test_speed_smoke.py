@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -94,10 +95,14 @@ def test_percentile():
 def test_configs_and_requests_are_shared():
     """Every configuration gets the same prompt and image for a request index; instruction only where needed."""
     configs = workload.make_configs(["fastervlm", "pool"], [0.0, 0.5, 0.9])
-    assert [c.name for c in configs] == ["stock", "plugin r=0", "fastervlm r=0.5", "fastervlm r=0.9", "pool r=0.5", "pool r=0.9"]
+    assert [c.name for c in configs] == ["stock", "plugin r=0", "fastervlm r=0.5", "fastervlm r=0.9", "pool r=0.5",
+                                         "pool r=0.9", "engine ideal r=0.5", "engine ideal r=0.9"]
     a, b = workload.request_spec(3, configs[0]), workload.request_spec(3, configs[3])
     assert (a["question"], a["seed"]) == (b["question"], b["seed"])
     assert a["policy"] is None and b["policy"] == {"method": "fastervlm", "ratio": 0.9}
+    assert a["text_only_ratio"] is None and b["text_only_ratio"] is None
+    ideal = workload.request_spec(3, configs[-1])
+    assert (ideal["question"], ideal["policy"], ideal["text_only_ratio"]) == (a["question"], None, 0.9)
     tp = workload.Config("t", "plugin", "transprune", 0.9).policy("what is this ?")
     assert tp["instruction"] == "what is this ?"
 
@@ -162,11 +167,12 @@ def test_in_llm_configs_and_names():
     both = workload.make_configs(["fastervlm", "transprune", "fastv"], [0.0, 0.9], "both")
     assert [(c.name, c.engine) for c in both] == [
         ("stock", "stock"), ("plugin r=0", "plugin"), ("fastervlm r=0.9", "plugin"), ("transprune r=0.9", "inllm"),
-        ("transprune (probe) r=0.9", "plugin"), ("fastv r=0.9", "inllm"),
+        ("transprune (probe) r=0.9", "plugin"), ("fastv r=0.9", "inllm"), ("engine ideal r=0.9", "stock"),
     ]
     only = workload.make_configs(["aim", "fastv"], [0.9], "only")
     assert [(c.name, c.engine) for c in only] == [
         ("stock", "stock"), ("plugin r=0", "inllm"), ("aim r=0.9", "inllm"), ("fastv r=0.9", "inllm"),
+        ("engine ideal r=0.9", "stock"),
     ]
     assert only[1].method == "aim"
     off = workload.make_configs(["aim"], [0.9], "off")
@@ -215,6 +221,29 @@ def test_summary_with_in_llm_rows(tmp_path):
     assert "| transprune r=0.9 | inllm | 576 |" in md and "| transprune (probe) r=0.9 | plugin | 58 |" in md
 
 
+def test_breakdown_and_engine_ideal():
+    """The TTFT split of the fastest repetition, and the engine ideal: stock's TTFT with its LLM
+    forward replaced by the text row's, median over paired repetitions."""
+    configs = workload.make_configs(["fastervlm"], [0.0, 0.9])
+    data = _synthetic(configs)
+    llm = {"stock": 1.6, "plugin r=0": 1.6, "fastervlm r=0.9": 0.2, "engine ideal r=0.9": 0.15}
+    for name, s in data["samples"].items():
+        images = 0 if name.startswith("engine ideal") else 1
+        s["embed"] = [{"embed_s": 0.05 * images, "tower_s": 0.04 * images, "plugin_s": 0.01 * images,
+                       "llm_s": llm[name] * (1 + 0.01 * i), "images": images} for i in range(len(s["ttft"]))]
+    rows = {r["config"]: r for r in summary.summarize(configs, data, _hf_config(), 576)}
+    stock, fv, text = data["samples"]["stock"], rows["fastervlm r=0.9"], data["samples"]["engine ideal r=0.9"]
+    paired = [t - a["llm_s"] + b["llm_s"] for t, a, b in zip(stock["ttft"], stock["embed"], text["embed"])]
+    want = statistics.median(stock["ttft"]) / statistics.median(paired)
+    assert fv["engine_ideal"] == pytest.approx(want) and 1 < want < fv["ideal"] * 10
+    assert fv["share_of_engine_ideal"] == pytest.approx(fv["speedup_p50"] / want)
+    assert (fv["tower_ms"], fv["plugin_ms"], fv["llm_ms"]) == pytest.approx((40.0, 10.0, 200.0))
+    assert fv["rest_ms"] == pytest.approx(1000 * min(data["samples"]["fastervlm r=0.9"]["ttft"]) - 50 - 200)
+    assert "engine_ideal" not in rows["stock"] and rows["engine ideal r=0.9"]["tower_ms"] == 0.0
+    md = report.render_markdown(_result(configs, data))
+    assert "| fastervlm r=0.9 | " in md and f"{want:.2f}x" in md and "of the measured engine ideal" in md
+
+
 def test_ratio0_within_tolerance_is_met():
     """A plugin at ratio 0 as fast as stock meets the 3 % target."""
     configs = workload.make_configs(["fastervlm"], [0.0, 0.9])
@@ -243,7 +272,7 @@ def test_quick_run_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     data = json.loads((tmp_path / "speed_quick.json").read_text())
     names = [r["config"] for r in data["rows"]]
-    assert names == ["stock", "plugin r=0", "fastervlm r=0.25", "fastv r=0.25"]
+    assert names == ["stock", "plugin r=0", "fastervlm r=0.25", "fastv r=0.25", "engine ideal r=0.25"]
     rows = {r["config"]: r for r in data["rows"]}
     assert data["meta"]["engines"] == ["stock", "plugin", "inllm"]
     # The served prompts really shrink: 576 image tokens -> 432 at ratio 0.25, same text.
@@ -255,4 +284,10 @@ def test_quick_run_end_to_end(tmp_path):
     assert rows["plugin r=0"]["prompt_len"] == rows["stock"]["prompt_len"]
     assert all(len(s["ttft"]) == 2 for s in data["samples"].values())
     assert rows["fastervlm r=0.25"]["plugin_ms_per_image"] > 0  # the plugin's own work was timed
+    # The engine ideal's text prompt is exactly as long as the pruned one, and ran no image.
+    ideal = rows["engine ideal r=0.25"]
+    assert ideal["prompt_len"] == rows["fastervlm r=0.25"]["prompt_len"] and ideal["tower_ms"] == 0.0
+    assert all(rows[n]["llm_ms"] > 0 and rows[n]["tower_ms"] > 0 for n in ("stock", "fastervlm r=0.25"))
+    assert rows["fastervlm r=0.25"]["engine_ideal"] > 0 and "share_of_engine_ideal" in rows["fastv r=0.25"]
+    assert "TTFT breakdown" in (tmp_path / "speed_quick.md").read_text()
     assert (tmp_path / "speed_quick.md").exists() and (tmp_path / "speed_quick.png").exists()
