@@ -1,8 +1,8 @@
 """In-LLM visual-token pruning inside vLLM's served LLM: TransPrune, AIM and FastV between decoder layers.
 
-What runs (engine started with ``VLMPRUNE_IN_LLM=1``; LLaVA-1.5, vLLM 0.32's V1 model runner):
-the reference backend's progressive loop (``vlmprune/backends/hf/progressive.py``) inside the
-served ``LlamaModel``. Layers before a stage see every row; at a stage after ``k`` layers the kept
+What runs (engine started with ``VLMPRUNE_IN_LLM=1``; LLaVA-1.5, Qwen2-VL and Qwen2.5-VL, vLLM
+0.32's V1 model runner): the reference backend's progressive loop
+(``vlmprune/backends/hf/progressive.py``) inside the served ``LlamaModel`` / ``Qwen2Model``. Layers before a stage see every row; at a stage after ``k`` layers the kept
 visual rows of each request are chosen from the signals of the layers just run, through the same
 functions the reference uses (:mod:`vlmprune.core.transprune`, :mod:`vlmprune.core.aim`,
 :func:`vlmprune.reduction.stages.select_rows`); later layers run on the kept rows only, in prefill
@@ -24,6 +24,13 @@ kept rows ``0..L'-1`` after every stage and decoded tokens continue from each la
 length: that is exactly a row's *compacted index* in its layer group, which is what is passed to
 those layers' RoPE (applied inside each layer's attention). ``positions="original"`` and AIM keep
 the original ids (gathered); decoded tokens keep the runner's position. Both match the reference.
+Qwen (:data:`MROPE_FAMILIES`): the runner's positions are (3, T) M-RoPE ids, sliced and gathered on
+their last axis; kept rows always keep their (t, h, w) ids, whatever ``positions`` says (the
+reference's Qwen adapters never re-index), and a decoded token gets the runner's
+``L + step + mrope_position_delta`` = the prompt's largest id + 1 + step on every axis, which is the
+reference's ``next_positions`` in every layer (the last prompt token, text, is never pruned and has
+the largest id). Per-image counts come from each image's merged grid (AIM's placeholders are
+already merged); the instruction starts after the last image's ``<|vision_end|>``, as the reference.
 
 Mechanism (verified against ``../shared/design/spike_inllm_v1/``): per layer group, a shallow copy
 of the forward context with attention metadata rebuilt by the layers' own metadata builder for the
@@ -42,8 +49,7 @@ another request's compacted rows, or skip rows the stage must see), no chunked p
 pipeline parallel size 1, the CPU platform's V1 runner (the only one hooked). KV memory is not
 saved (layers after a stage leave their tail slots unused); compute is.
 
-Not done here: LLaVA-NeXT and the Qwen models (they keep the shallow probe,
-:mod:`vlmprune.vllm_plugin.probe`), kept-token traces of the in-LLM stages, prompt logprobs of
+Not done here: LLaVA-NeXT (it keeps the shallow probe, :mod:`vlmprune.vllm_plugin.probe`), kept-token traces of the in-LLM stages, prompt logprobs of
 pruned rows (meaningless), speculative decoding.
 """
 
@@ -300,7 +306,8 @@ class _Row:
 
 
 class InLLMForward:
-    """Replaces ``forward`` of a served LLaVA-1.5 ``LlamaModel`` (set as an instance attribute)."""
+    """Replaces ``forward`` of a served LLaVA-1.5 ``LlamaModel`` or Qwen2-VL / 2.5-VL ``Qwen2Model``
+    (set as an instance attribute)."""
 
     def __init__(self, lm: Any, family: str, n_prunable: int | Callable[[Any], int], *, vision_end: int | None = None) -> None:
         self.lm = lm

@@ -6,7 +6,10 @@ Registered (lazily, by :func:`vlmprune.vllm_plugin.register`) as ``PrunedQwen2VL
 :func:`vlmprune.reduction.reduce.reduce_image`, the routing into :mod:`vlmprune.core` that the
 transformers reference backend uses too; ``transprune``, ``aim`` (merge, then PageRank) and
 ``explain`` by the shallow probe of :mod:`vlmprune.vllm_plugin.probe`, over M-RoPE positions (the
-image's (t, h, w) ids, the instruction after them).
+image's (t, h, w) ids, the instruction after them). On an engine with ``VLMPRUNE_IN_LLM=1``,
+``transprune``, ``aim`` and ``fastv`` run between the decoder layers instead
+(:mod:`vlmprune.vllm_plugin.inllm`, installed by :class:`QwenPruningMixin`): every visual row enters
+the LLM (AIM: its merged rows), each keeping its (t, h, w) id.
 
 Processor (front end): the stock one plus the policy fields of :mod:`.common`; each image's
 ``<|image_pad|>`` run shrinks to the count the processor computed from the merged-token grid
