@@ -2,9 +2,10 @@
 
 What runs (engine started with ``VLMPRUNE_IN_LLM=1``; LLaVA-1.5, Qwen2-VL and Qwen2.5-VL, vLLM
 0.32's V1 model runner): the reference backend's progressive loop
-(``vlmprune/backends/hf/progressive.py``) inside the served ``LlamaModel`` / ``Qwen2Model``. Layers before a stage see every row; at a stage after ``k`` layers the kept
-visual rows of each request are chosen from the signals of the layers just run, through the same
-functions the reference uses (:mod:`vlmprune.core.transprune`, :mod:`vlmprune.core.aim`,
+(``vlmprune/backends/hf/progressive.py``) inside the served ``LlamaModel`` / ``Qwen2Model``.
+Layers before a stage see every row; at a stage after ``k`` layers the kept visual rows of each
+request are chosen from the signals of the layers just run, through the same functions the
+reference uses (:mod:`vlmprune.core.transprune`, :mod:`vlmprune.core.aim`,
 :func:`vlmprune.reduction.stages.select_rows`); later layers run on the kept rows only, in prefill
 and in every decode step.
 
@@ -49,16 +50,17 @@ another request's compacted rows, or skip rows the stage must see), no chunked p
 pipeline parallel size 1, the CPU platform's V1 runner (the only one hooked). KV memory is not
 saved (layers after a stage leave their tail slots unused); compute is.
 
-Not done here: LLaVA-NeXT (it keeps the shallow probe, :mod:`vlmprune.vllm_plugin.probe`), kept-token traces of the in-LLM stages, prompt logprobs of
-pruned rows (meaningless), speculative decoding.
+Not done here: LLaVA-NeXT (it keeps the shallow probe, :mod:`vlmprune.vllm_plugin.probe`),
+kept-token traces of the in-LLM stages, prompt logprobs of pruned rows (meaningless), speculative
+decoding.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-from contextlib import nullcontext
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -309,7 +311,9 @@ class InLLMForward:
     """Replaces ``forward`` of a served LLaVA-1.5 ``LlamaModel`` or Qwen2-VL / 2.5-VL ``Qwen2Model``
     (set as an instance attribute)."""
 
-    def __init__(self, lm: Any, family: str, n_prunable: int | Callable[[Any], int], *, vision_end: int | None = None) -> None:
+    def __init__(
+        self, lm: Any, family: str, n_prunable: int | Callable[[Any], int], *, vision_end: int | None = None
+    ) -> None:
         self.lm = lm
         self.family = family
         self.n_prunable = n_prunable
