@@ -53,24 +53,29 @@ def env(request, tmp_path_factory, timings):
     family = request.param
     root = tmp_path_factory.mktemp(f"inllm_{family}")
     model_dir, model, processor = build_model(family, root)
-    stock_specs = [chat_spec(processor, QUESTION, IMAGES)]
+    stock_specs = [chat_spec(processor, QUESTION, IMAGES), chat_spec(processor, QUESTION)]
     stock = StockRun(model_dir, stock_specs, root).result(timeout=900)  # first: one engine at a time
     with saved_env(IN_LLM_ENV_VARS):
         engine = Engine(model_dir, **IN_LLM_ENGINE)
         assert engine.llm.apply_model(lambda _m: inllm.start_log()) == [True]
         timings[f"inllm_{family}_engine_start_s"] = engine.start_s
         yield SimpleNamespace(family=family, engine=engine, ref=ReferenceBackend(model, processor),
-                              processor=processor, stock=stock["outputs"][0],
-                              image_id=int(model.config.image_token_id))
+                              processor=processor, stock=stock["outputs"][0], stock_text=stock["outputs"][1])
         engine.shutdown()
 
 
 def test_kept_rows_and_greedy_tokens_equal_the_reference(env):
-    """Every method and ratio in one batch; each request equals the reference run alone."""
+    """Every method and ratio in one batch with an unpruned request and a text-only one; each
+    in-LLM request equals the reference run alone, the unpruned one equals stock."""
     policies = [{"method": m, "ratio": r} for m, r in CASES]
     policies.append({"method": "transprune", "ratio": 0.75, "positions": "original"})
     specs = [chat_spec(env.processor, QUESTION, IMAGES, p) for p in policies]
-    outs, records = inllm_run(env.engine, specs)
+    others = [chat_spec(env.processor, QUESTION, IMAGES), chat_spec(env.processor, QUESTION)]
+    outs, records = inllm_run(env.engine, specs + others)
+    assert records[len(specs):] == [None, None]
+    for got, want, what in ((outs[-2], env.stock, "unpruned"), (outs[-1], env.stock_text, "text-only")):
+        got = dict(got, token_ids=got["token_ids"][:4], logprobs=got["logprobs"][:4])
+        assert_same_output(got, want, what=f"{env.family} {what} request in the batch")
     for policy, spec, out, record in zip(policies, specs, outs, records):
         what = f"{env.family} {policy}"
         want_tokens, want_stages, want_lps = inllm_reference(env.ref, spec, policy)
