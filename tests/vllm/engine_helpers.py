@@ -111,3 +111,112 @@ def median_latency(engine: "Engine", size: tuple[int, int], ratio: float, seed: 
         engine.run_one(request)
         laps.append(time.perf_counter() - started)
     return statistics.median(laps)
+
+
+# --- In-LLM mode (vllm_plugin/inllm.py): engines, runs with the stage log, the reference's stages --
+
+IN_LLM_ENV_VARS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1", "VLMPRUNE_IN_LLM": "1"}
+"""Engine core in this process (the stage log is read with ``apply_model``), in-LLM mode on."""
+IN_LLM_ENGINE = dict(enable_prefix_caching=False, enable_chunked_prefill=False, max_num_batched_tokens=512)
+"""The engine settings the in-LLM mode requires (``inllm.check_engine_in_llm``)."""
+IN_LLM_STEPS = 8
+
+
+class saved_env:
+    """Set environment variables for a block and restore the previous values after it."""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        self.values = values
+        self.saved: dict[str, str | None] = {}
+
+    def __enter__(self) -> "saved_env":
+        self.saved = {k: os.environ.get(k) for k in self.values}
+        os.environ.update(self.values)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for key, value in self.saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def chat_spec(processor, prompt: str, images=(), policy: Any = "absent") -> dict[str, Any]:
+    """A request spec whose ``text`` is the reference backend's own chat-templated prompt."""
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    out: dict[str, Any] = {"prompt": prompt, "text": text, "images": [list(i) for i in images]}
+    if policy != "absent":
+        out["vlmprune"] = policy
+    return out
+
+
+def inllm_sampling():
+    """Greedy ``IN_LLM_STEPS`` tokens, no EOS stop, top-5 logprobs."""
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=IN_LLM_STEPS, temperature=0.0, logprobs=5, ignore_eos=True)
+
+
+def inllm_run(engine: "Engine", specs: list[dict[str, Any]]):
+    """(outputs, in-LLM log records in request order, None where a request ran no stage) of one
+    ``generate`` call."""
+    from vlmprune.vllm_plugin import inllm
+
+    engine.llm.apply_model(lambda _m: inllm.read_log())
+    outs = engine.llm.generate([vllm_request(s) for s in specs], inllm_sampling(), use_tqdm=False)
+    (log,) = engine.llm.apply_model(lambda _m: inllm.read_log())
+
+    def record(request_id):  # the engine core suffixes the request id ("<id>-<random>")
+        found = [rec for rec in log if rec["req_id"] == request_id or rec["req_id"].startswith(request_id + "-")]
+        assert len(found) <= 1, f"several in-LLM records for request {request_id}"
+        return found[0] if found else None
+
+    return [summarize(o) for o in outs], [record(o.request_id) for o in outs]
+
+
+def vllm_kept(record) -> list[list[list[int]]]:
+    """Per stage, per image: image-local indices (placeholder rows) still present after the stage."""
+    import torch
+
+    out = []
+    for kept in record["decisions"]:
+        kept = torch.tensor(kept)
+        out.append([(kept[torch.isin(kept, torch.tensor(span))] - span[0]).tolist() for span in record["spans"]])
+    return out
+
+
+def inllm_reference(ref, spec: dict[str, Any], policy: dict[str, Any]):
+    """(greedy tokens, per stage per image the image-local kept indices in vLLM's placeholder space,
+    each token's logprob) from the transformers reference backend ``ref`` (``IN_LLM_STEPS`` tokens)."""
+    import torch
+
+    (pre,) = ref.prefill([hf_request(spec)], policy)
+    tokens, logprobs, logits = [], [], pre.logits
+    for _ in range(IN_LLM_STEPS):  # greedy, with the chosen token's logprob (the tiny model repeats
+        lp = logits.float().log_softmax(-1)  # tokens, so tokens alone would miss a wrong decode step)
+        token = int(lp.argmax())
+        tokens.append(token)
+        logprobs.append(float(lp[token]))
+        logits = pre.decoder.extend([token])[-1]
+    spans = pre.sequence.image_spans  # rows of the LLM-input sequence
+    stages = []
+    if policy["method"] == "transprune" and any(int(k.numel()) < im.n_prunable for k, im in zip(pre.kept_index, pre.images)):
+        stages.append([k.tolist() for k in pre.kept_index])  # its LLM-input stage = layer 0 in vLLM
+    state = pre.decoder._state
+    for decision in (state.decisions if state is not None else []):
+        per_image = []
+        for i, span in enumerate(spans):
+            pos = torch.searchsorted(span, decision[torch.isin(decision, span)])  # rows of the input span
+            per_image.append((pre.kept_index[i][pos] if policy["method"] == "transprune" else pos).tolist())
+        stages.append(per_image)
+    return tokens, stages, logprobs
+
+
+def assert_logprobs(out: dict[str, Any], tokens: list[int], want: list[float], what: str, atol: float) -> None:
+    """Each greedy token's logprob equals the reference's within ``atol``."""
+    for step, (token, lp) in enumerate(zip(tokens, want)):
+        got = out["logprobs"][step][str(token)]
+        assert abs(got - lp) <= atol, f"{what}: step {step} logprob {got} vs reference {lp}"
+

@@ -12,38 +12,38 @@ image and different questions, together and one after the other, get their solo 
 from __future__ import annotations
 
 import copy
-import os
 from types import SimpleNamespace
 
 import pytest
 import torch
-from engine_helpers import Engine, StockRun, assert_same_output, build_model, hf_request
+from engine_helpers import (
+    IN_LLM_ENGINE,
+    IN_LLM_ENV_VARS,
+    IN_LLM_STEPS,
+    Engine,
+    StockRun,
+    assert_logprobs,
+    assert_same_output,
+    build_model,
+    chat_spec,
+    inllm_reference,
+    inllm_run,
+    saved_env,
+    vllm_kept,
+)
 
 from vlmprune.vllm_plugin import inllm
 
 pytestmark = pytest.mark.slow
 
-ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1", inllm.IN_LLM_ENV: "1"}
-IN_LLM_ENGINE = dict(enable_prefix_caching=False, enable_chunked_prefill=False, max_num_batched_tokens=512)
-STEPS = 8
+STEPS = IN_LLM_STEPS
 QUESTION = "what colour is the box ?"
 OTHER = "how many circle are on the left ?"
 IMAGES = ((96, 64, 1), (64, 96, 2))
 
 
 def make_spec(processor, prompt=QUESTION, images=IMAGES[:1], policy="absent") -> dict:
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
-    out = {"prompt": prompt, "text": text, "images": [list(i) for i in images]}
-    if policy != "absent":
-        out["vlmprune"] = policy
-    return out
-
-
-def _sampling():
-    from vllm import SamplingParams
-
-    return SamplingParams(max_tokens=STEPS, temperature=0.0, logprobs=5, ignore_eos=True)
+    return chat_spec(processor, prompt, images, policy)
 
 
 @pytest.fixture(scope="module")
@@ -54,70 +54,22 @@ def env(tmp_path_factory, timings):
     model_dir, model, processor = build_model("llava", root)
     stock_specs = [make_spec(processor), make_spec(processor, images=()), make_spec(processor, images=IMAGES)]
     stock = StockRun(model_dir, stock_specs, root).result(timeout=900)  # first: one engine at a time
-    saved = {k: os.environ.get(k) for k in ENGINE_ENV}
-    os.environ.update(ENGINE_ENV)
-    try:
+    with saved_env(IN_LLM_ENV_VARS):
         engine = Engine(model_dir, **IN_LLM_ENGINE)
         assert engine.llm.apply_model(lambda _m: inllm.start_log()) == [True]
         timings["inllm_engine_start_s"] = engine.start_s
         yield SimpleNamespace(engine=engine, ref=ReferenceBackend(model, processor), processor=processor,
                               stock=dict(zip(("one", "text", "two"), stock["outputs"])), stock_specs=stock_specs)
         engine.shutdown()
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def run(env, specs):
     """(outputs, in-LLM log records in request order) of one ``generate`` call."""
-    from vllm_stock_runner import summarize, vllm_request
-
-    env.engine.llm.apply_model(lambda _m: inllm.read_log())
-    outs = env.engine.llm.generate([vllm_request(s) for s in specs], _sampling(), use_tqdm=False)
-    (log,) = env.engine.llm.apply_model(lambda _m: inllm.read_log())
-    def record(request_id):  # the engine core suffixes the request id ("<id>-<random>")
-        found = [rec for rec in log if rec["req_id"] == request_id or rec["req_id"].startswith(request_id + "-")]
-        assert len(found) <= 1, f"several in-LLM records for request {request_id}"
-        return found[0] if found else None
-
-    return [summarize(o) for o in outs], [record(o.request_id) for o in outs]
-
-
-def vllm_kept(record) -> list[list[list[int]]]:
-    """Per stage, per image: image-local indices (placeholder rows) still present after the stage."""
-    out = []
-    for kept in record["decisions"]:
-        kept = torch.tensor(kept)
-        out.append([(kept[torch.isin(kept, torch.tensor(span))] - span[0]).tolist() for span in record["spans"]])
-    return out
+    return inllm_run(env.engine, specs)
 
 
 def reference(env, spec, policy):
-    """(greedy tokens, per stage per image the image-local kept indices in vLLM's placeholder space,
-    each token's logprob) from the transformers reference backend (``STEPS`` tokens, no EOS stop)."""
-    (pre,) = env.ref.prefill([hf_request(spec)], policy)
-    tokens, logprobs, logits = [], [], pre.logits
-    for _ in range(STEPS):  # greedy, with the chosen token's logprob (the tiny model repeats tokens,
-        lp = logits.float().log_softmax(-1)  # so tokens alone would miss a wrong decode step)
-        token = int(lp.argmax())
-        tokens.append(token)
-        logprobs.append(float(lp[token]))
-        logits = pre.decoder.extend([token])[-1]
-    spans = pre.sequence.image_spans  # rows of the LLM-input sequence
-    stages = []
-    if policy["method"] == "transprune" and any(int(k.numel()) < im.n_prunable for k, im in zip(pre.kept_index, pre.images)):
-        stages.append([k.tolist() for k in pre.kept_index])  # its LLM-input stage = layer 0 in vLLM
-    state = pre.decoder._state
-    for decision in (state.decisions if state is not None else []):
-        per_image = []
-        for i, span in enumerate(spans):
-            pos = torch.searchsorted(span, decision[torch.isin(decision, span)])  # rows of the input span
-            per_image.append((pre.kept_index[i][pos] if policy["method"] == "transprune" else pos).tolist())
-        stages.append(per_image)
-    return tokens, stages, logprobs
+    return inllm_reference(env.ref, spec, policy)
 
 
 LOGPROB_ATOL = {"transprune": 1e-3, "fastv": 1e-3, "aim": 1e-3}
@@ -127,10 +79,6 @@ tower does not build); with the last *loaded* layer's keys instead, |dlogprob| w
 ratio 0.5 / 0.9."""
 
 
-def assert_logprobs(out, tokens, want, what, method):
-    for step, (token, lp) in enumerate(zip(tokens, want)):
-        got = out["logprobs"][step][str(token)]
-        assert abs(got - lp) <= LOGPROB_ATOL[method], f"{what}: step {step} logprob {got} vs reference {lp}"
 
 
 CASES = [(m, r) for m in ("transprune", "aim") for r in (0.5, 0.9)] + [("fastv", 0.5), ("fastv", 0.7)]
@@ -147,7 +95,7 @@ def test_kept_rows_and_greedy_tokens_equal_the_reference(env, method, ratio):
     assert got_stages == want_stages, f"{method}@{ratio}: kept rows per stage differ (stages {record['stages']})"
     assert len(want_stages) >= 1 and any(len(k) < 36 for st in want_stages for k in st), "nothing was pruned"
     assert out["token_ids"] == want_tokens, f"{method}@{ratio}: greedy tokens differ"
-    assert_logprobs(out, want_tokens, want_lps, f"{method}@{ratio}", method)
+    assert_logprobs(out, want_tokens, want_lps, f"{method}@{ratio}", LOGPROB_ATOL[method])
 
 
 @pytest.mark.parametrize("policy", [
@@ -160,7 +108,7 @@ def test_options_match_the_reference(env, policy):
     want_tokens, want_stages, want_lps = reference(env, spec, policy)
     assert vllm_kept(record) == want_stages
     assert out["token_ids"] == want_tokens
-    assert_logprobs(out, want_tokens, want_lps, str(policy), policy["method"])
+    assert_logprobs(out, want_tokens, want_lps, str(policy), LOGPROB_ATOL[policy["method"]])
 
 
 def test_ratio_zero_no_policy_and_text_only_equal_stock(env):

@@ -1,10 +1,11 @@
 """In-LLM visual-token pruning inside vLLM's served LLM: TransPrune, AIM and FastV between decoder layers.
 
-What runs (engine started with ``VLMPRUNE_IN_LLM=1``; LLaVA-1.5, vLLM 0.32's V1 model runner):
-the reference backend's progressive loop (``vlmprune/backends/hf/progressive.py``) inside the
-served ``LlamaModel``. Layers before a stage see every row; at a stage after ``k`` layers the kept
-visual rows of each request are chosen from the signals of the layers just run, through the same
-functions the reference uses (:mod:`vlmprune.core.transprune`, :mod:`vlmprune.core.aim`,
+What runs (engine started with ``VLMPRUNE_IN_LLM=1``; LLaVA-1.5, Qwen2-VL and Qwen2.5-VL, vLLM
+0.32's V1 model runner): the reference backend's progressive loop
+(``vlmprune/backends/hf/progressive.py``) inside the served ``LlamaModel`` / ``Qwen2Model``.
+Layers before a stage see every row; at a stage after ``k`` layers the kept visual rows of each
+request are chosen from the signals of the layers just run, through the same functions the
+reference uses (:mod:`vlmprune.core.transprune`, :mod:`vlmprune.core.aim`,
 :func:`vlmprune.reduction.stages.select_rows`); later layers run on the kept rows only, in prefill
 and in every decode step.
 
@@ -24,6 +25,13 @@ kept rows ``0..L'-1`` after every stage and decoded tokens continue from each la
 length: that is exactly a row's *compacted index* in its layer group, which is what is passed to
 those layers' RoPE (applied inside each layer's attention). ``positions="original"`` and AIM keep
 the original ids (gathered); decoded tokens keep the runner's position. Both match the reference.
+Qwen (:data:`MROPE_FAMILIES`): the runner's positions are (3, T) M-RoPE ids, sliced and gathered on
+their last axis; kept rows always keep their (t, h, w) ids, whatever ``positions`` says (the
+reference's Qwen adapters never re-index), and a decoded token gets the runner's
+``L + step + mrope_position_delta`` = the prompt's largest id + 1 + step on every axis, which is the
+reference's ``next_positions`` in every layer (the last prompt token, text, is never pruned and has
+the largest id). Per-image counts come from each image's merged grid (AIM's placeholders are
+already merged); the instruction starts after the last image's ``<|vision_end|>``, as the reference.
 
 Mechanism (verified against ``../shared/design/spike_inllm_v1/``): per layer group, a shallow copy
 of the forward context with attention metadata rebuilt by the layers' own metadata builder for the
@@ -42,15 +50,16 @@ another request's compacted rows, or skip rows the stage must see), no chunked p
 pipeline parallel size 1, the CPU platform's V1 runner (the only one hooked). KV memory is not
 saved (layers after a stage leave their tail slots unused); compute is.
 
-Not done here: LLaVA-NeXT and the Qwen models (they keep the shallow probe,
-:mod:`vlmprune.vllm_plugin.probe`), kept-token traces of the in-LLM stages, prompt logprobs of
-pruned rows (meaningless), speculative decoding.
+Not done here: LLaVA-NeXT (it keeps the shallow probe, :mod:`vlmprune.vllm_plugin.probe`),
+kept-token traces of the in-LLM stages, prompt logprobs of pruned rows (meaningless), speculative
+decoding.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -154,6 +163,9 @@ class RequestState:
         return out
 
 
+MROPE_FAMILIES = frozenset({"qwen2_vl", "qwen2_5_vl"})
+"""Families whose positions are M-RoPE (3, T): kept rows keep their ids (no re-indexing)."""
+
 STATES: dict[str, RequestState] = {}
 _BATCH: dict[str, Any] = {"runner": None, "req_ids": None}
 _LOG: list[dict] | None = None
@@ -174,8 +186,15 @@ def read_log() -> list[dict]:
     return out
 
 
-def request_plan(req_state: Any, family: str, n_prunable: int, num_layers: int) -> RequestPlan | None:
-    """The plan of a request from its multimodal fields and placeholders (None: nothing in-LLM)."""
+def request_plan(
+    req_state: Any, family: str, n_prunable: int | Callable[[Any], int], num_layers: int, *, vision_end: int | None = None
+) -> RequestPlan | None:
+    """The plan of a request from its multimodal fields and placeholders (None: nothing in-LLM).
+
+    ``n_prunable``: an image's prunable tokens before any reduction, or a function of its
+    multimodal feature giving them (Qwen: its merged grid, which AIM's merged placeholders do not
+    show). ``vision_end``: a token id that closes an image run and is not instruction (Qwen's
+    ``<|vision_end|>``, which the reference skips too)."""
     from vlmprune.vllm_plugin.common import FIELD_POLICY
 
     feats = [f for f in (req_state.mm_features or []) if f.modality == "image"]
@@ -194,7 +213,7 @@ def request_plan(req_state: Any, family: str, n_prunable: int, num_layers: int) 
         return None
     feats = sorted(feats, key=lambda f: f.mm_position.offset)
     spans = [torch.arange(f.mm_position.offset, f.mm_position.offset + f.mm_position.length) for f in feats]
-    sizes = [n_prunable] * len(feats)
+    sizes = [int(n_prunable(f)) if callable(n_prunable) else n_prunable for f in feats]
     stages = served_in_llm_stages(policy, sizes, num_layers)
     window = (0, -1)
     if policy.method == "transprune":  # the reference's window: its own in-LLM stages only
@@ -205,10 +224,15 @@ def request_plan(req_state: Any, family: str, n_prunable: int, num_layers: int) 
         if f.mm_position.is_embed is not None and not bool(f.mm_position.is_embed.all()):
             raise RuntimeError("vlmprune: in-LLM pruning expects every placeholder row to be an image row")
     prompt_len = len(req_state.prompt_token_ids)
-    instruction = torch.arange(int(spans[-1][-1]) + 1, prompt_len)
+    start = int(spans[-1][-1]) + 1
+    if vision_end is not None and start < prompt_len and int(req_state.prompt_token_ids[start]) == vision_end:
+        start += 1
+    instruction = torch.arange(start, prompt_len)
     if policy.method == "transprune" and instruction.numel() == 0:
         raise RuntimeError("vlmprune: transprune needs instruction text after the last image, and the prompt has none")
-    reindex = policy.method == "transprune" and policy.positions == "reindex"
+    # M-RoPE families keep the original (t, h, w) ids whatever ``positions`` says, as the
+    # reference's Qwen adapters (``reindex_after_pruning = False``).
+    reindex = policy.method == "transprune" and policy.positions == "reindex" and family not in MROPE_FAMILIES
     return RequestPlan(policy, stages, spans, instruction, reindex, window, prompt_len)
 
 
@@ -268,7 +292,7 @@ class _Row:
     rows: torch.Tensor
     """(n,) rows of the step's input this request still has, ascending."""
     positions: torch.Tensor
-    """(n,) the runner's positions of those rows (original ids)."""
+    """(n,) or M-RoPE (3, n): the runner's positions of those rows (original ids)."""
     ctx: int
     """Tokens already in the cache before this step (full view)."""
     plan: RequestPlan | None = None
@@ -284,12 +308,16 @@ class _Row:
 
 
 class InLLMForward:
-    """Replaces ``forward`` of a served LLaVA-1.5 ``LlamaModel`` (set as an instance attribute)."""
+    """Replaces ``forward`` of a served LLaVA-1.5 ``LlamaModel`` or Qwen2-VL / 2.5-VL ``Qwen2Model``
+    (set as an instance attribute)."""
 
-    def __init__(self, lm: Any, family: str, n_prunable: int) -> None:
+    def __init__(
+        self, lm: Any, family: str, n_prunable: int | Callable[[Any], int], *, vision_end: int | None = None
+    ) -> None:
         self.lm = lm
         self.family = family
         self.n_prunable = n_prunable
+        self.vision_end = vision_end
         self.num_layers = len(lm.layers)
         self.stock = lm.forward
 
@@ -309,11 +337,11 @@ class InLLMForward:
         for r, rid in enumerate(req_ids):
             qs, qe = qsl[r], qsl[r + 1]
             ctx = seq_lens[r] - (qe - qs)
-            row = _Row(rid, torch.arange(qs, qe, device=positions.device), positions[qs:qe], ctx)
+            row = _Row(rid, torch.arange(qs, qe, device=positions.device), positions[..., qs:qe], ctx)
             state = STATES.get(rid)
             req = runner.requests[rid]
             if ctx == 0:
-                plan = request_plan(req, self.family, self.n_prunable, self.num_layers)
+                plan = request_plan(req, self.family, self.n_prunable, self.num_layers, vision_end=self.vision_end)
                 if plan is not None:
                     if qe - qs < plan.prompt_len:
                         raise RuntimeError(
@@ -331,7 +359,7 @@ class InLLMForward:
                 row.state = state
                 active = True
             elif req.num_computed_tokens < len(req.prompt_token_ids or []) and request_plan(
-                req, self.family, self.n_prunable, self.num_layers
+                req, self.family, self.n_prunable, self.num_layers, vision_end=self.vision_end
             ) is not None:
                 raise RuntimeError(
                     f"vlmprune: request {rid} reached an in-LLM stage with {ctx} tokens already cached "
@@ -376,7 +404,7 @@ class InLLMForward:
                     counts = next((c for s, c in row.plan.stages if s == idx), None)
                     if counts is not None:
                         sl = slice(offsets[r], offsets[r] + int(row.rows.numel()))
-                        choices[r] = self._choose(row, layer, counts, hidden, residual, sl, group_pos[sl])
+                        choices[r] = self._choose(row, layer, counts, hidden, residual, sl, group_pos[..., sl])
                 elif row.state is not None and row.state.removed_at(idx) != removed_ctx[r]:
                     removed_ctx[r] = row.state.removed_at(idx)
                     changed = True
@@ -400,7 +428,7 @@ class InLLMForward:
                 nxt = next((c for s, c in row.plan.stages if s == idx + 1), None)
                 if nxt is not None and any(c < s.numel() for c, s in zip(nxt, row.spans)):
                     sl = slice(offsets[r], offsets[r] + int(row.rows.numel()))
-                    row.importance = _scores(layer, _stream(hidden, residual, sl), group_pos[sl], row)
+                    row.importance = _scores(layer, _stream(hidden, residual, sl), group_pos[..., sl], row)
             # 3. The layer itself; TransPrune's TTV read from hooks inside its window.
             ttv_rows = [r for r, row in enumerate(rows) if row.plan is not None and row.replay is None
                         and row.plan.window[0] <= idx <= row.plan.window[1]]
@@ -466,7 +494,7 @@ class InLLMForward:
     @staticmethod
     def _apply(row: _Row, keep: torch.Tensor) -> None:
         row.rows = row.rows[keep]
-        row.positions = row.positions[keep]
+        row.positions = row.positions[..., keep]
         row.prompt_index = row.prompt_index[keep]
         if row.ttv is not None:
             row.ttv = row.ttv[keep]
@@ -483,10 +511,10 @@ class InLLMForward:
         seqs = [row.ctx - removed_ctx[r] + qlens[r] for r, row in enumerate(rows)]
         compact = torch.cat([torch.arange(s - q, s, device=device) for s, q in zip(seqs, qlens)])  # (T',)
         owner = torch.cat([torch.full((q,), r, dtype=torch.long, device=device) for r, q in enumerate(qlens)])
-        pos = torch.cat([
-            compact[o : o + q] if (row.state is not None and row.state.reindex) else row.positions
+        pos = torch.cat([  # (T',) or M-RoPE (3, T'): the rows' own ids, or re-indexed ones
+            compact[o : o + q].expand_as(row.positions) if (row.state is not None and row.state.reindex) else row.positions
             for row, o, q in zip(rows, self._offsets(rows), qlens)
-        ])
+        ], dim=-1)
         i32 = md_all[names[0]].query_start_loc.dtype
         qsl = torch.zeros(len(rows) + 1, dtype=i32)
         qsl[1:] = torch.cumsum(torch.tensor(qlens, dtype=torch.int64), 0).to(i32)

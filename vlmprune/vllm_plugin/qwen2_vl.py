@@ -6,7 +6,10 @@ Registered (lazily, by :func:`vlmprune.vllm_plugin.register`) as ``PrunedQwen2VL
 :func:`vlmprune.reduction.reduce.reduce_image`, the routing into :mod:`vlmprune.core` that the
 transformers reference backend uses too; ``transprune``, ``aim`` (merge, then PageRank) and
 ``explain`` by the shallow probe of :mod:`vlmprune.vllm_plugin.probe`, over M-RoPE positions (the
-image's (t, h, w) ids, the instruction after them).
+image's (t, h, w) ids, the instruction after them). On an engine with ``VLMPRUNE_IN_LLM=1``,
+``transprune``, ``aim`` and ``fastv`` run between the decoder layers instead
+(:mod:`vlmprune.vllm_plugin.inllm`, installed by :class:`QwenPruningMixin`): every visual row enters
+the LLM (AIM: its merged rows), each keeping its (t, h, w) id.
 
 Processor (front end): the stock one plus the policy fields of :mod:`.common`; each image's
 ``<|image_pad|>`` run shrinks to the count the processor computed from the merged-token grid
@@ -105,6 +108,8 @@ from vlmprune.vllm_plugin.common import (
     policy_free_context,
     pop_item_policies,
 )
+from vlmprune.vllm_plugin.inllm import IN_LLM_FAMILIES, InLLMForward, check_engine_in_llm, runs_in_llm
+from vlmprune.vllm_plugin.inllm import enabled as in_llm_enabled
 from vlmprune.vllm_plugin.llava import needed_signals
 from vlmprune.vllm_plugin.probe import ModelProbe
 from vlmprune.vllm_plugin.tracing import record_kept
@@ -363,6 +368,8 @@ class QwenPruningMixin:
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         model_name = str(vllm_config.model_config.model)
         check_engine(vllm_config, model_name, self.vlmprune_family, self.vlmprune_methods)
+        if self.vlmprune_family in IN_LLM_FAMILIES:
+            check_engine_in_llm(vllm_config, model_name)
         mm_config = vllm_config.model_config.multimodal_config
         if mm_config.video_pruning_rate:
             raise RuntimeError(
@@ -374,6 +381,19 @@ class QwenPruningMixin:
         super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
         self._vlmprune_layers = int(self.config.text_config.num_hidden_layers)  # type: ignore[attr-defined]
         self._vlmprune_probe = ModelProbe(self.language_model.model, model_name)  # type: ignore[attr-defined]
+        if in_llm_enabled() and self.vlmprune_family in IN_LLM_FAMILIES:
+            InLLMForward(
+                self.language_model.model,  # type: ignore[attr-defined]
+                self.vlmprune_family,
+                self._vlmprune_grid_tokens,
+                vision_end=int(self.config.vision_end_token_id),  # type: ignore[attr-defined]
+            ).install()
+
+    def _vlmprune_grid_tokens(self, feature: Any) -> int:
+        """Merged tokens of one image before any reduction (in-LLM stages: AIM's placeholders are
+        already merged, so the run length does not say it)."""
+        merge = int(self.config.vision_config.spatial_merge_size)  # type: ignore[attr-defined]
+        return int(torch.as_tensor(feature.data["image_grid_thw"].data).prod()) // (merge * merge)
 
     # -- family hooks ------------------------------------------------------------------------------
     def vlmprune_score_block(self) -> int:
@@ -435,13 +455,22 @@ class QwenPruningMixin:
                     grid=(llm_h, llm_w),
                     signals=signals,
                 )
-                if item.policy.method in PROBE_METHODS:  # instruction-aware: the LM probe decides
+                if runs_in_llm(item.policy, self.vlmprune_family):
+                    # In-LLM stages (vlmprune.vllm_plugin.inllm): TransPrune and FastV keep every
+                    # row here, AIM merges to its schedule's LLM-input count.
+                    reduction = None
+                    if item.policy.method == "aim":
+                        reduction = reduce_image(item.policy, self.vlmprune_family, image, num_layers=self._vlmprune_layers)
+                elif item.policy.method in PROBE_METHODS:  # instruction-aware: the LM probe decides
                     reduction = self._vlmprune_probe.reduce(
                         item, image, self.vlmprune_family, self._vlmprune_layers, grid_positions=thw.T
                     )
                 else:
                     reduction = reduce_image(item.policy, self.vlmprune_family, image, num_layers=self._vlmprune_layers)
-                rows, index = reduction.apply(feats).to(feats.dtype), reduction.index.to(feats.device)
+                if reduction is None:
+                    rows, index = feats, torch.arange(feats.shape[0], device=feats.device)
+                else:
+                    rows, index = reduction.apply(feats).to(feats.dtype), reduction.index.to(feats.device)
             else:
                 rows, index = feats, torch.arange(feats.shape[0], device=feats.device)
             if item is not None and rows.shape[0] != item.count:
