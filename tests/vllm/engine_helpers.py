@@ -16,11 +16,12 @@ from vllm_stock_runner import ENGINE_KWARGS, sampling_params, summarize, vllm_re
 HERE = Path(__file__).parent
 
 
-def build_model(family: str, root: Path):
-    """(directory, transformers model, processor) of a tiny model saved in the vLLM layout."""
+def build_model(family: str, root: Path, **options: Any):
+    """(directory, transformers model, processor) of a tiny model saved in the vLLM layout
+    (``options``: the tiny builder's keyword arguments)."""
     from vlmprune.testbed.vllm_layout import build_for_vllm
 
-    return build_for_vllm(family, root)
+    return build_for_vllm(family, root, **options)
 
 
 class StockRun:

@@ -87,11 +87,13 @@ def run(env, specs):
 
 
 def vllm_kept(record) -> list[list[list[int]]]:
-    """Per stage, per image: image-local indices (placeholder rows) still present after the stage."""
+    """Per stage, per image: image-local indices (placeholder rows, LLaVA-NeXT's newline rows
+    included) still present after the stage."""
     out = []
     for kept in record["decisions"]:
         kept = torch.tensor(kept)
-        out.append([(kept[torch.isin(kept, torch.tensor(span))] - span[0]).tolist() for span in record["spans"]])
+        runs = [torch.arange(offset, offset + length) for offset, length in record["runs"]]
+        out.append([(kept[torch.isin(kept, run)] - run[0]).tolist() for run in runs])
     return out
 
 
@@ -108,7 +110,7 @@ def reference(env, spec, policy):
         logits = pre.decoder.extend([token])[-1]
     spans = pre.sequence.image_spans  # rows of the LLM-input sequence
     stages = []
-    if policy["method"] == "transprune" and any(int(k.numel()) < im.n_prunable for k, im in zip(pre.kept_index, pre.images)):
+    if policy["method"] == "transprune" and any(int(k.numel()) < im.n_tokens for k, im in zip(pre.kept_index, pre.images)):
         stages.append([k.tolist() for k in pre.kept_index])  # its LLM-input stage = layer 0 in vLLM
     state = pre.decoder._state
     for decision in (state.decisions if state is not None else []):

@@ -1,6 +1,6 @@
 """In-LLM visual-token pruning inside vLLM's served LLM: TransPrune, AIM and FastV between decoder layers.
 
-What runs (engine started with ``VLMPRUNE_IN_LLM=1``; LLaVA-1.5, vLLM 0.32's V1 model runner):
+What runs (engine started with ``VLMPRUNE_IN_LLM=1``; LLaVA-1.5 and LLaVA-NeXT, vLLM 0.32's V1 model runner):
 the reference backend's progressive loop (``vlmprune/backends/hf/progressive.py``) inside the
 served ``LlamaModel``. Layers before a stage see every row; at a stage after ``k`` layers the kept
 visual rows of each request are chosen from the signals of the layers just run, through the same
@@ -42,7 +42,11 @@ another request's compacted rows, or skip rows the stage must see), no chunked p
 pipeline parallel size 1, the CPU platform's V1 runner (the only one hooked). KV memory is not
 saved (layers after a stage leave their tail slots unused); compute is.
 
-Not done here: LLaVA-NeXT and the Qwen models (they keep the shallow probe,
+LLaVA-NeXT: each image's prunable count follows its size and the stages choose among its prunable
+rows only (newline rows always stay), as the reference (``request_plan``'s ``layout``, from
+:mod:`vlmprune.vllm_plugin.llava_next`).
+
+Not done here: the Qwen models (they keep the shallow probe,
 :mod:`vlmprune.vllm_plugin.probe`), kept-token traces of the in-LLM stages, prompt logprobs of
 pruned rows (meaningless), speculative decoding.
 """
@@ -132,6 +136,8 @@ class RequestPlan:
     window: tuple[int, int]
     """TransPrune's TTV layers (inclusive; empty for AIM)."""
     prompt_len: int
+    runs: list[tuple[int, int]] = field(default_factory=list)
+    """Per image, (offset, length) of its whole placeholder run (LLaVA-NeXT: newline rows included)."""
 
 
 @dataclass
@@ -174,8 +180,12 @@ def read_log() -> list[dict]:
     return out
 
 
-def request_plan(req_state: Any, family: str, n_prunable: int, num_layers: int) -> RequestPlan | None:
-    """The plan of a request from its multimodal fields and placeholders (None: nothing in-LLM)."""
+def request_plan(req_state: Any, family: str, n_prunable: int, num_layers: int, layout: Any = None) -> RequestPlan | None:
+    """The plan of a request from its multimodal fields and placeholders (None: nothing in-LLM).
+
+    ``layout``: for images whose placeholder run is not all prunable rows (LLaVA-NeXT: newline rows,
+    a prunable count that depends on the image size), ``layout(feature, runner) -> (n_prunable,
+    (run,) bool prunable rows)``; None: every row is prunable and each image has ``n_prunable``."""
     from vlmprune.vllm_plugin.common import FIELD_POLICY
 
     feats = [f for f in (req_state.mm_features or []) if f.modality == "image"]
@@ -193,23 +203,29 @@ def request_plan(req_state: Any, family: str, n_prunable: int, num_layers: int) 
     if not runs_in_llm(policy, family):
         return None
     feats = sorted(feats, key=lambda f: f.mm_position.offset)
-    spans = [torch.arange(f.mm_position.offset, f.mm_position.offset + f.mm_position.length) for f in feats]
-    sizes = [n_prunable] * len(feats)
+    runs = [torch.arange(f.mm_position.offset, f.mm_position.offset + f.mm_position.length) for f in feats]
+    if layout is None:
+        sizes, spans = [n_prunable] * len(feats), runs
+    else:  # the reference's spans: each image's prunable rows only (newlines are always kept)
+        parts = [layout(f, _BATCH["runner"]) for f in feats]
+        sizes = [n for n, _ in parts]
+        spans = [run[mask] for run, (_, mask) in zip(runs, parts)]
     stages = served_in_llm_stages(policy, sizes, num_layers)
     window = (0, -1)
     if policy.method == "transprune":  # the reference's window: its own in-LLM stages only
         window = transprune_window([layer for layer, _ in in_llm_stages(policy, sizes, num_layers)], num_layers)
     if not stages:
         return None
-    for f, span in zip(feats, spans):
+    for f in feats:
         if f.mm_position.is_embed is not None and not bool(f.mm_position.is_embed.all()):
             raise RuntimeError("vlmprune: in-LLM pruning expects every placeholder row to be an image row")
     prompt_len = len(req_state.prompt_token_ids)
-    instruction = torch.arange(int(spans[-1][-1]) + 1, prompt_len)
+    instruction = torch.arange(int(runs[-1][-1]) + 1, prompt_len)
     if policy.method == "transprune" and instruction.numel() == 0:
         raise RuntimeError("vlmprune: transprune needs instruction text after the last image, and the prompt has none")
     reindex = policy.method == "transprune" and policy.positions == "reindex"
-    return RequestPlan(policy, stages, spans, instruction, reindex, window, prompt_len)
+    return RequestPlan(policy, stages, spans, instruction, reindex, window, prompt_len,
+                       [(f.mm_position.offset, f.mm_position.length) for f in feats])
 
 
 # --- Runner hooks --------------------------------------------------------------------------------
@@ -284,12 +300,13 @@ class _Row:
 
 
 class InLLMForward:
-    """Replaces ``forward`` of a served LLaVA-1.5 ``LlamaModel`` (set as an instance attribute)."""
+    """Replaces ``forward`` of a served LLaVA-1.5 / LLaVA-NeXT ``LlamaModel`` (an instance attribute)."""
 
-    def __init__(self, lm: Any, family: str, n_prunable: int) -> None:
+    def __init__(self, lm: Any, family: str, n_prunable: int, layout: Any = None) -> None:
         self.lm = lm
         self.family = family
         self.n_prunable = n_prunable
+        self.layout = layout  # request_plan's layout (LLaVA-NeXT), None when every row is prunable
         self.num_layers = len(lm.layers)
         self.stock = lm.forward
 
@@ -313,7 +330,7 @@ class InLLMForward:
             state = STATES.get(rid)
             req = runner.requests[rid]
             if ctx == 0:
-                plan = request_plan(req, self.family, self.n_prunable, self.num_layers)
+                plan = request_plan(req, self.family, self.n_prunable, self.num_layers, self.layout)
                 if plan is not None:
                     if qe - qs < plan.prompt_len:
                         raise RuntimeError(
@@ -331,7 +348,7 @@ class InLLMForward:
                 row.state = state
                 active = True
             elif req.num_computed_tokens < len(req.prompt_token_ids or []) and request_plan(
-                req, self.family, self.n_prunable, self.num_layers
+                req, self.family, self.n_prunable, self.num_layers, self.layout
             ) is not None:
                 raise RuntimeError(
                     f"vlmprune: request {rid} reached an in-LLM stage with {ctx} tokens already cached "
@@ -523,7 +540,8 @@ class InLLMForward:
                     "req_id": row.rid, "method": row.plan.policy.method, "ratio": row.plan.policy.ratio,
                     "stages": list(row.state.stage_layers),
                     "decisions": [d.tolist() for d in row.state.decisions],
-                    "spans": [s.tolist() for s in row.plan.spans],
+                    "spans": [s.tolist() for s in row.plan.spans],  # prunable rows per image
+                    "runs": [[int(s[0]), int(s[1])] for s in row.plan.runs],  # placeholder (offset, length)
                 })
 
 
