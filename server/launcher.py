@@ -63,7 +63,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="extra argument for vLLM (repeatable, e.g. --vllm-arg=--max-num-seqs=8)")
     p.add_argument("--vllm-log", metavar="FILE", help="vLLM's log file (default: a temporary file)")
     p.add_argument("--in-llm", action="store_true", default=os.environ.get(IN_LLM_ENV) == "1",
-                   help=f"run transprune/aim between the LLM's decoder layers (LLaVA-1.5; sets {IN_LLM_ENV}=1 "
+                   help=f"run transprune/aim between the LLM's decoder layers (LLaVA-1.5, LLaVA-NeXT; sets {IN_LLM_ENV}=1 "
                         "and vLLM's --enforce-eager --no-enable-prefix-caching --no-enable-chunked-prefill)")
     p.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for vLLM")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

@@ -90,7 +90,7 @@ IN_LLM_ENV = "VLMPRUNE_IN_LLM"
 on the families of :data:`IN_LLM_FAMILIES`; otherwise (and on other families) the shallow probe
 prunes them at the LLM input. The launcher sets it with the engine flags the mode requires."""
 IN_LLM_METHODS = frozenset({"transprune", "aim", "fastv"})
-IN_LLM_FAMILIES = frozenset({"llava", "qwen2_vl", "qwen2_5_vl"})
+IN_LLM_FAMILIES = frozenset({"llava", "llava_next", "qwen2_vl", "qwen2_5_vl"})
 
 
 def in_llm_mode() -> bool:

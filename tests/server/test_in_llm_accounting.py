@@ -54,3 +54,35 @@ def test_other_methods_and_ratio_zero_have_no_stages(model, monkeypatch):
         assert model.stages(policy, image) == []
         assert model.kept(policy, image) == image.kept(policy.ratio)
     assert "stages" not in AppliedPolicy(method="x", ratio=0.5, visual_tokens=1, kept=1, policy="p", source="b").header()
+
+
+DEMO_NEXT = DEMO.parent / "demo-next"
+
+
+@pytest.mark.parametrize("method,ratio", [("transprune", 0.9), ("aim", 0.5), ("fastv", 0.5)])
+def test_llava_next_stages_follow_each_images_size_and_keep_newlines(method, ratio, monkeypatch):
+    """LLaVA-NeXT (the engine's in-LLM stages on the per-image prunable count): each image's stages
+    come from its own prunable count; newline tokens enter every layer, in the FLOPs too."""
+    model = ServedModel(DEMO_NEXT)
+    assert model.family == "llava_next"
+    policy = parse_policy({"method": method, "ratio": ratio})
+    images = [model.image_tokens(672, 336), model.image_tokens(500, 500)]
+    assert images[0].prunable != images[1].prunable and all(t.newline for t in images)
+    monkeypatch.setenv("VLMPRUNE_IN_LLM", "1")
+    layers = model.lm.layers
+    for image in images:
+        stages = model.stages(policy, image)
+        assert stages == [(layer, c[0]) for layer, c in served_in_llm_stages(policy, [image.prunable], layers)] and stages
+        want_input = image.prunable if method != "aim" else stage_plan(policy, image.prunable, layers)[0][1]
+        assert model.kept(policy, image) == want_input
+    cost = model.cost(images, policy, 20, 5)
+    per_layer = [
+        sum(c + t.newline for c, t in zip(counts, images))
+        for counts in zip(*(method_visual_per_layer(method, ratio, t.prunable, layers, policy) for t in images))
+    ]
+    baseline_tokens = sum(t.total for t in images)
+    tower = cost.baseline_flops - prefill_flops(model.lm, 20, baseline_tokens).total
+    probe = sum(method_probe_flops(method, ratio, model.lm, model.vision, t.prunable, 5, t.views, policy, in_llm=True)
+                for t in images)
+    assert cost.actual_flops == pytest.approx(prefill_flops(model.lm, 20, per_layer).total + tower + probe)
+    assert cost.visual_kept == sum(model.kept(policy, t) for t in images)

@@ -16,11 +16,12 @@ from vllm_stock_runner import ENGINE_KWARGS, sampling_params, summarize, vllm_re
 HERE = Path(__file__).parent
 
 
-def build_model(family: str, root: Path):
-    """(directory, transformers model, processor) of a tiny model saved in the vLLM layout."""
+def build_model(family: str, root: Path, **options: Any):
+    """(directory, transformers model, processor) of a tiny model saved in the vLLM layout
+    (``options``: the tiny builder's keyword arguments)."""
     from vlmprune.testbed.vllm_layout import build_for_vllm
 
-    return build_for_vllm(family, root)
+    return build_for_vllm(family, root, **options)
 
 
 class StockRun:
@@ -177,13 +178,15 @@ def inllm_run(engine: "Engine", specs: list[dict[str, Any]]):
 
 
 def vllm_kept(record) -> list[list[list[int]]]:
-    """Per stage, per image: image-local indices (placeholder rows) still present after the stage."""
+    """Per stage, per image: image-local indices (placeholder rows, LLaVA-NeXT's newline rows
+    included) still present after the stage."""
     import torch
 
     out = []
     for kept in record["decisions"]:
         kept = torch.tensor(kept)
-        out.append([(kept[torch.isin(kept, torch.tensor(span))] - span[0]).tolist() for span in record["spans"]])
+        runs = [torch.arange(offset, offset + length) for offset, length in record["runs"]]
+        out.append([(kept[torch.isin(kept, run)] - run[0]).tolist() for run in runs])
     return out
 
 
@@ -202,7 +205,7 @@ def inllm_reference(ref, spec: dict[str, Any], policy: dict[str, Any]):
         logits = pre.decoder.extend([token])[-1]
     spans = pre.sequence.image_spans  # rows of the LLM-input sequence
     stages = []
-    if policy["method"] == "transprune" and any(int(k.numel()) < im.n_prunable for k, im in zip(pre.kept_index, pre.images)):
+    if policy["method"] == "transprune" and any(int(k.numel()) < im.n_tokens for k, im in zip(pre.kept_index, pre.images)):
         stages.append([k.tolist() for k in pre.kept_index])  # its LLM-input stage = layer 0 in vLLM
     state = pre.decoder._state
     for decision in (state.decisions if state is not None else []):

@@ -7,6 +7,7 @@ this module applies them to one policy and one image, for the reduction at the L
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from vlmprune.core import schedule
@@ -117,9 +118,14 @@ def served_in_llm_stages(policy: Any, n_prunable: list[int], num_layers: int) ->
     return ([(0, first)] if any(c < n for c, n in zip(first, n_prunable)) else []) + later
 
 
-def served_input_count(policy: Any, n_prunable: int, num_layers: int) -> int:
+def served_input_count(policy: Any, n_prunable: int | Sequence[int], num_layers: int) -> int:
     """Prunable tokens of one image in the prompt under vLLM's in-LLM mode: every one for
-    TransPrune (pruned inside the LLM from layer 0 on), AIM's merge count (its schedule's first stage)."""
+    TransPrune (pruned inside the LLM from layer 0 on), AIM's merge count (its schedule's first stage).
+
+    ``n_prunable``: the image's prunable tokens, or their count per view (LLaVA-NeXT's base view and
+    crops): the schedule runs on the whole image, as the reference's ``input_keep``."""
+    if not isinstance(n_prunable, int):
+        n_prunable = sum(int(n) for n in n_prunable)
     if policy.ratio <= 0 or policy.method == "transprune":
         return n_prunable
     return stage_plan(policy, n_prunable, num_layers)[0][1]

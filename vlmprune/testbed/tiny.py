@@ -162,9 +162,13 @@ def build_llava(tmp_path: Path, seed: int = 0, head_dim: int | None = None):
     return model, processor
 
 
-def build_llava_next(tmp_path: Path, seed: int = 0, head_dim: int | None = None):
+def build_llava_next(tmp_path: Path, seed: int = 0, head_dim: int | None = None, vision_feature_layer: int = -2):
     """LLaVA-NeXT in miniature: CLIP 56 px views (4x4 tokens each), AnyRes pinpoints up to 112x112
-    (2x2 crops), stock ``spatial_unpad`` packing with image_newline tokens, Llama 4 layers."""
+    (2x2 crops), stock ``spatial_unpad`` packing with image_newline tokens, Llama 4 layers.
+
+    ``vision_feature_layer=-1``: the last ViT layer is the feature layer, so vLLM loads it and the
+    ViT signals of both backends come from the same layer (AIM's merge keys: exact, not the
+    documented last-*loaded*-layer deviation)."""
     from transformers import (
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
@@ -196,7 +200,7 @@ def build_llava_next(tmp_path: Path, seed: int = 0, head_dim: int | None = None)
         text_config=_llama_config(len(tokenizer), head_dim),
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         image_grid_pinpoints=pinpoints,
-        vision_feature_layer=-2,
+        vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )

@@ -73,8 +73,9 @@ def save_for_vllm(model: Any, processor: Any, out_dir: str | Path) -> Path:
     return out
 
 
-def build_for_vllm(family: str, out_dir: str | Path, seed: int = 0) -> tuple[Path, Any, Any]:
-    """Build a tiny model of ``family`` (:mod:`vlmprune.testbed.tiny`) and save it for vLLM.
+def build_for_vllm(family: str, out_dir: str | Path, seed: int = 0, **options: Any) -> tuple[Path, Any, Any]:
+    """Build a tiny model of ``family`` (:mod:`vlmprune.testbed.tiny`) and save it for vLLM
+    (``options``: the builder's own keyword arguments).
 
     Returns ``(directory, model, processor)``; the in-memory model is the transformers reference of
     exactly the saved weights. Builders that take ``head_dim`` get :data:`VLLM_CPU_HEAD_DIM`.
@@ -94,5 +95,5 @@ def build_for_vllm(family: str, out_dir: str | Path, seed: int = 0) -> tuple[Pat
     out = Path(out_dir)
     build = builders[family]
     extra = {"head_dim": VLLM_CPU_HEAD_DIM} if "head_dim" in inspect.signature(build).parameters else {}
-    model, processor = build(out / "build", seed=seed, **extra)
+    model, processor = build(out / "build", seed=seed, **extra, **options)
     return save_for_vllm(model, processor, out / "model"), model, processor

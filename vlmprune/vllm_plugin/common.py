@@ -172,8 +172,11 @@ def check_method(request: RequestPolicy, family: str, available: frozenset[str],
 
         here = sorted(m for m in available if family in METHODS[m].models)
         if method in INLLM_ONLY_METHODS:
+            from vlmprune.methods import IN_LLM_FAMILIES
+
             what = ("needs in-LLM pruning (between the served LLM's decoder layers), which the plugin runs only "
-                    "on LLaVA-1.5 engines started with VLMPRUNE_IN_LLM=1 (vlmprune serve --in-llm)")
+                    f"on {' / '.join(sorted(IN_LLM_FAMILIES))} engines started with VLMPRUNE_IN_LLM=1 "
+                    "(vlmprune serve --in-llm)")
         elif method in PROBE_METHODS:
             what = "needs the instruction probe, which is not enabled"
         else:

@@ -1,7 +1,7 @@
 """In-LLM visual-token pruning inside vLLM's served LLM: TransPrune, AIM and FastV between decoder layers.
 
-What runs (engine started with ``VLMPRUNE_IN_LLM=1``; LLaVA-1.5, Qwen2-VL and Qwen2.5-VL, vLLM
-0.32's V1 model runner): the reference backend's progressive loop
+What runs (engine started with ``VLMPRUNE_IN_LLM=1``; LLaVA-1.5, LLaVA-NeXT, Qwen2-VL and
+Qwen2.5-VL, vLLM 0.32's V1 model runner): the reference backend's progressive loop
 (``vlmprune/backends/hf/progressive.py``) inside the served ``LlamaModel`` / ``Qwen2Model``.
 Layers before a stage see every row; at a stage after ``k`` layers the kept visual rows of each
 request are chosen from the signals of the layers just run, through the same functions the
@@ -50,16 +50,19 @@ another request's compacted rows, or skip rows the stage must see), no chunked p
 pipeline parallel size 1, the CPU platform's V1 runner (the only one hooked). KV memory is not
 saved (layers after a stage leave their tail slots unused); compute is.
 
-Not done here: LLaVA-NeXT (it keeps the shallow probe, :mod:`vlmprune.vllm_plugin.probe`),
-kept-token traces of the in-LLM stages, prompt logprobs of pruned rows (meaningless), speculative
-decoding.
+LLaVA-NeXT: each image's prunable count follows its size and the stages choose among its prunable
+rows only (newline rows always stay), as the reference (``request_plan``'s ``layout``, from
+:mod:`vlmprune.vllm_plugin.llava_next`). Qwen: the layout gives each image's merged-grid count
+(AIM's merged placeholders do not show it).
+
+Not done here: kept-token traces of the in-LLM stages, prompt logprobs of pruned rows
+(meaningless), speculative decoding.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -141,6 +144,8 @@ class RequestPlan:
     window: tuple[int, int]
     """TransPrune's TTV layers (inclusive; empty for AIM)."""
     prompt_len: int
+    runs: list[tuple[int, int]] = field(default_factory=list)
+    """Per image, (offset, length) of its whole placeholder run (LLaVA-NeXT: newline rows included)."""
 
 
 @dataclass
@@ -187,13 +192,15 @@ def read_log() -> list[dict]:
 
 
 def request_plan(
-    req_state: Any, family: str, n_prunable: int | Callable[[Any], int], num_layers: int, *, vision_end: int | None = None
+    req_state: Any, family: str, n_prunable: int, num_layers: int, layout: Any = None, *, vision_end: int | None = None
 ) -> RequestPlan | None:
     """The plan of a request from its multimodal fields and placeholders (None: nothing in-LLM).
 
-    ``n_prunable``: an image's prunable tokens before any reduction, or a function of its
-    multimodal feature giving them (Qwen: its merged grid, which AIM's merged placeholders do not
-    show). ``vision_end``: a token id that closes an image run and is not instruction (Qwen's
+    ``layout``: for images whose placeholder run is not ``n_prunable`` prunable rows (LLaVA-NeXT:
+    newline rows and a prunable count that depends on the image size; Qwen: the merged grid, which
+    AIM's merged placeholders do not show), ``layout(feature, runner) -> (n_prunable, (run,) bool
+    prunable rows)``; None: every row is prunable and each image has ``n_prunable``.
+    ``vision_end``: a token id that closes an image run and is not instruction (Qwen's
     ``<|vision_end|>``, which the reference skips too)."""
     from vlmprune.vllm_plugin.common import FIELD_POLICY
 
@@ -212,19 +219,24 @@ def request_plan(
     if not runs_in_llm(policy, family):
         return None
     feats = sorted(feats, key=lambda f: f.mm_position.offset)
-    spans = [torch.arange(f.mm_position.offset, f.mm_position.offset + f.mm_position.length) for f in feats]
-    sizes = [int(n_prunable(f)) if callable(n_prunable) else n_prunable for f in feats]
+    runs = [torch.arange(f.mm_position.offset, f.mm_position.offset + f.mm_position.length) for f in feats]
+    if layout is None:
+        sizes, spans = [n_prunable] * len(feats), runs
+    else:  # the reference's spans: each image's prunable rows only (newlines are always kept)
+        parts = [layout(f, _BATCH["runner"]) for f in feats]
+        sizes = [n for n, _ in parts]
+        spans = [run[mask] for run, (_, mask) in zip(runs, parts)]
     stages = served_in_llm_stages(policy, sizes, num_layers)
     window = (0, -1)
     if policy.method == "transprune":  # the reference's window: its own in-LLM stages only
         window = transprune_window([layer for layer, _ in in_llm_stages(policy, sizes, num_layers)], num_layers)
     if not stages:
         return None
-    for f, span in zip(feats, spans):
+    for f in feats:
         if f.mm_position.is_embed is not None and not bool(f.mm_position.is_embed.all()):
             raise RuntimeError("vlmprune: in-LLM pruning expects every placeholder row to be an image row")
     prompt_len = len(req_state.prompt_token_ids)
-    start = int(spans[-1][-1]) + 1
+    start = int(runs[-1][-1]) + 1
     if vision_end is not None and start < prompt_len and int(req_state.prompt_token_ids[start]) == vision_end:
         start += 1
     instruction = torch.arange(start, prompt_len)
@@ -233,7 +245,8 @@ def request_plan(
     # M-RoPE families keep the original (t, h, w) ids whatever ``positions`` says, as the
     # reference's Qwen adapters (``reindex_after_pruning = False``).
     reindex = policy.method == "transprune" and policy.positions == "reindex" and family not in MROPE_FAMILIES
-    return RequestPlan(policy, stages, spans, instruction, reindex, window, prompt_len)
+    return RequestPlan(policy, stages, spans, instruction, reindex, window, prompt_len,
+                       [(f.mm_position.offset, f.mm_position.length) for f in feats])
 
 
 # --- Runner hooks --------------------------------------------------------------------------------
@@ -308,15 +321,16 @@ class _Row:
 
 
 class InLLMForward:
-    """Replaces ``forward`` of a served LLaVA-1.5 ``LlamaModel`` or Qwen2-VL / 2.5-VL ``Qwen2Model``
-    (set as an instance attribute)."""
+    """Replaces ``forward`` of a served LLaVA-1.5 / LLaVA-NeXT ``LlamaModel`` or Qwen2-VL / 2.5-VL
+    ``Qwen2Model`` (set as an instance attribute)."""
 
     def __init__(
-        self, lm: Any, family: str, n_prunable: int | Callable[[Any], int], *, vision_end: int | None = None
+        self, lm: Any, family: str, n_prunable: int, layout: Any = None, *, vision_end: int | None = None
     ) -> None:
         self.lm = lm
         self.family = family
         self.n_prunable = n_prunable
+        self.layout = layout  # request_plan's layout (LLaVA-NeXT, Qwen), None when every row is prunable
         self.vision_end = vision_end
         self.num_layers = len(lm.layers)
         self.stock = lm.forward
@@ -341,7 +355,8 @@ class InLLMForward:
             state = STATES.get(rid)
             req = runner.requests[rid]
             if ctx == 0:
-                plan = request_plan(req, self.family, self.n_prunable, self.num_layers, vision_end=self.vision_end)
+                plan = request_plan(req, self.family, self.n_prunable, self.num_layers, self.layout,
+                                    vision_end=self.vision_end)
                 if plan is not None:
                     if qe - qs < plan.prompt_len:
                         raise RuntimeError(
@@ -359,7 +374,7 @@ class InLLMForward:
                 row.state = state
                 active = True
             elif req.num_computed_tokens < len(req.prompt_token_ids or []) and request_plan(
-                req, self.family, self.n_prunable, self.num_layers, vision_end=self.vision_end
+                req, self.family, self.n_prunable, self.num_layers, self.layout, vision_end=self.vision_end
             ) is not None:
                 raise RuntimeError(
                     f"vlmprune: request {rid} reached an in-LLM stage with {ctx} tokens already cached "
@@ -551,7 +566,8 @@ class InLLMForward:
                     "req_id": row.rid, "method": row.plan.policy.method, "ratio": row.plan.policy.ratio,
                     "stages": list(row.state.stage_layers),
                     "decisions": [d.tolist() for d in row.state.decisions],
-                    "spans": [s.tolist() for s in row.plan.spans],
+                    "spans": [s.tolist() for s in row.plan.spans],  # prunable rows per image
+                    "runs": [[int(s[0]), int(s[1])] for s in row.plan.runs],  # placeholder (offset, length)
                 })
 
 

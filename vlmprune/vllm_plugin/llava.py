@@ -344,7 +344,13 @@ class LlavaPruningMixin:
         self._vlmprune_probe = ModelProbe(self.language_model.model, model_name)
         if in_llm_enabled() and self.vlmprune_family in IN_LLM_FAMILIES:
             vc = self.config.vision_config
-            InLLMForward(self.language_model.model, self.vlmprune_family, (vc.image_size // vc.patch_size) ** 2).install()
+            InLLMForward(self.language_model.model, self.vlmprune_family, (vc.image_size // vc.patch_size) ** 2,
+                         self._vlmprune_in_llm_layout()).install()
+
+    def _vlmprune_in_llm_layout(self) -> Any:
+        """The in-LLM stages' per-image layout (:func:`vlmprune.vllm_plugin.inllm.request_plan`);
+        None: one grid, every placeholder row prunable (LLaVA-1.5)."""
+        return None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """The stock loading, with the last ViT layer's q/k tensors kept for :class:`FinalLayerQK`

@@ -200,6 +200,36 @@ class PrunedLlavaNext(LlavaPruningMixin, LlavaNextForConditionalGeneration):
 
     vlmprune_family = "llava_next"
 
+    def _vlmprune_in_llm_layout(self):
+        return self._vlmprune_image_layout
+
+    def _vlmprune_image_layout(self, feature: Any, runner: Any) -> tuple[int, torch.Tensor]:
+        """(prunable tokens, (run,) bool prunable rows) of one image's placeholder run, for the
+        in-LLM stages: the reference's spans hold an image's prunable rows only (newlines stay).
+
+        The prunable count and the stock run's newline rows follow from the image size through
+        vLLM's own packing (:func:`packed_sources`). A run shorter than the stock one is AIM's merge
+        at the input (rows in index order, newline rows untouched): its newline rows are the rows
+        of the image's encoder output that are exactly ``image_newline``, checked against the count
+        the geometry gives.
+        """
+        size = feature.data["image_sizes"].data  # (2,) height, width
+        vc = self.config.vision_config
+        gh, gw = get_anyres_image_grid_shape(tuple(int(x) for x in size.tolist()), self.config.image_grid_pinpoints, vc.image_size)
+        stock = packed_sources(self, size, 1 + int(gh) * int(gw)) >= 0  # (n_stock,)
+        length = int(feature.mm_position.length)
+        if length == stock.numel():
+            return int(stock.sum()), stock
+        rows = None if runner is None else runner.encoder_cache.get(feature.identifier)
+        if rows is None or rows.shape[0] != length:
+            raise RuntimeError(f"vlmprune: no encoder output of {length} rows for image {feature.identifier!r} "
+                               "at its in-LLM stage (LLaVA-NeXT needs it to find the newline rows)")
+        newline = (rows == self.image_newline.to(rows.device, rows.dtype)).all(dim=-1)  # (run,)
+        if int(newline.sum()) != int((~stock).sum()):
+            raise RuntimeError(f"vlmprune: image {feature.identifier!r} has {int(newline.sum())} newline rows in its "
+                               f"placeholder run, its geometry {int((~stock).sum())}")
+        return int(stock.sum()), (~newline).cpu()
+
     def embed_multimodal(self, **kwargs: object):
         items, stock = self._vlmprune_items(kwargs)
         if stock is not None:

@@ -385,15 +385,18 @@ class QwenPruningMixin:
             InLLMForward(
                 self.language_model.model,  # type: ignore[attr-defined]
                 self.vlmprune_family,
-                self._vlmprune_grid_tokens,
+                0,  # per image: the layout's count
+                self._vlmprune_image_layout,
                 vision_end=int(self.config.vision_end_token_id),  # type: ignore[attr-defined]
             ).install()
 
-    def _vlmprune_grid_tokens(self, feature: Any) -> int:
-        """Merged tokens of one image before any reduction (in-LLM stages: AIM's placeholders are
-        already merged, so the run length does not say it)."""
+    def _vlmprune_image_layout(self, feature: Any, _runner: Any) -> tuple[int, torch.Tensor]:
+        """(merged tokens of one image before any reduction, its run's prunable rows: all) for the
+        in-LLM stages (:func:`vlmprune.vllm_plugin.inllm.request_plan`): AIM's placeholders are
+        already merged, so the run length does not say the count."""
         merge = int(self.config.vision_config.spatial_merge_size)  # type: ignore[attr-defined]
-        return int(torch.as_tensor(feature.data["image_grid_thw"].data).prod()) // (merge * merge)
+        count = int(torch.as_tensor(feature.data["image_grid_thw"].data).prod()) // (merge * merge)
+        return count, torch.ones(int(feature.mm_position.length), dtype=torch.bool)
 
     # -- family hooks ------------------------------------------------------------------------------
     def vlmprune_score_block(self) -> int:
