@@ -217,6 +217,17 @@ def inllm_reference(ref, spec: dict[str, Any], policy: dict[str, Any]):
     return tokens, stages, logprobs
 
 
+def assert_batch_gives_solo_answers(engine: "Engine", specs: list[dict[str, Any]]) -> None:
+    """Each request of one mixed ``generate`` batch gets what it gets alone: output and kept rows."""
+    solo = [inllm_run(engine, [s]) for s in specs]
+    batch, records = inllm_run(engine, specs)
+    for i, ((s_out,), (s_rec,)) in enumerate(solo):
+        assert_same_output(batch[i], s_out, atol=1e-4, what=f"request {i}")
+        assert (records[i] is None) == (s_rec is None)
+        if s_rec is not None:
+            assert records[i]["decisions"] == s_rec["decisions"], f"request {i}: kept rows differ in the batch"
+
+
 def assert_logprobs(out: dict[str, Any], tokens: list[int], want: list[float], what: str, atol: float) -> None:
     """Each greedy token's logprob equals the reference's within ``atol``."""
     for step, (token, lp) in enumerate(zip(tokens, want)):

@@ -22,6 +22,7 @@ from engine_helpers import (
     IN_LLM_STEPS,
     Engine,
     StockRun,
+    assert_batch_gives_solo_answers,
     assert_logprobs,
     assert_same_output,
     build_model,
@@ -136,13 +137,7 @@ def test_mixed_batch_gives_each_request_its_solo_answer(env):
         make_spec(env.processor, OTHER, images=IMAGES, policy={"method": "transprune", "ratio": 0.9}),
         make_spec(env.processor, OTHER, policy={"method": "fastv", "ratio": 0.5}),
     ]
-    solo = [run(env, [s]) for s in specs]
-    batch, records = run(env, specs)
-    for i, ((s_out,), (s_rec,)) in enumerate(solo):
-        assert_same_output(batch[i], s_out, atol=1e-4, what=f"request {i}")
-        assert (records[i] is None) == (s_rec is None)
-        if s_rec is not None:
-            assert records[i]["decisions"] == s_rec["decisions"], f"request {i}: kept rows differ in the batch"
+    assert_batch_gives_solo_answers(env.engine, specs)
 
 
 def test_same_image_different_questions_together_and_in_turn(env):

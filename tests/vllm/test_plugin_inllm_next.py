@@ -19,6 +19,7 @@ from engine_helpers import (
     IN_LLM_ENV_VARS,
     Engine,
     StockRun,
+    assert_batch_gives_solo_answers,
     assert_logprobs,
     assert_same_output,
     build_model,
@@ -110,13 +111,7 @@ def test_mixed_batch_gives_each_request_its_solo_answer(env):
         make_spec(env.processor, images=()),
         make_spec(env.processor, QUESTION, images=IMAGES[::-1], policy={"method": "fastv", "ratio": 0.5}),
     ]
-    solo = [run(env, [s]) for s in specs]
-    batch, records = run(env, specs)
-    for i, ((s_out,), (s_rec,)) in enumerate(solo):
-        assert_same_output(batch[i], s_out, atol=1e-4, what=f"request {i}")
-        assert (records[i] is None) == (s_rec is None)
-        if s_rec is not None:
-            assert records[i]["decisions"] == s_rec["decisions"], f"request {i}: kept rows differ in the batch"
+    assert_batch_gives_solo_answers(env.engine, specs)
 
 
 def _hf(spec):
