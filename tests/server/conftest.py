@@ -132,10 +132,11 @@ def serve_process(model: Path | str, log: Path, startup_timeout_s: float = START
                 proc.kill()
 
 
-def metric_samples(url: str) -> dict[tuple[str, tuple], float]:
-    """Every sample of ``url/metrics`` by (name, sorted labels)."""
+def metric_samples(url: str, client: httpx.Client | None = None) -> dict[tuple[str, tuple], float]:
+    """Every sample of ``url/metrics`` by (name, sorted labels); ``client``: reuse its connection."""
     out = {}
-    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
+    text = (client or httpx).get(url + "/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
         for s in family.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out

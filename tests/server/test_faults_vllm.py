@@ -12,6 +12,7 @@ gateway answers every request the dead one had not begun to answer.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import signal
 import socket
@@ -36,7 +37,39 @@ LONG_ANSWER = 1900
 def served(tiny_llava_dir, tmp_path_factory):
     with serve_process(tiny_llava_dir, tmp_path_factory.mktemp("serve-faults") / "serve.log", 1200,
                        "--max-model-len", "2048") as out:
-        yield out
+        with off_the_worker_cpus(out[2].pid):
+            yield out
+
+
+@contextlib.contextmanager
+def off_the_worker_cpus(serve_pid: int):
+    """Keep this test process and the gateway off the CPUs vLLM's CPU worker is bound to, while
+    the module runs (restored after).
+
+    Why: vLLM's CPU worker binds its OpenMP threads to all but its reserved CPUs (on a 2-core
+    machine: the worker on CPU 0, CPU 1 reserved for the front end), and while it generates, another
+    process on the worker's CPU can stay frozen for the whole generation (measured: a
+    ``time.sleep(0.1)`` pinned to CPU 0 returned after 10.0 s during a 1900-token answer, 0.6 s at
+    worst on CPU 1). A frozen client "leaves" after the answer is done, a frozen gateway notices
+    late: either fails these tests on a correct gateway (seen in CI and under load here). What is
+    checked, how fast a client's leaving reaches vLLM, is then the gateway's own behaviour."""
+    gateway = psutil.Process(serve_pid)
+    workers = [p for p in gateway.children(recursive=True) if "Worker" in p.name()]
+    bound = set().union(*(p.cpu_affinity() for p in workers)) if workers else set()
+    free = sorted(set(range(psutil.cpu_count())) - bound)
+    if not free:  # the worker may use every CPU: nothing to move to
+        yield
+        return
+    me = psutil.Process()
+    saved = [(p, p.cpu_affinity()) for p in (me, gateway)]
+    for p, _ in saved:
+        p.cpu_affinity(free)
+    try:
+        yield
+    finally:
+        for p, cpus in saved:
+            if p.is_running():
+                p.cpu_affinity(cpus)
 
 
 def long_stream_body(model: str) -> dict:
@@ -121,11 +154,11 @@ def send_then_leave_once_forwarded(url: str, vllm_url: str, body: dict) -> None:
     """Send a non-streaming request on a raw socket and close it as soon as the gateway has opened
     its request to vLLM (its in-flight gauge for vLLM reads 1).
 
-    Why not a client read timeout: on these 2-core VMs a process that sleeps on a timer can stay
-    frozen for the whole generation while vLLM's CPU worker runs (measured: ``time.sleep(0.1)``
-    returned after 10-11 s on CPU 0 during a 1900-token answer; a 1 s read timeout fired after
-    1.5-8.8 s), so the client could "leave" after the answer was complete and the test failed on a
-    correct gateway. Here every wake-up is a network read, which such a process still gets."""
+    Why not a client read timeout: on these 2-core VMs a process on the CPU vLLM's worker is bound
+    to can stay frozen for the whole generation (measured: ``time.sleep(0.1)`` returned after 10-11 s
+    on CPU 0 during a 1900-token answer; a 1 s read timeout fired after 1.5-8.8 s), so the client
+    could "leave" after the answer was complete and the test failed on a correct gateway. Here the client leaves on an event it observes (the gateway's gauge), and the
+    module keeps this process and the gateway off the worker's CPUs (:func:`off_the_worker_cpus`)."""
     host, port = url.removeprefix("http://").split(":")
     payload = json.dumps(body).encode()
     head = (f"POST {CHAT} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
@@ -135,8 +168,10 @@ def send_then_leave_once_forwarded(url: str, vllm_url: str, body: dict) -> None:
     try:
         sock.sendall(head + payload)
         t0 = time.monotonic()
-        while metric_samples(url).get(key, 0) < 1:  # no sleep: each poll is a quick local answer
-            assert time.monotonic() - t0 < 60, "the gateway did not forward the request within 60 s"
+        with httpx.Client() as client:  # one kept-alive connection: cheap polls
+            while metric_samples(url, client).get(key, 0) < 1:
+                assert time.monotonic() - t0 < 60, "the gateway did not forward the request within 60 s"
+                time.sleep(0.01)
     finally:
         sock.close()
 
