@@ -16,7 +16,8 @@ and at each ratio of ``--ratios`` for every pre-LLM method the plugin serves for
 methods (``transprune``, ``aim``, ``fastv``) run on a third engine started with ``VLMPRUNE_IN_LLM=1``
 (pruned between decoder layers, rows ``M r=R``) and, with ``--in-llm both`` (default), their probe
 variants (pruned at the LLM input) on the plugin engine as rows ``M (probe) r=R`` (fastv has none).
-Every engine runs with the in-LLM mode's flags (eager, no prefix caching, no chunked prefill), so
+Every engine runs eager without chunked prefill (the in-LLM mode's flags) and without prefix caching
+(repeats are recomputed), so
 one stock row is the baseline of all. Each engine
 lives in a worker subprocess of its own (one process never hosts two engines; all stay alive and
 are driven in turn over a pipe; they are started one after the other); configurations are interleaved (every repetition runs every

@@ -64,7 +64,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--vllm-log", metavar="FILE", help="vLLM's log file (default: a temporary file)")
     p.add_argument("--in-llm", action="store_true", default=os.environ.get(IN_LLM_ENV) == "1",
                    help=f"run transprune/aim between the LLM's decoder layers (LLaVA-1.5, LLaVA-NeXT; sets {IN_LLM_ENV}=1 "
-                        "and vLLM's --enforce-eager --no-enable-prefix-caching --no-enable-chunked-prefill)")
+                        "and vLLM's --enforce-eager --no-enable-chunked-prefill; prefix caching stays on)")
     p.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for vLLM")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = p.parse_args(argv)
@@ -186,9 +186,10 @@ def vllm_command(model: Path, served_name: str, port: int, args: argparse.Namesp
     if not gpu:
         cmd += ["--dtype", "float32", "--enforce-eager"]
     if getattr(args, "in_llm", False):
-        # In-LLM stages (vlmprune.vllm_plugin.inllm) refuse to start without these (a prefix-cache
-        # hit or a split prompt would give wrong answers; a data-dependent gather cannot be captured).
-        cmd += ["--no-enable-prefix-caching", "--no-enable-chunked-prefill"] + ([] if not gpu else ["--enforce-eager"])
+        # In-LLM stages (vlmprune.vllm_plugin.inllm) refuse to start without these (a split prompt
+        # would give wrong answers; a data-dependent gather cannot be captured). Prefix caching
+        # stays on: the plugin's scheduler hook keeps in-LLM requests from reading hits.
+        cmd += ["--no-enable-chunked-prefill"] + ([] if not gpu else ["--enforce-eager"])
     return cmd + list(args.vllm_arg)
 
 

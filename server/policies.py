@@ -152,10 +152,13 @@ class ResolvedPolicy:
         return out
 
 
-def needs_instruction(method: str) -> bool:
+def needs_instruction(method: str, family: str | None) -> bool:
     """Instruction-aware methods score with the user's text; pre-LLM ones must not receive it (it
-    would enter the multimodal hash and defeat the processor cache across prompts)."""
-    return METHODS[method].stage != "pre_llm"
+    would enter the multimodal hash and defeat the processor cache across prompts), nor do methods
+    an in-LLM engine runs between its decoder layers (they read the prompt's own instruction rows)."""
+    from vlmprune.methods import served_in_llm
+
+    return METHODS[method].stage != "pre_llm" and not (family is not None and served_in_llm(method, family))
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
@@ -248,7 +251,7 @@ def resolve_policy(
     text = body_instruction if body_instruction is not None else instruction
     return ResolvedPolicy(
         policy=policy, name=name, ratio_source=ratio_source,
-        instruction=(text or "") if needs_instruction(policy.method) else None, trace=trace,
+        instruction=(text or "") if needs_instruction(policy.method, family) else None, trace=trace,
     )
 
 

@@ -189,7 +189,7 @@ def _evaluate_vllm(
     from vlmprune.methods import in_llm_mode
 
     # In-LLM mode (VLMPRUNE_IN_LLM=1, vlmprune.vllm_plugin.inllm): the engine settings it requires.
-    in_llm = dict(enable_prefix_caching=False, enable_chunked_prefill=False,
+    in_llm = dict(enable_chunked_prefill=False,
                   max_num_batched_tokens=max(max_len, 2048)) if in_llm_mode() else {}
     llm = LLM(
         model=str(path),

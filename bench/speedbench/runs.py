@@ -5,8 +5,8 @@ it serves JSON-line commands with one engine (stock: ``VLLM_PLUGINS=none``; plug
 plugin with ``VLMPRUNE_IN_LLM=1``, transprune/aim/fastv between decoder layers) and times
 ``embed_multimodal`` inside its own process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
 
-Every engine gets the same :data:`ENGINE_KWARGS`, which are the in-LLM mode's required flags
-(eager, no prefix caching, no chunked prefill): stock, the pre-LLM plugin and the in-LLM engine
+Every engine gets the same :data:`ENGINE_KWARGS`: the in-LLM mode's required flags (eager, no
+chunked prefill) and no prefix caching (repeated prompts are timed, not served from the cache): stock, the pre-LLM plugin and the in-LLM engine
 differ only by their environment, so one stock row is the baseline of every row.
 """
 
@@ -32,7 +32,7 @@ ENGINE_KWARGS: dict[str, Any] = dict(
     enforce_eager=True,
     max_model_len=1024,
     limit_mm_per_prompt={"image": 1},
-    enable_prefix_caching=False,  # repeated prompts must be recomputed (and in-LLM mode requires it)
+    enable_prefix_caching=False,  # repeated prompts must be recomputed
     enable_chunked_prefill=False,  # in-LLM mode requires it; the same for every engine (fair baseline)
     mm_processor_cache_gb=0,  # and re-processed, as unique images would be
     max_num_batched_tokens=2048,

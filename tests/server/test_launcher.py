@@ -113,13 +113,15 @@ def test_cli_serve_without_server_extras_is_a_clear_error(monkeypatch, capsys):
 
 
 def test_in_llm_mode_adds_the_flags_its_stages_require(tmp_path, monkeypatch):
-    """--in-llm: no prefix caching, no chunked prefill, eager (the engine refuses to start otherwise)."""
+    """--in-llm: no chunked prefill, eager (the engine refuses to start otherwise); prefix caching
+    stays on (in-LLM requests never read hits, tests/vllm/test_plugin_inllm.py)."""
     monkeypatch.delenv("VLMPRUNE_IN_LLM", raising=False)
     plain = " ".join(launcher.vllm_command(tmp_path, "demo", 9999, launcher.parse_args([]), gpu=False))
     assert "prefix-caching" not in plain and "chunked-prefill" not in plain
     for gpu in (False, True):
         cmd = launcher.vllm_command(tmp_path, "demo", 9999, launcher.parse_args(["--in-llm"]), gpu=gpu)
-        for flag in ("--no-enable-prefix-caching", "--no-enable-chunked-prefill", "--enforce-eager"):
+        for flag in ("--no-enable-chunked-prefill", "--enforce-eager"):
             assert flag in cmd
+        assert "prefix-caching" not in " ".join(cmd)
     monkeypatch.setenv("VLMPRUNE_IN_LLM", "1")  # the environment's mode is the default
     assert launcher.parse_args([]).in_llm

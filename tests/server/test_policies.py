@@ -24,6 +24,22 @@ def test_default_named_policy_applies_without_headers():
     assert r.instruction is None  # pre-LLM method: the instruction is not sent
 
 
+def test_instruction_is_attached_only_for_the_probe_methods(monkeypatch):
+    """Probe-scored methods get the chat's instruction; on an in-LLM engine (VLMPRUNE_IN_LLM=1) the
+    methods it runs between decoder layers do not (they read the prompt's own instruction rows), and
+    the methods it does not run that way (explain) still do."""
+    monkeypatch.delenv("VLMPRUNE_IN_LLM", raising=False)
+    for method in ("transprune", "aim", "explain"):
+        r = resolve_policy({"X-VLMPrune-Method": method}, None, BUILTIN_POLICIES, "llava", instruction="q ?")
+        assert r.instruction == "q ?", method
+    monkeypatch.setenv("VLMPRUNE_IN_LLM", "1")
+    for method, want in (("transprune", None), ("aim", None), ("fastv", None), ("explain", "q ?")):
+        r = resolve_policy({"X-VLMPrune-Method": method}, None, BUILTIN_POLICIES, "llava", instruction="q ?")
+        assert r.instruction == want, method
+        r = resolve_policy({}, {"method": method, "instruction": "body"}, BUILTIN_POLICIES, "llava")
+        assert r.instruction == (None if want is None else "body"), method
+
+
 def test_named_policy_header_selects_the_policy():
     """X-VLMPrune-Policy picks a policy from the file."""
     r = resolve_policy({"X-VLMPrune-Policy": "quality"}, None, BUILTIN_POLICIES, "llava")

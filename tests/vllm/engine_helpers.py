@@ -118,8 +118,11 @@ def median_latency(engine: "Engine", size: tuple[int, int], ratio: float, seed: 
 
 IN_LLM_ENV_VARS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1", "VLMPRUNE_IN_LLM": "1"}
 """Engine core in this process (the stage log is read with ``apply_model``), in-LLM mode on."""
-IN_LLM_ENGINE = dict(enable_prefix_caching=False, enable_chunked_prefill=False, max_num_batched_tokens=512)
-"""The engine settings the in-LLM mode requires (``inllm.check_engine_in_llm``)."""
+IN_LLM_ENGINE = dict(enable_prefix_caching=True, enable_chunked_prefill=False, max_num_batched_tokens=512, block_size=32)
+"""The engine settings the in-LLM mode requires (``inllm.check_engine_in_llm``), prefix caching on
+(what the launcher leaves): in-LLM requests must never read a hit, the others still do. Blocks of
+32 tokens (CPU attention needs a multiple of 32; its default, 128, is longer than these prompts): so
+hits do happen, and a compacted layer group's rows cross block boundaries."""
 IN_LLM_STEPS = 8
 
 

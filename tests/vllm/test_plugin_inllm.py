@@ -1,12 +1,13 @@
 """In-LLM TransPrune, AIM and FastV inside the served LLaVA-1.5 LM (``VLMPRUNE_IN_LLM=1``, vllm_plugin/inllm.py).
 
 One real vLLM CPU engine (tiny LLaVA-1.5: 4 decoder layers, 36 visual tokens per image), engine core
-in this process, run as the in-LLM mode requires: eager, no prefix caching, no chunked prefill.
+in this process, run as the in-LLM mode requires (eager, no chunked prefill) with prefix caching on.
 Exactness: the kept rows of every stage and the greedy tokens (8 steps) equal the transformers
 reference backend's progressive loop on the same weights and prompt; ratio 0, no policy and text-only
 requests are token-for-token the stock engine (plugin excluded, run first in a subprocess, so only one
 engine runs at a time); a mixed batch gives every request its solo answer; two requests with the same
-image and different questions, together and one after the other, get their solo answers.
+image and different questions, together and one after the other, get their solo answers, and in-LLM
+requests never read a prefix-cache hit while stock ones do.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ from engine_helpers import (
     chat_spec,
     inllm_reference,
     inllm_run,
+    inllm_sampling,
     saved_env,
     vllm_kept,
+    vllm_request,
 )
 
 from vlmprune.vllm_plugin import inllm
@@ -140,7 +143,17 @@ def test_mixed_batch_gives_each_request_its_solo_answer(env):
     assert_batch_gives_solo_answers(env.engine, specs)
 
 
+def cached_tokens(env, specs) -> list[int]:
+    """vLLM's prefix-cache hits (tokens) of each request of one ``generate`` call."""
+    outs = env.engine.llm.generate([vllm_request(s) for s in specs], inllm_sampling(), use_tqdm=False)
+    return [int(o.num_cached_tokens or 0) for o in outs]
+
+
 def test_same_image_different_questions_together_and_in_turn(env):
+    """With prefix caching on: every in-LLM run equals its solo answer and the reference, and reads
+    no cache hit (a repeat of the same prompt would hit every full block, and the stage would then
+    miss rows); stock and pre-LLM requests sharing the image still read theirs."""
+    assert env.engine.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
     policy = {"method": "transprune", "ratio": 0.9}
     a = make_spec(env.processor, QUESTION, policy=policy)
     b = make_spec(env.processor, OTHER, policy=policy)
@@ -154,14 +167,20 @@ def test_same_image_different_questions_together_and_in_turn(env):
     assert_same_output(again, sa, what="first, again after the second")
     for spec, rec in ((a, ra), (b, rb)):
         assert vllm_kept(rec) == reference(env, spec, policy)[1]
+    fastv = make_spec(env.processor, QUESTION, policy={"method": "fastv", "ratio": 0.5})
+    assert cached_tokens(env, [a, b, fastv]) == [0, 0, 0]
+    assert cached_tokens(env, [fastv]) == [0], "an in-LLM request read a prefix-cache hit"
+    for other in (make_spec(env.processor), make_spec(env.processor, images=IMAGES, policy={"method": "fastervlm", "ratio": 0.5})):
+        cached_tokens(env, [other])  # both prompts are longer than one 32-token block
+        (hits,) = cached_tokens(env, [other])
+        assert hits >= 32, f"a repeated {other.get('vlmprune', 'stock')} request read no prefix-cache hit"
 
 
 def test_unsafe_engine_settings_are_refused_naming_the_flag(env):
     config = env.engine.llm.llm_engine.vllm_config
     inllm.check_engine_in_llm(config, "m")  # the engine's own settings are safe
     for attr, value, flag in (
-        ("cache_config.enable_prefix_caching", True, "--no-enable-prefix-caching"),
-        ("scheduler_config.enable_chunked_prefill", True, "--no-enable-chunked-prefill"),
+            ("scheduler_config.enable_chunked_prefill", True, "--no-enable-chunked-prefill"),
         ("model_config.enforce_eager", False, "--enforce-eager"),
         ("parallel_config.tensor_parallel_size", 2, "tensor/pipeline parallel size must be 1"),
     ):

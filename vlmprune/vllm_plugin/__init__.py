@@ -34,8 +34,8 @@ instruction in the policy: ``{"vlmprune": {"method": "transprune", "ratio": 0.75
 In-LLM mode (``VLMPRUNE_IN_LLM=1`` on the engine, ``vlmprune serve --in-llm``): on LLaVA-1.5,
 ``transprune``, ``aim`` and ``fastv`` run between the served LLM's decoder layers instead, exactly as
 the reference backend's progressive loop, with the prompt's own instruction tokens (no
-``instruction`` needed); the engine must run eager without prefix caching or chunked prefill, or it
-refuses to start (:mod:`vlmprune.vllm_plugin.inllm`). The counts below are then the LLM-input ones
+``instruction`` needed); the engine must run eager without chunked prefill, or it refuses to start
+(prefix caching stays on: those requests never read a hit) (:mod:`vlmprune.vllm_plugin.inllm`). The counts below are then the LLM-input ones
 of :func:`vlmprune.reduction.stages.served_input_count`.
 
 Counts: every method keeps ``kept_count(n, ratio)`` tokens per image at the LLM input. For the
@@ -88,3 +88,6 @@ def register() -> None:
         from vlmprune.vllm_plugin.inllm import install_runner_hooks
 
         install_runner_hooks()
+    from vlmprune.vllm_plugin.inllm import install_scheduler_hook
+
+    install_scheduler_hook()  # engine-core process: in-LLM requests never read prefix-cache hits

@@ -44,11 +44,12 @@ through ``CPUModelRunner._model_forward`` (``input_batch.req_ids``, the row orde
 (``CachedRequestState.mm_features``), the image rows from their placeholder ranges.
 
 Conditions (:func:`check_engine_in_llm`, refused at start with the flag named): eager mode
-(``enforce_eager``), no prefix caching (``--no-enable-prefix-caching``: a cache hit would reuse
-another request's compacted rows, or skip rows the stage must see), no chunked prefill
-(``--no-enable-chunked-prefill``: the stage needs the whole prompt in one forward), tensor and
-pipeline parallel size 1, the CPU platform's V1 runner (the only one hooked). KV memory is not
-saved (layers after a stage leave their tail slots unused); compute is.
+(``enforce_eager``), no chunked prefill (``--no-enable-chunked-prefill``: the stage needs the whole
+prompt in one forward), tensor and pipeline parallel size 1, the CPU platform's V1 runner (the only
+one hooked). Prefix caching stays on: a request served in-LLM never reads a hit
+(:func:`install_scheduler_hook`; a hit would skip rows its stages must see, or reuse another
+request's compacted rows), every other request keeps reading them. KV memory is not saved (layers
+after a stage leave their tail slots unused); compute is.
 
 LLaVA-NeXT: each image's prunable count follows its size and the stages choose among its prunable
 rows only (newline rows always stay), as the reference (``request_plan``'s ``layout``, from
@@ -111,8 +112,6 @@ def check_engine_in_llm(vllm_config: Any, model_name: str) -> None:
         problems.append("only vLLM's CPU V1 model runner is hooked (run on the CPU platform)")
     if not vllm_config.model_config.enforce_eager:
         problems.append("CUDA graphs / torch.compile cannot run a data-dependent gather: pass --enforce-eager")
-    if vllm_config.cache_config.enable_prefix_caching:
-        problems.append("a prefix-cache hit would reuse another request's shortened rows: pass --no-enable-prefix-caching")
     if vllm_config.scheduler_config.enable_chunked_prefill:
         problems.append("a stage needs the whole prompt in one forward: pass --no-enable-chunked-prefill")
     parallel = vllm_config.parallel_config
@@ -191,6 +190,22 @@ def read_log() -> list[dict]:
     return out
 
 
+def feature_policy(mm_features: Any) -> Any | None:
+    """The policy a request's images carry (vLLM's ``mm_features``, scheduler or runner side);
+    None when an image has none or the images disagree."""
+    from vlmprune.vllm_plugin.common import FIELD_POLICY
+
+    feats = [f for f in (mm_features or []) if f.modality == "image"]
+    raws = set()
+    for f in feats:
+        if f.data is None or FIELD_POLICY not in f.data:
+            return None
+        raws.add(bytes(f.data[FIELD_POLICY].data.to(torch.uint8).cpu().numpy().tobytes()))
+    if len(raws) != 1 or not next(iter(raws)):
+        return None
+    return parse_policy(json.loads(next(iter(raws))))
+
+
 def request_plan(
     req_state: Any, family: str, n_prunable: int, num_layers: int, layout: Any = None, *, vision_end: int | None = None
 ) -> RequestPlan | None:
@@ -202,23 +217,10 @@ def request_plan(
     prunable rows)``; None: every row is prunable and each image has ``n_prunable``.
     ``vision_end``: a token id that closes an image run and is not instruction (Qwen's
     ``<|vision_end|>``, which the reference skips too)."""
-    from vlmprune.vllm_plugin.common import FIELD_POLICY
-
-    feats = [f for f in (req_state.mm_features or []) if f.modality == "image"]
-    if not feats:
-        return None
-    policies = []
-    for f in feats:
-        if f.data is None or FIELD_POLICY not in f.data:
-            return None
-        raw = bytes(f.data[FIELD_POLICY].data.to(torch.uint8).cpu().numpy().tobytes())
-        policies.append(raw)
-    if not policies[0] or len(set(policies)) != 1:
-        return None
-    policy = parse_policy(json.loads(policies[0]))
+    policy = feature_policy(req_state.mm_features)
     if not runs_in_llm(policy, family):
         return None
-    feats = sorted(feats, key=lambda f: f.mm_position.offset)
+    feats = sorted((f for f in req_state.mm_features if f.modality == "image"), key=lambda f: f.mm_position.offset)
     runs = [torch.arange(f.mm_position.offset, f.mm_position.offset + f.mm_position.length) for f in feats]
     if layout is None:
         sizes, spans = [n_prunable] * len(feats), runs
@@ -247,6 +249,38 @@ def request_plan(
     reindex = policy.method == "transprune" and policy.positions == "reindex" and family not in MROPE_FAMILIES
     return RequestPlan(policy, stages, spans, instruction, reindex, window, prompt_len,
                        [(f.mm_position.offset, f.mm_position.length) for f in feats])
+
+
+# --- Scheduler hook: prefix caching stays on for everyone ------------------------------------------
+
+
+def install_scheduler_hook() -> None:
+    """Wrap ``Scheduler.add_request`` (engine-core process; ``AsyncScheduler`` inherits it): a
+    request served in-LLM never *reads* prefix-cache hits (vLLM's per-request
+    ``Request.skip_reading_prefix_cache``, the switch prompt-logprob requests use), so its stages
+    always see the whole prompt. Idempotent; a no-op unless in-LLM mode is on.
+
+    Why prefix caching can then stay on for every other request: a block's hash chains every block
+    before it and each image's hash includes its ``mm_processor_kwargs`` (the policy), so a block
+    from the first image of an in-LLM request on can only match a request with the same policy,
+    image and prefix, which is in-LLM too and does not read. Blocks wholly before the first image
+    hold rows no stage removes, at unchanged slots and positions: stock KV, safe to share both ways."""
+    if not enabled():
+        return
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    if getattr(Scheduler.add_request, "_vlmprune_inllm", False):
+        return
+    original = Scheduler.add_request
+
+    def add_request(self, request: Any) -> None:
+        policy = feature_policy(request.mm_features)
+        if policy is not None and policy.ratio > 0.0 and policy.method in IN_LLM_METHODS:
+            request.skip_reading_prefix_cache = True
+        return original(self, request)
+
+    add_request._vlmprune_inllm = True  # type: ignore[attr-defined]
+    Scheduler.add_request = add_request  # type: ignore[method-assign]
 
 
 # --- Runner hooks --------------------------------------------------------------------------------
@@ -378,8 +412,8 @@ class InLLMForward:
             ) is not None:
                 raise RuntimeError(
                     f"vlmprune: request {rid} reached an in-LLM stage with {ctx} tokens already cached "
-                    "(a prefix-cache hit or a chunked prefill): start vLLM with --no-enable-prefix-caching "
-                    "and --no-enable-chunked-prefill"
+                    "(a chunked prefill, or a prefix-cache hit read without vlmprune's scheduler hook): "
+                    "start vLLM with --no-enable-chunked-prefill"
                 )
             out.append(row)
         return out if active else None
