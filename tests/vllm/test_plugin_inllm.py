@@ -191,3 +191,19 @@ def test_unsafe_engine_settings_are_refused_naming_the_flag(env):
         object.__setattr__(bad, section, part)
         with pytest.raises(RuntimeError, match=flag):
             inllm.check_engine_in_llm(bad, "m")
+
+
+def test_prompt_the_stages_cannot_serve_is_refused_for_that_request_only(env):
+    """TransPrune with nothing after the image: the processor refuses that request (vLLM's API
+    server answers 400) instead of the stage failing inside the forward, which would stop the
+    engine; the next request is served."""
+    from vlmprune.policy import PolicyError
+
+    bad = dict(make_spec(env.processor, policy={"method": "transprune", "ratio": 0.5}), text="USER: <image>")
+    with pytest.raises(PolicyError, match="needs instruction text after the last image"):
+        env.engine.llm.generate([vllm_request(bad)], inllm_sampling(), use_tqdm=False)
+    fastv = dict(bad, vlmprune={"method": "fastv", "ratio": 0.5})  # fastv needs no instruction rows
+    (_,), (record,) = run(env, [fastv])
+    assert record is not None
+    (out,), _ = run(env, [make_spec(env.processor)])
+    assert_same_output(dict(out, token_ids=out["token_ids"][:4], logprobs=out["logprobs"][:4]), env.stock["one"])

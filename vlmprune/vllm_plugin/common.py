@@ -487,6 +487,17 @@ class PolicyProcessorMixin:
             )
         return request
 
+    def apply(self, inputs, timing_ctx):  # noqa: D401 - vLLM's signature
+        """vLLM's processing, then the in-LLM stages' check of the whole prompt (placeholders
+        placed), for every request, the processor cache's hits included."""
+        from vlmprune.vllm_plugin.inllm import check_prompt
+
+        out = super().apply(inputs, timing_ctx)  # type: ignore[misc]
+        policy = merged_request(self.info.ctx.get_mm_config(), inputs.hf_processor_mm_kwargs).policy  # type: ignore[attr-defined]
+        vision_end = getattr(self.info.get_hf_config(), "vision_end_token_id", None)  # type: ignore[attr-defined]
+        check_prompt(policy, self.vlmprune_family, out["prompt_token_ids"], out["mm_placeholders"], vision_end)
+        return out
+
     def get_dummy_inputs(self, seq_len, mm_counts, mm_options):
         """Profiling inputs without pruning, whatever the engine default.
 
