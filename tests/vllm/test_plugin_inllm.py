@@ -176,6 +176,23 @@ def test_same_image_different_questions_together_and_in_turn(env):
         assert hits >= 32, f"a repeated {other.get('vlmprune', 'stock')} request read no prefix-cache hit"
 
 
+def test_long_prompts_over_the_token_budget_are_each_prefilled_whole(env):
+    """The engine's real scheduler (chunked prefill off, 512 tokens per step): three in-LLM prompts
+    of ~200-300 tokens do not fit one step together; each is scheduled whole in a later step (a
+    split prompt would stop the stage: ``InLLMForward._rows``), and each equals its solo answer."""
+    budget = env.engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    long_question = " ".join([QUESTION] * 30)
+    specs = [
+        make_spec(env.processor, long_question, images=IMAGES, policy={"method": "transprune", "ratio": 0.75}),
+        make_spec(env.processor, " ".join([OTHER] * 25), policy={"method": "fastv", "ratio": 0.5}),
+        make_spec(env.processor, long_question, policy={"method": "aim", "ratio": 0.9}),
+    ]
+    outs, _ = run(env, specs)
+    lengths = [len(o["prompt_token_ids"]) for o in outs]
+    assert sum(lengths) > budget and max(lengths) < budget, (lengths, budget)
+    assert_batch_gives_solo_answers(env.engine, specs)
+
+
 def test_unsafe_engine_settings_are_refused_naming_the_flag(env):
     config = env.engine.llm.llm_engine.vllm_config
     inllm.check_engine_in_llm(config, "m")  # the engine's own settings are safe
