@@ -1,7 +1,7 @@
 """In-LLM TransPrune, AIM and FastV inside the served Qwen2-VL / Qwen2.5-VL LM (``VLMPRUNE_IN_LLM=1``).
 
 One real vLLM CPU engine per family (module-scoped, one after the other; tiny models: 4 decoder
-layers, M-RoPE), run as the in-LLM mode requires (eager, no prefix caching, no chunked prefill).
+layers, M-RoPE), run as the in-LLM mode requires (eager, no chunked prefill), prefix caching on.
 What differs from LLaVA (test_plugin_inllm.py) and is checked here: the runner's (3, T) M-RoPE
 positions are sliced and gathered per row group (kept rows keep their (t, h, w) ids, TransPrune's
 ``positions="reindex"`` included, as the reference's Qwen adapters), decoded tokens continue at the

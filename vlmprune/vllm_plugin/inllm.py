@@ -56,7 +56,8 @@ rows only (newline rows always stay), as the reference (``request_plan``'s ``lay
 :mod:`vlmprune.vllm_plugin.llava_next`). Qwen: the layout gives each image's merged-grid count
 (AIM's merged placeholders do not show it).
 
-Not done here: kept-token traces of the in-LLM stages, prompt logprobs of pruned rows
+Refused per request by the processor (:func:`check_prompt`): a video after the last image, TransPrune
+with no instruction rows. Not done here: kept-token traces of the in-LLM stages, prompt logprobs of pruned rows
 (meaningless), speculative decoding.
 """
 
