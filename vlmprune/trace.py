@@ -27,6 +27,10 @@ File ``<dir>/<id>.<image>.json``::
      "grid": [rows, cols] | null, "view": null | [per token], "coords": null | [[r, c], ...],
      "view_shape": null | [[r, c], [r, c]]}
 
+In-LLM requests (``VLMPRUNE_IN_LLM=1``: transprune, aim, fastv) add ``"input_kept"`` (the tokens
+entering the LLM) and ``"stages": [{"after_layer": k, "kept": [...]}, ...]``; their ``kept`` is the
+last stage's (:func:`vlmprune.vllm_plugin.tracing.record_stages`).
+
 ``kept`` are image-local token indices (the order of the model's rows before reduction; for
 LLaVA-1.5 and Qwen the raster index of the patch, for LLaVA-NeXT the packed thumbnail + crops
 order); merged tokens (``aim``, ``pool``) are listed at the token they stand in for.

@@ -160,6 +160,15 @@ class Overlays:
         ]
 
 
+def in_llm_stages(records: list[dict[str, Any]], of: int) -> list[Stage]:
+    """The LLM input, then each in-LLM stage (``after layer k``), summed over the request's images."""
+    out = [Stage(where="LLM input", kept=sum(len(r["input_kept"]) for r in records), of=of)]
+    for i, stage in enumerate(records[0]["stages"]):
+        out.append(Stage(where=f"after layer {stage['after_layer']}",
+                         kept=sum(len(r["stages"][i]["kept"]) for r in records), of=of))
+    return out
+
+
 async def trace_of(state: Any, trace_id: str, wait_s: float = 3.0) -> TraceResponse:
     """The finished run ``trace_id`` with the engine's kept indices; 404 when the gateway has no
     such run (never sent, still running, or fallen out of the store)."""
@@ -189,12 +198,17 @@ async def trace_of(state: Any, trace_id: str, wait_s: float = 3.0) -> TraceRespo
     for i, (size, n, k) in enumerate(zip(run.sizes, run.visual_tokens, run.kept)):
         record = records[i] if records else None
         panels = overlays.panels(record, size) if record else None
+        if record and record.get("stages"):  # in-LLM stages: the overlay shows what the deepest layers see
+            k = len(record["kept"])
         images.append(TracedImage(width=size[0], height=size[1], visual_tokens=n, kept_count=k,
                                   kept=record["kept"] if record else None, panels=panels))
-    # vLLM prunes once, at the LLM input; for the progressive methods that count is the one with the
-    # FLOPs of their layer-averaged schedule (vlmprune.vllm_plugin.common.prunable_keep).
-    where = "LLM input, every layer (in-LLM schedule as its layer average)" if run.method in PROGRESSIVE_METHODS \
-        else "LLM input"
-    stages = [Stage(where=where, kept=sum(run.kept), of=sum(run.visual_tokens))]
+    if records and all(r.get("stages") for r in records):
+        stages = in_llm_stages(records, sum(run.visual_tokens))
+    else:
+        # The probe methods prune once, at the LLM input, the count with the FLOPs of their
+        # layer-averaged schedule (vlmprune.vllm_plugin.common.prunable_keep).
+        where = "LLM input, every layer (in-LLM schedule as its layer average)" if run.method in PROGRESSIVE_METHODS \
+            else "LLM input"
+        stages = [Stage(where=where, kept=sum(run.kept), of=sum(run.visual_tokens))]
     return TraceResponse(id=trace_id, status=run.status, applied=run.applied, family=run.family, images=images,
                          stages=stages, cost=run.cost, overlay_note=note)

@@ -193,6 +193,32 @@ def test_long_prompts_over_the_token_budget_are_each_prefilled_whole(env):
     assert_batch_gives_solo_answers(env.engine, specs)
 
 
+def test_traces_record_every_stage_of_the_in_llm_selection(env, tmp_path, monkeypatch):
+    """A traced in-LLM request (the playground's overlays): each image's record holds its LLM-input
+    tokens and the tokens kept after every stage, equal to the stage log (itself equal to the
+    reference, above); ``kept`` is the last stage's; the playground's stage list sums them."""
+    from server.playground.serving import in_llm_stages
+    from vlmprune.trace import TRACE_DIR_ENV, pop_trace
+
+    monkeypatch.setenv(TRACE_DIR_ENV, str(tmp_path))  # the processor and the worker run in this process
+    for policy in ({"method": "transprune", "ratio": 0.75}, {"method": "fastv", "ratio": 0.5}, {"method": "aim", "ratio": 0.9}):
+        trace_id = f"inllm-{policy['method']}"
+        (_,), (record,) = run(env, [make_spec(env.processor, images=IMAGES, policy={**policy, "trace": trace_id})])
+        traces = pop_trace(tmp_path, trace_id, len(IMAGES))
+        assert traces is not None, "no trace written"
+        per_stage = vllm_kept(record)  # per stage, per image: positions among the image's LLM-input rows
+        for j, trace in enumerate(traces):
+            if policy["method"] != "aim":  # every token enters the LLM (aim: its merged tokens)
+                assert trace["input_kept"] == list(range(36))
+            assert [st["after_layer"] for st in trace["stages"]] == record["stages"]
+            for s, stage in enumerate(trace["stages"]):
+                assert stage["kept"] == [trace["input_kept"][p] for p in per_stage[s][j]], (policy, j, s)
+            assert trace["kept"] == trace["stages"][-1]["kept"] and len(trace["kept"]) < len(trace["input_kept"])
+        stages = in_llm_stages(traces, 72)
+        assert [st.where for st in stages] == ["LLM input"] + [f"after layer {k}" for k in record["stages"]]
+        assert [st.kept for st in stages[1:]] == [sum(len(k) for k in kept) for kept in per_stage]
+
+
 def test_unsafe_engine_settings_are_refused_naming_the_flag(env):
     config = env.engine.llm.llm_engine.vllm_config
     inllm.check_engine_in_llm(config, "m")  # the engine's own settings are safe

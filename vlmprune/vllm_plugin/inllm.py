@@ -57,8 +57,9 @@ rows only (newline rows always stay), as the reference (``request_plan``'s ``lay
 (AIM's merged placeholders do not show it).
 
 Refused per request by the processor (:func:`check_prompt`): a video after the last image, TransPrune
-with no instruction rows. Not done here: kept-token traces of the in-LLM stages, prompt logprobs of pruned rows
-(meaningless), speculative decoding.
+with no instruction rows. Traced requests get each stage's kept tokens added to their images'
+records (:func:`vlmprune.vllm_plugin.tracing.record_stages`). Not done here: prompt logprobs of
+pruned rows (meaningless), speculative decoding.
 """
 
 from __future__ import annotations
@@ -172,6 +173,8 @@ class RequestPlan:
     prompt_len: int
     runs: list[tuple[int, int]] = field(default_factory=list)
     """Per image, (offset, length) of its whole placeholder run (LLaVA-NeXT: newline rows included)."""
+    traces: list[tuple[str, int] | None] = field(default_factory=list)
+    """Per image, its kept-token trace (id, image index) when the request asked for one."""
 
 
 @dataclass
@@ -274,8 +277,11 @@ def request_plan(
     # M-RoPE families keep the original (t, h, w) ids whatever ``positions`` says, as the
     # reference's Qwen adapters (``reindex_after_pruning = False``).
     reindex = policy.method == "transprune" and policy.positions == "reindex" and family not in MROPE_FAMILIES
+    from vlmprune.vllm_plugin.common import FIELD_TRACE, _trace_of
+
+    traces = [_trace_of(f.data[FIELD_TRACE].data) if FIELD_TRACE in f.data else None for f in feats]
     return RequestPlan(policy, stages, spans, instruction, reindex, window, prompt_len,
-                       [(f.mm_position.offset, f.mm_position.length) for f in feats])
+                       [(f.mm_position.offset, f.mm_position.length) for f in feats], traces)
 
 
 # --- Scheduler hook: prefix caching stays on for everyone ------------------------------------------
@@ -630,6 +636,20 @@ class InLLMForward:
                     "spans": [s.tolist() for s in row.plan.spans],  # prunable rows per image
                     "runs": [[int(s[0]), int(s[1])] for s in row.plan.runs],  # placeholder (offset, length)
                 })
+            if row.replay is None and any(row.plan.traces):
+                _trace_stages(row.plan, row.state)
+
+
+def _trace_stages(plan: RequestPlan, state: RequestState) -> None:
+    """Each traced image's kept rows after every stage, as positions among its prunable rows."""
+    from vlmprune.vllm_plugin.tracing import record_stages
+
+    for span, trace in zip(plan.spans, plan.traces):
+        if trace is not None:
+            span = span.to(state.decisions[0].device) if state.decisions else span
+            stages = [(layer, torch.isin(span, kept).nonzero().flatten().tolist())
+                      for layer, kept in zip(state.stage_layers, state.decisions)]
+            record_stages(trace, stages)
 
 
 def _stream(hidden: torch.Tensor, residual: torch.Tensor | None, sl: slice) -> torch.Tensor:

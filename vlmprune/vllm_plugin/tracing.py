@@ -7,6 +7,7 @@ items cost one attribute test.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -56,3 +57,30 @@ def record_kept(item: Any, family: str, index: torch.Tensor, n_tokens: int, imag
         write_trace(folder, trace_id, position, record)
     except OSError as exc:
         logger.warning("vlmprune: cannot write trace %s.%s to %s: %s", trace_id, position, folder, exc)
+
+
+def record_stages(trace: tuple[str, int], stages: list[tuple[int, list[int]]]) -> None:
+    """Add an in-LLM request's stages to an image's record (written at the LLM input by
+    :func:`record_kept` in the same engine step, before the LLM forward).
+
+    ``stages``: per stage, (after_layer, positions kept among the image's prunable LLM-input rows,
+    ascending); those rows are the record's ``kept`` tokens in order. The record then holds
+    ``input_kept`` (the LLM input's tokens), ``stages`` (``{"after_layer", "kept"}`` in tokens) and
+    ``kept`` = the last stage's tokens, which the deepest layers see. Never raises."""
+    folder = trace_dir()
+    if folder is None:
+        return
+    trace_id, position = trace
+    try:
+        record = json.loads((folder / f"{trace_id}.{position}.json").read_text())
+        tokens = record["kept"]
+        if any(p >= len(tokens) for _, kept in stages for p in kept):
+            raise ValueError(f"a stage keeps a row beyond the image's {len(tokens)} LLM-input tokens")
+        record["input_kept"] = tokens
+        record["stages"] = [{"after_layer": int(layer), "kept": [tokens[p] for p in kept]} for layer, kept in stages]
+        if stages:
+            record["kept"] = record["stages"][-1]["kept"]
+        record.pop("image", None)
+        write_trace(folder, trace_id, position, record)
+    except (OSError, ValueError, KeyError) as exc:
+        logger.warning("vlmprune: cannot add the in-LLM stages to trace %s.%s in %s: %s", trace_id, position, folder, exc)
