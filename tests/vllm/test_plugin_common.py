@@ -281,11 +281,11 @@ def test_fastv_is_refused_until_the_plugin_prunes_inside_the_llm():
 
 
 def test_in_llm_prompt_check_refuses_what_the_stages_cannot_serve(monkeypatch):
-    """``inllm.check_prompt`` (run by the processor, so a bad prompt is a 400 for that request, not an
+    """``common.check_in_llm_prompt`` (run by the processor, so a bad prompt is a 400 for that request, not an
     engine stop in the forward): a video after the last image (its rows would count as instruction),
     TransPrune without instruction rows (Qwen's ``<|vision_end|>`` is not one); fine prompts pass,
     and nothing is checked off in-LLM mode or for other methods."""
-    from vlmprune.vllm_plugin import inllm
+    check = common.check_in_llm_prompt
 
     def ranges(*pairs):
         return [SimpleNamespace(offset=o, length=n) for o, n in pairs]
@@ -294,15 +294,15 @@ def test_in_llm_prompt_check_refuses_what_the_stages_cannot_serve(monkeypatch):
     image_then_video = {"image": ranges((2, 4)), "video": ranges((8, 4))}
     ids = list(range(14))
     monkeypatch.delenv("VLMPRUNE_IN_LLM", raising=False)
-    inllm.check_prompt(tp, "qwen2_vl", ids, image_then_video)  # probe mode: not this check's business
+    check(tp, "qwen2_vl", ids, image_then_video)  # probe mode: not this check's business
     monkeypatch.setenv("VLMPRUNE_IN_LLM", "1")
     with pytest.raises(PolicyError, match="video after it"):
-        inllm.check_prompt(fv, "qwen2_vl", ids, image_then_video)
-    inllm.check_prompt(tp, "qwen2_vl", ids, {"video": ranges((0, 2)), "image": ranges((2, 4))})  # video first
-    inllm.check_prompt(parse_policy({"method": "fastervlm", "ratio": 0.5}), "qwen2_vl", ids, image_then_video)
+        check(fv, "qwen2_vl", ids, image_then_video)
+    check(tp, "qwen2_vl", ids, {"video": ranges((0, 2)), "image": ranges((2, 4))})  # video first
+    check(parse_policy({"method": "fastervlm", "ratio": 0.5}), "qwen2_vl", ids, image_then_video)
     with pytest.raises(PolicyError, match="needs instruction text"):
-        inllm.check_prompt(tp, "llava", list(range(6)), {"image": ranges((2, 4))})
+        check(tp, "llava", list(range(6)), {"image": ranges((2, 4))})
     with pytest.raises(PolicyError, match="needs instruction text"):  # only <|vision_end|> after the image
-        inllm.check_prompt(tp, "qwen2_vl", [0, 1, 9, 9, 9, 9, 77], {"image": ranges((2, 4))}, vision_end=77)
-    inllm.check_prompt(tp, "qwen2_vl", [0, 1, 9, 9, 9, 9, 77, 5], {"image": ranges((2, 4))}, vision_end=77)
-    inllm.check_prompt(fv, "llava", list(range(6)), {"image": ranges((2, 4))})  # fastv needs no instruction
+        check(tp, "qwen2_vl", [0, 1, 9, 9, 9, 9, 77], {"image": ranges((2, 4))}, vision_end=77)
+    check(tp, "qwen2_vl", [0, 1, 9, 9, 9, 9, 77, 5], {"image": ranges((2, 4))}, vision_end=77)
+    check(fv, "llava", list(range(6)), {"image": ranges((2, 4))})  # fastv needs no instruction

@@ -275,6 +275,32 @@ def check_probe(request: RequestPolicy, family: str, num_layers: int, model_dir:
         load_explain_model(explain_checkpoint(policy, model_dir))
 
 
+def check_in_llm_prompt(policy: Any, family: str, prompt_ids: list[int], placeholders: dict[str, list[Any]],
+                 vision_end: int | None = None) -> None:
+    """Refuse, while the request is processed (a 400 for that request), a prompt the in-LLM stages
+    cannot serve; inside the engine's forward the same case would stop the engine.
+
+    The stages read the instruction as the rows after the last image (the reference's rule): so no
+    other modality's placeholders may follow it (a video's rows would count as instruction), and
+    TransPrune needs at least one such row. ``placeholders``: vLLM's per-modality ranges
+    (``offset``, ``length``); ``vision_end``: Qwen's ``<|vision_end|>`` id, not instruction."""
+    if policy is None or policy.ratio == 0.0 or not served_in_llm(policy.method, family) or not placeholders.get("image"):
+        return
+    start = max(int(r.offset) + int(r.length) for r in placeholders["image"])
+    for modality, ranges in placeholders.items():
+        if modality != "image" and any(int(r.offset) >= start for r in ranges):
+            raise PolicyError(
+                f"method {policy.method!r} (in-LLM) reads the instruction after the last image, and this "
+                f"prompt has a {modality} after it: put the {modality} before the images, or use a pre-LLM method"
+            )
+    if vision_end is not None and start < len(prompt_ids) and int(prompt_ids[start]) == vision_end:
+        start += 1
+    if policy.method == "transprune" and start >= len(prompt_ids):
+        raise PolicyError(
+            "method 'transprune' (in-LLM) needs instruction text after the last image, and the prompt has none"
+        )
+
+
 def without_policy(kwargs: Mapping[str, object]) -> dict[str, object]:
     """``kwargs`` minus the plugin's key (what may reach the Hugging Face processor)."""
     return {k: v for k, v in kwargs.items() if k != POLICY_KEY}
@@ -490,12 +516,10 @@ class PolicyProcessorMixin:
     def apply(self, inputs, timing_ctx):  # noqa: D401 - vLLM's signature
         """vLLM's processing, then the in-LLM stages' check of the whole prompt (placeholders
         placed), for every request, the processor cache's hits included."""
-        from vlmprune.vllm_plugin.inllm import check_prompt
-
         out = super().apply(inputs, timing_ctx)  # type: ignore[misc]
         policy = merged_request(self.info.ctx.get_mm_config(), inputs.hf_processor_mm_kwargs).policy  # type: ignore[attr-defined]
         vision_end = getattr(self.info.get_hf_config(), "vision_end_token_id", None)  # type: ignore[attr-defined]
-        check_prompt(policy, self.vlmprune_family, out["prompt_token_ids"], out["mm_placeholders"], vision_end)
+        check_in_llm_prompt(policy, self.vlmprune_family, out["prompt_token_ids"], out["mm_placeholders"], vision_end)
         return out
 
     def get_dummy_inputs(self, seq_len, mm_counts, mm_options):

@@ -56,10 +56,10 @@ rows only (newline rows always stay), as the reference (``request_plan``'s ``lay
 :mod:`vlmprune.vllm_plugin.llava_next`). Qwen: the layout gives each image's merged-grid count
 (AIM's merged placeholders do not show it).
 
-Refused per request by the processor (:func:`check_prompt`): a video after the last image, TransPrune
-with no instruction rows. Traced requests get each stage's kept tokens added to their images'
-records (:func:`vlmprune.vllm_plugin.tracing.record_stages`). Not done here: prompt logprobs of
-pruned rows (meaningless), speculative decoding.
+Refused per request by the processor (:func:`vlmprune.vllm_plugin.common.check_in_llm_prompt`): a
+video after the last image, TransPrune with no instruction rows. Traced requests get each stage's
+kept tokens added to their images' records (:func:`vlmprune.vllm_plugin.tracing.record_stages`).
+Not done here: prompt logprobs of pruned rows (meaningless), speculative decoding.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ import torch
 
 from vlmprune.core import aim, fastv, transprune
 from vlmprune.methods import IN_LLM_ENV, IN_LLM_FAMILIES, IN_LLM_METHODS, in_llm_mode, served_in_llm  # noqa: F401
-from vlmprune.policy import PolicyError, parse_policy
+from vlmprune.policy import parse_policy
 from vlmprune.reduction.stages import (
     in_llm_stages,
     remap_rows,
@@ -124,32 +124,6 @@ def check_engine_in_llm(vllm_config: Any, model_name: str) -> None:
     if problems:
         raise RuntimeError(
             f"vlmprune: {IN_LLM_ENV}=1 (in-LLM TransPrune/AIM) cannot serve {model_name}: " + "; ".join(problems)
-        )
-
-
-def check_prompt(policy: Any, family: str, prompt_ids: list[int], placeholders: dict[str, list[Any]],
-                 vision_end: int | None = None) -> None:
-    """Refuse, while the request is processed (a 400 for that request), a prompt the in-LLM stages
-    cannot serve; inside the engine's forward the same case would stop the engine.
-
-    The stages read the instruction as the rows after the last image (the reference's rule): so no
-    other modality's placeholders may follow it (a video's rows would count as instruction), and
-    TransPrune needs at least one such row. ``placeholders``: vLLM's per-modality ranges
-    (``offset``, ``length``); ``vision_end``: Qwen's ``<|vision_end|>`` id, not instruction."""
-    if not runs_in_llm(policy, family) or not placeholders.get("image"):
-        return
-    start = max(int(r.offset) + int(r.length) for r in placeholders["image"])
-    for modality, ranges in placeholders.items():
-        if modality != "image" and any(int(r.offset) >= start for r in ranges):
-            raise PolicyError(
-                f"method {policy.method!r} (in-LLM) reads the instruction after the last image, and this "
-                f"prompt has a {modality} after it: put the {modality} before the images, or use a pre-LLM method"
-            )
-    if vision_end is not None and start < len(prompt_ids) and int(prompt_ids[start]) == vision_end:
-        start += 1
-    if policy.method == "transprune" and start >= len(prompt_ids):
-        raise PolicyError(
-            "method 'transprune' (in-LLM) needs instruction text after the last image, and the prompt has none"
         )
 
 
