@@ -144,14 +144,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def port_is_free(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
+def bind_gateway(host: str, port: int) -> socket.socket:
+    """The gateway's socket, bound and listening now, handed to uvicorn once vLLM is up: nothing
+    else (vLLM's own sockets included) can take the port during vLLM's start (a bound socket that
+    does not listen can be shared with any other ``SO_REUSEADDR`` one), and a port in use fails at
+    once. Connections made before uvicorn runs wait in the backlog. Not inheritable, so the vLLM
+    child never holds it."""
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((host, port))
+    except OSError as exc:
+        s.close()
+        raise LaunchError(f"port {port} on {host} is in use; choose another with --port ({exc.strerror})") from None
+    s.listen(2048)  # uvicorn's default backlog
+    return s
 
 
 def context_length(model: Path, requested: int) -> int:
@@ -336,8 +343,7 @@ def run(args: argparse.Namespace) -> int:
     from server.config import GatewaySettings
 
     t0 = time.monotonic()
-    if not port_is_free(args.host, args.port):
-        raise LaunchError(f"port {args.port} on {args.host} is in use; choose another with --port")
+    listener = bind_gateway(args.host, args.port)
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)  # clean stop while vLLM starts
     child: subprocess.Popen | None = None
     log_path: Path | None = None
@@ -406,7 +412,7 @@ def run(args: argparse.Namespace) -> int:
         # handlers installed before it: ours turns SIGTERM into KeyboardInterrupt, so the
         # `finally` below always stops the vLLM process group.
         try:
-            server.run()
+            server.run(sockets=[listener])
         except KeyboardInterrupt:
             pass
         return 1 if state["child_died"] else 0
@@ -414,6 +420,7 @@ def run(args: argparse.Namespace) -> int:
         print("vlmprune serve: interrupted", flush=True)
         return 130
     finally:
+        listener.close()
         signal.signal(signal.SIGTERM, previous)
         if child is not None:
             print("vlmprune serve: stopping vLLM", flush=True)

@@ -76,6 +76,22 @@ def test_busy_port_and_bad_arguments_exit_2(capsys):
     assert exc.value.code == 2
 
 
+def test_gateway_port_is_held_from_the_start_and_not_inherited():
+    """The gateway binds its port before vLLM starts (a full-suite run once lost it to another
+    socket during vLLM's 55 s start, then uvicorn failed with EADDRINUSE): while held, nobody
+    else binds it, and the vLLM child does not inherit it."""
+    listener = launcher.bind_gateway("127.0.0.1", 0)
+    try:
+        port = listener.getsockname()[1]
+        assert not listener.get_inheritable()
+        with socket.socket() as other, pytest.raises(OSError):
+            other.bind(("127.0.0.1", port))
+        with pytest.raises(launcher.LaunchError, match="in use"):
+            launcher.bind_gateway("127.0.0.1", port)
+    finally:
+        listener.close()
+
+
 def test_serve_fronting_an_upstream_starts_answers_and_stops(fake_upstream, tiny_llava_dir, tmp_path):
     """`vlmprune serve --upstream URL`: banner with the URL, requests answered, SIGTERM -> exit 0."""
     port = free_port()
