@@ -1,11 +1,10 @@
-"""In-LLM vLLM evals of several methods/ratios through ONE engine (``VLMPRUNE_IN_LLM=1``).
+"""In-LLM vLLM evals of several methods/ratios through ONE engine (the default route: in-LLM).
 
 The same ``vlmprune.evaluate`` code path as ``vlmprune eval --backend vllm``; only the engine is
 built once and reused (policies travel per request), so a table costs one engine start.
 Usage: ``PYTHONPATH=. python bench/inllm_eval_one_engine.py 300 transprune@0.9 aim@0.5 ...``
 (prints one line per run)."""
 import json, os, sys, time
-os.environ["VLMPRUNE_IN_LLM"] = "1"
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 import vllm
 from vlmprune import evaluate as ev

@@ -13,10 +13,10 @@ What it measures, in ONE run, on the same prompts and images (random weights: sp
 
 Configurations: stock vLLM (the plugin excluded with ``VLLM_PLUGINS=none``) and the plugin at ratio 0
 and at each ratio of ``--ratios`` for every pre-LLM method the plugin serves for LLaVA; the in-LLM
-methods (``transprune``, ``aim``, ``fastv``) run on a third engine started with ``VLMPRUNE_IN_LLM=1``
+methods (``transprune``, ``aim``, ``fastv``) run on a third engine on the default route (in-LLM)
 (pruned between decoder layers, rows ``M r=R``) and, with ``--in-llm both`` (default), their probe
 variants (pruned at the LLM input) on the plugin engine as rows ``M (probe) r=R`` (fastv has none).
-Every engine runs eager without chunked prefill (the in-LLM mode's flags) and without prefix caching
+Every engine runs as `vlmprune serve` leaves vLLM (eager, chunked prefill on) but without prefix caching
 (repeats are recomputed), so
 one stock row is the baseline of all. Each engine
 lives in a worker subprocess of its own (one process never hosts two engines; all stay alive and
@@ -56,7 +56,7 @@ from speedbench.bench_model import CACHE, FULL_MODEL, QUICK_MODEL, BenchModel, b
 from speedbench.report import render_markdown, write_outputs  # noqa: E402
 from speedbench.runs import ENGINE_KWARGS, Worker, measure  # noqa: E402
 from speedbench.summary import summarize, targets  # noqa: E402
-from speedbench.workload import IN_LLM_CHOICES, INSTRUCTION_METHODS, Config, make_configs, plugin_methods  # noqa: E402
+from speedbench.workload import IN_LLM_CHOICES, Config, make_configs, plugin_methods  # noqa: E402
 
 
 def rerender(path: Path, out_dir: Path) -> int:
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                              "(in-LLM names: transprune, aim, fastv)")
     parser.add_argument("--in-llm", choices=IN_LLM_CHOICES, default="both",
                         help="in-LLM methods (transprune, aim, fastv): 'both' = rows 'M r=R' on an engine with "
-                             "VLMPRUNE_IN_LLM=1 (pruned between decoder layers) and 'M (probe) r=R' on the plugin "
+                             "the default in-LLM route (pruned between decoder layers) and 'M (probe) r=R' on the plugin "
                              "engine (pruned at the LLM input; none for fastv); 'only' = in-LLM rows only; "
                              "'off' = probe rows only, named 'M r=R' (no in-LLM engine, no fastv). Default both")
     parser.add_argument("--reps", type=int, default=None, help="TTFT repetitions per configuration (default 10, quick 3)")
@@ -120,15 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in (("reps", reps), ("batch", batch), ("rounds", rounds), ("tries", tries)):
         if value < 1:
             parser.error(f"--{name} must be >= 1, got {value}")
-    from vlmprune.vllm_plugin.common import PROBE_METHODS
-
-    if PROBE_METHODS != INSTRUCTION_METHODS:
-        raise RuntimeError(f"INSTRUCTION_METHODS {sorted(INSTRUCTION_METHODS)} != the plugin's {sorted(PROBE_METHODS)}")
-    from vlmprune.methods import IN_LLM_METHODS
+    from vlmprune.methods import names
 
     available = plugin_methods()
     if args.in_llm != "off":
-        available += sorted(IN_LLM_METHODS - set(available))
+        available += sorted(names("in_llm") - set(available))
     methods = available if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in available]
     if unknown or not methods:

@@ -33,7 +33,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from vlmprune.methods import IN_LLM_ENV
+from vlmprune.methods import LEGACY_IN_LLM_ENV, ROUTE_ENV, ROUTES
 from vlmprune.trace import TRACE_DIR_ENV
 
 DEFAULT_MODEL = "demo"
@@ -62,9 +62,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for vLLM (repeatable, e.g. --vllm-arg=--max-num-seqs=8)")
     p.add_argument("--vllm-log", metavar="FILE", help="vLLM's log file (default: a temporary file)")
-    p.add_argument("--in-llm", action="store_true", default=os.environ.get(IN_LLM_ENV) == "1",
-                   help=f"run transprune/aim between the LLM's decoder layers (LLaVA-1.5, LLaVA-NeXT; sets {IN_LLM_ENV}=1 "
-                        "and vLLM's --enforce-eager --no-enable-chunked-prefill; prefix caching stays on)")
+    p.add_argument("--route", choices=ROUTES, default=os.environ.get(ROUTE_ENV),
+                   help="where vLLM serves transprune/aim/fastv: in_llm = between the LLM's decoder layers, "
+                        "with chunked prefill and prefix caching on (the default on CPU engines, every family); "
+                        "probe = once at the LLM input, scored by a shallow probe (the default on GPU engines, "
+                        f"whose model runner the plugin does not hook; fastv refused). Sets {ROUTE_ENV} for "
+                        "vLLM and the gateway (default: $%(dest)s or by platform)".replace("%(dest)s", ROUTE_ENV))
+    p.add_argument("--in-llm", action="store_true",
+                   help="no-op, kept for old scripts: the in-LLM route is the default now (see --route)")
     p.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for vLLM")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = p.parse_args(argv)
@@ -72,7 +77,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(f"--port must be in 1..65535, got {args.port}")
     if args.max_images < 1:
         p.error(f"--max-images must be >= 1, got {args.max_images}")
+    if args.in_llm or os.environ.get(LEGACY_IN_LLM_ENV) == "1":
+        print(f"vlmprune serve: --in-llm / {LEGACY_IN_LLM_ENV}=1 change nothing: transprune, aim and fastv are "
+              "served in-LLM by default (--route)", file=sys.stderr, flush=True)
     return args
+
+
+def serving_route(args: argparse.Namespace, gpu: bool) -> str:
+    """``--route``, else the platform's: ``in_llm`` where the plugin hooks the model runner (CPU), else ``probe``."""
+    return args.route or ("probe" if gpu else "in_llm")
 
 
 # -- model ------------------------------------------------------------------------------------
@@ -161,6 +174,10 @@ def bind_gateway(host: str, port: int) -> socket.socket:
     return s
 
 
+CPU_DEFAULT_STEP_BUDGET = 2048
+"""vLLM 0.32's ``max_num_batched_tokens`` for the OpenAI server on CPU (``EngineArgs.get_batch_defaults``)."""
+
+
 def context_length(model: Path, requested: int) -> int:
     """``requested``, capped at the model's ``max_position_embeddings`` (vLLM refuses a longer
     ``--max-model-len`` and exits; the shipped demo's LM has 1024 positions)."""
@@ -192,11 +209,15 @@ def vllm_command(model: Path, served_name: str, port: int, args: argparse.Namesp
     ]
     if not gpu:
         cmd += ["--dtype", "float32", "--enforce-eager"]
-    if getattr(args, "in_llm", False):
-        # In-LLM stages (vlmprune.vllm_plugin.inllm) refuse to start without these (a split prompt
-        # would give wrong answers; a data-dependent gather cannot be captured). Prefix caching
-        # stays on: the plugin's scheduler hook keeps in-LLM requests from reading hits.
-        cmd += ["--no-enable-chunked-prefill"] + ([] if not gpu else ["--enforce-eager"])
+    budget_set = any(a.split("=")[0] == "--max-num-batched-tokens" for a in args.vllm_arg)
+    if serving_route(args, gpu) == "in_llm" and not budget_set:
+        # An in-LLM request prefills its first image to the end of its prompt in one step
+        # (vlmprune.vllm_plugin.inllm): a step budget of the context length holds every request the
+        # engine accepts. vLLM's CPU default (2048) already does up to 2048; the cost of a larger one
+        # is a longer worst-case step for the requests decoding beside such a prefill.
+        length = context_length(model, args.max_model_len)
+        if length > CPU_DEFAULT_STEP_BUDGET:
+            cmd += ["--max-num-batched-tokens", str(max(length, CPU_DEFAULT_STEP_BUDGET))]
     return cmd + list(args.vllm_arg)
 
 
@@ -209,11 +230,10 @@ def _child_setup() -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def start_vllm(cmd: list[str], log_path: Path, gpu: bool, trace_dir: Path | None = None, in_llm: bool = False) -> subprocess.Popen:
-    """``trace_dir``: where the engine writes kept-token traces for the playground (vlmprune.trace)."""
+def start_vllm(cmd: list[str], log_path: Path, gpu: bool, trace_dir: Path | None = None) -> subprocess.Popen:
+    """``trace_dir``: where the engine writes kept-token traces for the playground (vlmprune.trace);
+    the route (:data:`ROUTE_ENV`) comes from this process's environment (:func:`main` sets it)."""
     env = dict(os.environ)
-    if in_llm:
-        env[IN_LLM_ENV] = "1"
     if trace_dir is not None:
         env[TRACE_DIR_ENV] = str(trace_dir)
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -354,6 +374,8 @@ def run(args: argparse.Namespace) -> int:
             if args.model != DEFAULT_MODEL:
                 model_dir, served, note = resolve_model(args.model)
             upstreams = [u.rstrip("/") for u in args.upstream]
+            if args.route:  # the gateway's accounting must match the engines' route (default: in_llm)
+                os.environ[ROUTE_ENV] = args.route
             print(f"vlmprune serve: fronting {', '.join(upstreams)}", flush=True)
             for up in upstreams:
                 wait_ready(up, None, None, args.startup_timeout)
@@ -369,9 +391,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"vlmprune serve: starting vLLM ({'GPU' if gpu else 'CPU, float32, eager'}) for {model_dir}\n"
                   f"  log: {log_path}\n  command: {' '.join(cmd)}", flush=True)
             traces = Path(tempfile.mkdtemp(prefix="vlmprune-traces-"))  # shared by the child and the gateway
-            if args.in_llm:  # the gateway's accounting reads the same mode (ServedModel.in_llm)
-                os.environ[IN_LLM_ENV] = "1"
-            child = start_vllm(cmd, log_path, gpu, traces, in_llm=args.in_llm)
+            # vLLM and the gateway's accounting (ServedModel.in_llm) read the same route.
+            os.environ[ROUTE_ENV] = serving_route(args, gpu)
+            print(f"vlmprune serve: route {os.environ[ROUTE_ENV]} for transprune/aim/fastv", flush=True)
+            child = start_vllm(cmd, log_path, gpu, traces)
             upstreams = [f"http://127.0.0.1:{port}"]
             app = _make_app(create_app, GatewaySettings, upstreams, model_dir, args, traces)  # while vLLM boots
             vllm_s = wait_ready(upstreams[0], child, log_path, args.startup_timeout)

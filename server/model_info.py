@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmprune.geometry import ImageTokenCounts, ModelVisionSpec
+from vlmprune.methods import policy_in_llm
 
 
 @dataclass(frozen=True)
@@ -38,21 +39,14 @@ class ServedModel:
     def image_tokens(self, width: int, height: int) -> ImageTokenCounts:
         return self.spec.image_tokens(width, height)
 
-    def in_llm(self, policy: Any) -> bool:
-        """Whether the engine runs ``policy`` stage by stage inside the LLM (``VLMPRUNE_IN_LLM=1``,
-        :mod:`vlmprune.vllm_plugin.inllm`), rather than once at the LLM input."""
-        from vlmprune.methods import served_in_llm
-
-        return policy.ratio > 0 and served_in_llm(policy.method, self.family)
-
     def kept(self, policy: Any, image: ImageTokenCounts) -> int:
         """Prunable tokens of ``image`` that reach the LLM input in vLLM (the placeholders its processor
         reserves). Single-count methods and the shallow probe: ``kept_count(n, ratio)`` (the
         progressive ones pruned once at the LLM input to the count with the same LLM FLOPs as their
-        layer-averaged ratio, ``vlmprune.vllm_plugin.common.prunable_keep``). In-LLM mode
-        (:meth:`in_llm`): TransPrune keeps every token at the input, AIM its merge count; the
+        layer-averaged ratio, ``vlmprune.vllm_plugin.common.prunable_keep``). In-LLM route
+        (:func:`vlmprune.methods.policy_in_llm`): TransPrune keeps every token at the input, AIM its merge count; the
         stages inside the LLM are :meth:`stages`."""
-        if self.in_llm(policy):
+        if policy_in_llm(policy, self.family):
             from vlmprune.reduction.stages import served_input_count
 
             return served_input_count(policy, image.prunable, self.lm.layers)
@@ -60,7 +54,7 @@ class ServedModel:
 
     def stages(self, policy: Any, image: ImageTokenCounts) -> list[tuple[int, int]]:
         """``(after_layer, prunable tokens kept)`` per in-LLM stage of ``image`` ([] when not in-LLM)."""
-        if not self.in_llm(policy):
+        if not policy_in_llm(policy, self.family):
             return []
         from vlmprune.reduction.stages import served_in_llm_stages
 
@@ -77,7 +71,7 @@ class ServedModel:
         kept = sum(self.kept(policy, t) for t in images)
         total0 = sum(t.total for t in images)
         total1 = kept + sum(t.newline for t in images)
-        in_llm = self.in_llm(policy)
+        in_llm = policy_in_llm(policy, self.family)
         if in_llm:  # per-layer counts of the schedule, no probe term (scores come from the LLM's own layers)
             from vlmprune.flops import method_visual_per_layer
 

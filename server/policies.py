@@ -155,10 +155,10 @@ class ResolvedPolicy:
 def needs_instruction(method: str, family: str | None) -> bool:
     """Instruction-aware methods score with the user's text; pre-LLM ones must not receive it (it
     would enter the multimodal hash and defeat the processor cache across prompts), nor do methods
-    an in-LLM engine runs between its decoder layers (they read the prompt's own instruction rows)."""
+    the in-LLM route runs between the decoder layers (they read the prompt's own instruction rows)."""
     from vlmprune.methods import served_in_llm
 
-    return METHODS[method].stage != "pre_llm" and not (family is not None and served_in_llm(method, family))
+    return METHODS[method].probe and not (family is not None and served_in_llm(method, family))
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:

@@ -68,3 +68,51 @@ def test_no_import_cycles(graph):
                 cycle = (module, *back)
                 cycles.setdefault(frozenset(cycle), cycle)
     assert [" -> ".join(c) for c in cycles.values()] == []
+
+
+def _sources(*roots: str):
+    """(dotted module name, parsed tree) of every module under ``roots`` (folders of the repository)."""
+    import ast
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    for root in roots:
+        for path in sorted((repo / root).rglob("*.py")):
+            name = ".".join(path.relative_to(repo).with_suffix("").parts).removesuffix(".__init__")
+            yield name, ast.parse(path.read_text())
+
+
+def test_one_definition_of_the_in_llm_route_and_of_the_method_traits():
+    """Whether vLLM serves a method between the decoder layers is decided in one place
+    (``vlmprune.methods``: the route's environment variable is read there alone, and
+    ``served_in_llm`` / ``policy_in_llm`` are the only predicates); which methods are probe-scored,
+    in-LLM or servable at the LLM input are fields of ``MethodSpec``, never a hand-kept set of names
+    at module level elsewhere (``vlmprune.methods.names`` derives them; tables of per-method data,
+    e.g. the papers' figures, are not sets)."""
+    import ast
+    import re
+
+    from vlmprune.methods import METHODS
+
+    predicates, route_env, name_sets = [], set(), []
+    for module, tree in _sources("vlmprune", "server"):
+        for node in ast.walk(tree):
+            is_predicate = isinstance(node, ast.FunctionDef) and ast.unparse(node.returns or ast.Constant(None)) == "bool"
+            if is_predicate and re.search(r"in_llm|^enabled$|^hooked$", node.name):
+                predicates.append(f"{module}.{node.name}")
+            if isinstance(node, ast.Constant) and node.value in ("VLMPRUNE_ROUTE", "VLMPRUNE_IN_LLM"):
+                route_env.add(module)
+    for module, tree in _sources("vlmprune", "server", "bench"):
+        if module == "vlmprune.methods":
+            continue
+        for node in tree.body:
+            value = getattr(node, "value", None)
+            is_set = isinstance(value, ast.Set) or (
+                isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id in ("set", "frozenset"))
+            if isinstance(node, (ast.Assign, ast.AnnAssign)) and is_set:
+                names = {c.value for c in ast.walk(value) if isinstance(c, ast.Constant) and c.value in METHODS}
+                if len(names) >= 2:
+                    name_sets.append(f"{module}:{node.lineno}: {sorted(names)}")
+    assert sorted(predicates) == ["vlmprune.methods.policy_in_llm", "vlmprune.methods.served_in_llm"]
+    assert route_env == {"vlmprune.methods"}
+    assert name_sets == []

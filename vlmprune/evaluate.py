@@ -186,20 +186,17 @@ def _evaluate_vllm(
     cpu = current_platform.is_cpu()
     if cpu:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default reserves far more
-    from vlmprune.methods import in_llm_mode
-
-    # In-LLM mode (VLMPRUNE_IN_LLM=1, vlmprune.vllm_plugin.inllm): the engine settings it requires.
-    in_llm = dict(enable_chunked_prefill=False,
-                  max_num_batched_tokens=max(max_len, 2048)) if in_llm_mode() else {}
+    # vLLM's own defaults (chunked prefill, prefix caching) on every route; the step budget holds any
+    # prompt of max_len, so every in-LLM request fits one step (vlmprune.vllm_plugin.inllm).
     llm = LLM(
         model=str(path),
         dtype="float32" if cpu else "auto",  # CPU: bf16 is emulated (7x slower); GPU: the checkpoint's dtype
-        enforce_eager=cpu or bool(in_llm),
+        enforce_eager=cpu,
         max_model_len=max_len,
+        max_num_batched_tokens=max(max_len, 2048),
         limit_mm_per_prompt={"image": 1},
         max_num_seqs=batch_size,
         seed=0,
-        **in_llm,
     )
     params = SamplingParams(max_tokens=3, temperature=0.0)
     data = [scenes.sample(split, i, scale) for i in range(samples)]

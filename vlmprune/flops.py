@@ -428,7 +428,8 @@ def method_visual_per_layer(
     ``ratio`` is bucketed as a policy would be.
     """
     from vlmprune.core import schedule
-    from vlmprune.policy import PROGRESSIVE_METHODS, image_kept_count
+    from vlmprune.methods import METHODS
+    from vlmprune.policy import image_kept_count
     from vlmprune.reduction.stages import progressive_schedule
 
     if num_layers < 1:
@@ -437,7 +438,7 @@ def method_visual_per_layer(
     if sum(views) != n_visual:
         raise ValueError(f"view_sizes {views} do not sum to n_visual={n_visual}")
     resolved = _resolve_policy(method, ratio, policy)
-    if method not in PROGRESSIVE_METHODS or (not in_llm and method != "fastv"):
+    if METHODS[method].stage != "in_llm" or (not in_llm and method != "fastv"):
         return [image_kept_count(views, resolved.ratio)] * num_layers
     counts = schedule.stage_counts(progressive_schedule(resolved, num_layers), n_visual)
     return schedule.counts_per_layer(counts, n_visual, num_layers)

@@ -33,16 +33,21 @@ class MethodSpec:
     name: str
     stage: Stage
     """pre_llm: decided from vision-side signals; llm_input: instruction-aware, pruned at the LLM
-    input; in_llm: progressive inside the LLM (transformers backend; a shallow probe in vLLM for
-    transprune and aim; fastv has no probe variant)."""
+    input; in_llm: progressive inside the LLM (the reference backend, and vLLM on the in-LLM route;
+    on the probe route a shallow probe at the LLM input for transprune and aim)."""
     models: tuple[str, ...]
     policy_type: type
     summary: str
     paper: str
-    vllm: bool = True
-    """The vLLM plugin serves it. False (``fastv`` until the plugin prunes between the served LLM's
-    decoder layers, issue 11): reference backend only; the plugin refuses it by name
-    (:func:`vlmprune.vllm_plugin.common.check_method`) and the gateway does not offer it."""
+    in_llm: bool = False
+    """vLLM serves it between the served LLM's decoder layers on the in-LLM route (the default on
+    every engine whose model runner the plugin hooks: :func:`served_in_llm`)."""
+    at_input: bool = True
+    """vLLM can serve it once at the LLM input (pre-LLM, or scored by the shallow probe): the route
+    of engines the plugin does not hook and of ``VLMPRUNE_ROUTE=probe``. False for ``fastv``."""
+    probe: bool = False
+    """At the LLM input it is scored by the shallow probe of the served LM, with the request's
+    instruction text (:mod:`vlmprune.vllm_plugin.probe`)."""
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -61,22 +66,22 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec(
             "aim", "in_llm", ALL_FAMILIES, AIMPolicy,
             "ToMe bipartite merging before the LLM, then PageRank importance pruning inside it",
-            "arXiv 2412.03248",
+            "arXiv 2412.03248", in_llm=True, probe=True,
         ),
         MethodSpec(
             "transprune", "in_llm", ALL_FAMILIES, TransPrunePolicy,
             "token transition variation + instruction-guided attention, pruned after layers 7/9/12",
-            "arXiv 2507.20630",
+            "arXiv 2507.20630", in_llm=True, probe=True,
         ),
         MethodSpec(
             "fastv", "in_llm", ALL_FAMILIES, FastVPolicy,
             "attention from the prompt's last token in layer K-1 ranks the image; pruned after layer K (K=2)",
-            "arXiv 2403.06764", vllm=False,
+            "arXiv 2403.06764", in_llm=True, at_input=False,
         ),
         MethodSpec(
             "explain", "llm_input", ALL_FAMILIES, ExplainPolicy,
             "a 1-D CNN maps layer-0 instruction->visual attention to learned relevance",
-            "arXiv 2506.01097",
+            "arXiv 2506.01097", probe=True,
         ),
         MethodSpec("random", "pre_llm", ALL_FAMILIES, RandomPolicy, "seeded uniform random subset (baseline)", "-"),
         MethodSpec("pool", "pre_llm", ALL_FAMILIES, PoolPolicy, "spatial average pooling to the same count (baseline)", "-"),
@@ -84,31 +89,67 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 
-IN_LLM_ENV = "VLMPRUNE_IN_LLM"
-"""``1`` on a vLLM engine (and the gateway in front of it): the progressive methods of
-:data:`IN_LLM_METHODS` run between the served LLM's decoder layers (``vlmprune.vllm_plugin.inllm``)
-on the families of :data:`IN_LLM_FAMILIES`; otherwise (and on other families) the shallow probe
-prunes them at the LLM input. The launcher sets it with the engine flags the mode requires."""
-IN_LLM_METHODS = frozenset({"transprune", "aim", "fastv"})
+ROUTE_ENV = "VLMPRUNE_ROUTE"
+"""Where vLLM serves the methods that have an in-LLM variant (:attr:`MethodSpec.in_llm`), read in
+the engine's processes and in the gateway in front of it:
+
+- ``in_llm`` (the default): between the served LLM's decoder layers, as the reference backend
+  (:mod:`vlmprune.vllm_plugin.inllm`), with vLLM's chunked prefill and prefix caching left on;
+- ``probe``: once at the LLM input, scored by the shallow probe (``fastv`` has none: refused).
+  The plugin sets it on engines whose model runner it does not hook (CUDA's V2 runner), so the
+  in-LLM route there is never attempted; ``vlmprune serve --route probe`` sets it on a CPU engine."""
+ROUTES: tuple[str, ...] = ("in_llm", "probe")
+LEGACY_IN_LLM_ENV = "VLMPRUNE_IN_LLM"
+"""The former opt-in switch of the in-LLM route; the route is now the default, so ``1`` changes
+nothing (``0`` selects the probe route, as ``VLMPRUNE_ROUTE=probe``)."""
 IN_LLM_FAMILIES = frozenset({"llava", "llava_next", "qwen2_vl", "qwen2_5_vl"})
+"""Families whose served LM the in-LLM forward runs (``InLLMForward``)."""
 
 
-def in_llm_mode() -> bool:
-    """Whether this process serves (or fronts) an engine in in-LLM mode (``VLMPRUNE_IN_LLM=1``)."""
+def route() -> str:
+    """This process's route (:data:`ROUTE_ENV`); raises ``ValueError`` on an unknown value."""
     import os
 
-    return os.environ.get(IN_LLM_ENV, "0") == "1"
+    value = os.environ.get(ROUTE_ENV)
+    if value is None:
+        return "probe" if os.environ.get(LEGACY_IN_LLM_ENV) == "0" else "in_llm"
+    if value not in ROUTES:
+        raise ValueError(f"{ROUTE_ENV} must be one of {', '.join(ROUTES)}, got {value!r}")
+    return value
 
 
 def served_in_llm(method: str, family: str) -> bool:
-    """Whether vLLM runs ``method`` on ``family`` inside the LLM here (stage by stage)."""
-    return in_llm_mode() and method in IN_LLM_METHODS and family in IN_LLM_FAMILIES
+    """The one definition of "vLLM serves ``method`` on ``family`` between the decoder layers here"."""
+    spec = METHODS.get(method)
+    return (spec is not None and spec.in_llm and family in spec.models and family in IN_LLM_FAMILIES
+            and route() == "in_llm")
+
+
+def policy_in_llm(policy, family: str) -> bool:
+    """Whether an (active) request policy is served by the in-LLM stages; ratio 0 / None never are."""
+    return policy is not None and policy.ratio > 0.0 and served_in_llm(policy.method, family)
 
 
 def vllm_serves(method: str, family: str) -> bool:
-    """Whether the vLLM plugin serves ``method`` on ``family`` here (``fastv``: in-LLM mode only)."""
+    """Whether the vLLM plugin serves ``method`` on ``family`` on this route."""
     spec = METHODS.get(method)
-    return spec is not None and family in spec.models and (spec.vllm or served_in_llm(method, family))
+    return spec is not None and family in spec.models and (spec.at_input or served_in_llm(method, family))
+
+
+def served_route(method: str, family: str) -> str:
+    """How vLLM serves ``method`` on ``family`` here: ``in_llm``, ``probe``, ``pre_llm`` or
+    ``refused`` (reported by the gateway's method list, headers and playground)."""
+    spec = METHODS.get(method)
+    if spec is None or not vllm_serves(method, family):
+        return "refused"
+    if served_in_llm(method, family):
+        return "in_llm"
+    return "probe" if spec.probe else "pre_llm"
+
+
+def names(trait: str) -> frozenset[str]:
+    """The methods whose :class:`MethodSpec` has ``trait`` true (``"probe"``, ``"in_llm"``, ...)."""
+    return frozenset(name for name, spec in METHODS.items() if getattr(spec, trait))
 
 
 def require_support(method: str, family: str) -> MethodSpec:
@@ -138,6 +179,7 @@ def describe_methods() -> list[dict]:
                 "name": spec.name,
                 "stage": spec.stage,
                 "models": list(spec.models),
+                "vllm_routes": {family: served_route(spec.name, family) for family in spec.models},
                 "summary": spec.summary,
                 "paper": spec.paper,
                 "options": options,

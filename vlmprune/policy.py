@@ -191,7 +191,6 @@ PolicyT = Union[
 ]
 _POLICY_ADAPTER: TypeAdapter[PolicyT] = TypeAdapter(Policy)
 
-PROGRESSIVE_METHODS = frozenset({"aim", "transprune", "fastv"})
 
 
 def parse_policy(value: Mapping[str, Any] | PolicyT | None = None, **overrides: Any) -> PolicyT:

@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from vlmprune.methods import METHODS
+
 DEFAULT_QUESTION = "what colour is the circle ?"
 """A question in the demo model's vocabulary (vlmprune.testbed.scenes); any text is accepted."""
 
@@ -51,7 +53,6 @@ PANEL_GAP = 8
 """Pixels between panels (LLaVA-NeXT's two views)."""
 
 SUPPORTED_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
-PROGRESSIVE = ("transprune", "aim", "fastv")
 MERGING = ("aim", "pool")
 
 Box = tuple[float, float, float, float]
@@ -328,7 +329,7 @@ def visualize(engine: Any, image: Image.Image, policy: Any, question: str = DEFA
     layout = token_layout(family, tokens, rgb.size, image_processor)
     prunable = tokens.prunable.bool().cpu().numpy()
     kept = kept_token_mask(tokens.n_tokens, pre.final_kept_index[0]) & prunable
-    last_stage = policy.method in PROGRESSIVE
+    last_stage = METHODS[policy.method].stage == "in_llm"
     kept_indices = np.nonzero(kept)[0].tolist()
     title = title_for(policy.method, policy.ratio, len(kept_indices), int(prunable.sum()), last_stage)
     overlay = render_overlay(rgb, kept, layout, title)

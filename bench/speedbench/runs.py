@@ -2,7 +2,7 @@
 
 A worker is ``python -m speedbench.runs ENGINE MODEL_DIR MAX_NUM_SEQS`` (``bench/`` on the path):
 it serves JSON-line commands with one engine (stock: ``VLLM_PLUGINS=none``; plugin; inllm: the
-plugin with ``VLMPRUNE_IN_LLM=1``, transprune/aim/fastv between decoder layers) and times
+plugin on the default in-LLM route, transprune/aim/fastv between decoder layers; the plugin engine runs ``VLMPRUNE_ROUTE=probe``) and times
 ``embed_multimodal`` inside its own process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
 
 Every engine gets the same :data:`ENGINE_KWARGS`: the in-LLM mode's required flags (eager, no
@@ -33,9 +33,9 @@ ENGINE_KWARGS: dict[str, Any] = dict(
     max_model_len=1024,
     limit_mm_per_prompt={"image": 1},
     enable_prefix_caching=False,  # repeated prompts must be recomputed
-    enable_chunked_prefill=False,  # in-LLM mode requires it; the same for every engine (fair baseline)
+    enable_chunked_prefill=True,  # vLLM's default, as `vlmprune serve` leaves it (every engine alike)
     mm_processor_cache_gb=0,  # and re-processed, as unique images would be
-    max_num_batched_tokens=2048,
+    max_num_batched_tokens=2048,  # vLLM's CPU server default; holds every prompt of max_model_len
     seed=0,
 )
 
@@ -216,10 +216,11 @@ class Worker:
             env["VLLM_PLUGINS"] = "none"  # vLLM's allow-list: no general plugin loaded
         else:
             env.pop("VLLM_PLUGINS", None)
+        env.pop("VLMPRUNE_IN_LLM", None)
         if engine == "inllm":
-            env["VLMPRUNE_IN_LLM"] = "1"  # transprune/aim/fastv between decoder layers (vllm_plugin.inllm)
+            env.pop("VLMPRUNE_ROUTE", None)  # the default route: transprune/aim/fastv between decoder layers
         else:
-            env.pop("VLMPRUNE_IN_LLM", None)
+            env["VLMPRUNE_ROUTE"] = "probe"  # the plugin engine's '(probe)' rows: pruned at the LLM input
         self.engine = engine
         self.log_path = log
         self.log = open(log, "w")

@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from vlmprune.methods import names
 
-INSTRUCTION_METHODS = frozenset({"transprune", "explain", "aim"})
-"""Methods whose vLLM probe reads the request's instruction (``vllm_plugin.common.PROBE_METHODS``;
-checked against it at start-up)."""
+INSTRUCTION_METHODS = names("probe")
+"""Methods whose vLLM probe reads the request's instruction (``MethodSpec.probe``)."""
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,7 @@ class Config:
     """One measured configuration: which engine, and the request's policy (None: no policy key)."""
 
     name: str
-    engine: str  # "stock" | "plugin" | "inllm" (the plugin with VLMPRUNE_IN_LLM=1)
+    engine: str  # "stock" | "plugin" (VLMPRUNE_ROUTE=probe) | "inllm" (the plugin on its default route)
     method: str | None = None
     ratio: float = 0.0
     text_only: bool = False
@@ -63,7 +63,7 @@ def plugin_methods(family: str = "llava") -> list[str]:
 
 
 IN_LLM_CHOICES = ("both", "only", "off")
-"""``--in-llm``: the in-LLM methods (``vlmprune.methods.IN_LLM_METHODS``) on the in-LLM engine and
+"""``--in-llm``: the in-LLM methods (``MethodSpec.in_llm``) on the in-LLM engine and
 their probe variants on the plugin engine (both), the in-LLM rows only, or the probe rows only (off)."""
 
 
@@ -76,8 +76,7 @@ def make_configs(methods: list[str], ratios: list[float], in_llm: str = "off") -
     engine; with ``off`` it keeps its old name ``M r=R`` on the plugin engine (probe). ``fastv`` has
     no probe variant: it needs in-LLM rows.
     """
-    from vlmprune.methods import IN_LLM_METHODS
-
+    in_llm_methods = names("in_llm")
     if in_llm not in IN_LLM_CHOICES:
         raise ValueError(f"in_llm must be one of {IN_LLM_CHOICES}, got {in_llm!r}")
     probe_served = set(plugin_methods())
@@ -87,11 +86,11 @@ def make_configs(methods: list[str], ratios: list[float], in_llm: str = "off") -
             if ratio <= 0:
                 continue
             r = f"r={ratio:g}"
-            if method in IN_LLM_METHODS and in_llm != "off":
+            if method in in_llm_methods and in_llm != "off":
                 rows.append(Config(f"{method} {r}", "inllm", method, ratio))
                 if in_llm == "both" and method in probe_served:
                     rows.append(Config(f"{method} (probe) {r}", "plugin", method, ratio))
-            elif method in IN_LLM_METHODS and method not in probe_served:
+            elif method in in_llm_methods and method not in probe_served:
                 raise ValueError(f"{method!r} runs only inside the LLM: use --in-llm both or only")
             else:
                 rows.append(Config(f"{method} {r}", "plugin", method, ratio))

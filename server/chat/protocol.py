@@ -182,7 +182,7 @@ class AppliedPolicy(BaseModel):
     source: str
     """Where the ratio came from: policy, adaptive, body or header."""
     stages: str = ""
-    """In-LLM methods (``VLMPRUNE_IN_LLM=1``): the visual tokens each stage inside the LLM kept, all
+    """In-LLM methods (the in-LLM route): the visual tokens each stage inside the LLM kept, all
     images, as ``after_layer:kept,...`` (``kept`` is then what enters the LLM); empty otherwise."""
 
     def header(self) -> str:

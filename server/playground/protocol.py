@@ -8,6 +8,9 @@ from pydantic import BaseModel
 class MethodInfo(BaseModel):
     name: str
     stage: str
+    route: str
+    """How the engine serves it: ``in_llm`` (between the decoder layers), ``probe`` (at the LLM
+    input, scored by the shallow probe) or ``pre_llm`` (``vlmprune.methods.served_route``)."""
     summary: str
     paper: str
 

@@ -32,8 +32,8 @@ from server.playground.protocol import (
     TracedImage,
     TraceResponse,
 )
-from vlmprune.methods import METHODS, vllm_serves
-from vlmprune.policy import PROGRESSIVE_METHODS, RATIO_STEP
+from vlmprune.methods import METHODS, served_route, vllm_serves
+from vlmprune.policy import RATIO_STEP
 from vlmprune.trace import check_trace_id, pop_trace
 
 MIN_SCENE_PX = 224
@@ -96,11 +96,12 @@ def methods_for(state: Any, model: Any) -> MethodsResponse:
     family = model.family
     methods = []
     for spec in METHODS.values():
-        if not vllm_serves(spec.name, family):  # fastv: only on an in-LLM engine
+        if not vllm_serves(spec.name, family):  # fastv: not on the probe route
             continue
         if spec.name == "explain" and not (Path(model.model_dir) / EXPLAIN_WEIGHTS).is_file():
             continue
-        methods.append(MethodInfo(name=spec.name, stage=spec.stage, summary=spec.summary, paper=spec.paper))
+        methods.append(MethodInfo(name=spec.name, stage=spec.stage, route=served_route(spec.name, family),
+                                  summary=spec.summary, paper=spec.paper))
     policies = [
         NamedPolicyInfo(name=name, method=p.method, ratio=p.ratio, max_ratio=p.max_ratio,
                         ratio_now=p.ratio_at(state.adapter.pressure))
@@ -207,7 +208,7 @@ async def trace_of(state: Any, trace_id: str, wait_s: float = 3.0) -> TraceRespo
     else:
         # The probe methods prune once, at the LLM input, the count with the FLOPs of their
         # layer-averaged schedule (vlmprune.vllm_plugin.common.prunable_keep).
-        where = "LLM input, every layer (in-LLM schedule as its layer average)" if run.method in PROGRESSIVE_METHODS \
+        where = "LLM input, every layer (in-LLM schedule as its layer average)" if METHODS[run.method].stage == "in_llm" \
             else "LLM input"
         stages = [Stage(where=where, kept=sum(run.kept), of=sum(run.visual_tokens))]
     return TraceResponse(id=trace_id, status=run.status, applied=run.applied, family=run.family, images=images,

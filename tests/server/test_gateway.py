@@ -65,7 +65,8 @@ def test_policy_written_into_body_and_applied_header(gateway):
 
 
 def test_body_policy_and_instruction_reach_upstream(gateway):
-    """The body's policy survives (header ratio wins); instruction-aware methods get the user text."""
+    """The body's policy survives (header ratio wins); probe-scored methods get the user text, the
+    in-LLM route's (the default) do not (they read the prompt's own rows)."""
     url, up = gateway
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
     client.chat.completions.create(
@@ -79,8 +80,14 @@ def test_body_policy_and_instruction_reach_upstream(gateway):
         extra_headers={"X-VLMPrune-Method": "transprune", "X-VLMPrune-Ratio": "0.5"},
     )
     sent = up.bodies[-1]["mm_processor_kwargs"]["vlmprune"]
-    assert sent["method"] == "transprune" and sent["instruction"] == "how many boxes ?"
+    assert sent["method"] == "transprune" and "instruction" not in sent
     assert AppliedPolicy.parse(raw.headers["x-vlmprune-applied"]).visual_tokens == 2 * N_VISUAL
+    client.chat.completions.create(
+        model="fake", messages=image_message("how many boxes ?"), max_tokens=3,
+        extra_headers={"X-VLMPrune-Method": "explain", "X-VLMPrune-Ratio": "0.5"},
+    )
+    sent = up.bodies[-1]["mm_processor_kwargs"]["vlmprune"]
+    assert sent["method"] == "explain" and sent["instruction"] == "how many boxes ?"
 
 
 def test_streaming_passes_chunks_through(gateway):
@@ -352,7 +359,9 @@ def test_playground_page_and_routes_without_a_trace_folder(gateway):
     assert httpx.get(url + "/playground/static/playground.js").status_code == 200
     meta = httpx.get(url + "/v1/vlmprune/methods").json()
     assert meta["family"] == "llava" and meta["tracing"] is False and meta["ratio_step"] == 0.005
-    assert [m["name"] for m in meta["methods"]] == ["fastervlm", "aim", "transprune", "random", "pool"]
+    assert [(m["name"], m["route"]) for m in meta["methods"]] == [
+        ("fastervlm", "pre_llm"), ("aim", "in_llm"), ("transprune", "in_llm"), ("fastv", "in_llm"), ("random", "pre_llm"),
+        ("pool", "pre_llm")]
     assert {p["name"] for p in meta["policies"]} == {"quality", "balanced", "fast"}
     scene = httpx.get(url + "/v1/vlmprune/demo-scene", params={"index": 3}).json()
     assert scene["image"].startswith("data:image/png;base64,") and scene["question"] and scene["answer"]

@@ -1,4 +1,4 @@
-"""Gateway accounting of the in-LLM methods (``VLMPRUNE_IN_LLM=1``): stages, placeholders, FLOPs."""
+"""Gateway accounting of the in-LLM methods (the default route; ``VLMPRUNE_ROUTE=probe`` for the probe): stages, placeholders, FLOPs."""
 
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ def test_in_llm_requests_report_stages_and_per_layer_flops(model, monkeypatch, m
     policy = parse_policy({"method": method, "ratio": ratio})
     image = model.image_tokens(336, 336)
     n, layers = image.prunable, model.lm.layers
-    monkeypatch.delenv("VLMPRUNE_IN_LLM", raising=False)
+    monkeypatch.setenv("VLMPRUNE_ROUTE", "probe")
     assert model.stages(policy, image) == [] and model.kept(policy, image) == image.kept(ratio)
     probe_cost = model.cost([image], policy, 20, 5)
 
-    monkeypatch.setenv("VLMPRUNE_IN_LLM", "1")
+    monkeypatch.delenv("VLMPRUNE_ROUTE", raising=False)  # the default route: in-LLM
     stages = model.stages(policy, image)
     assert stages == [(layer, c[0]) for layer, c in served_in_llm_stages(policy, [n], layers)] and stages
     assert all(c < n for _, c in stages) and [c for _, c in stages] == sorted((c for _, c in stages), reverse=True)
@@ -48,7 +48,7 @@ def test_in_llm_requests_report_stages_and_per_layer_flops(model, monkeypatch, m
 
 
 def test_other_methods_and_ratio_zero_have_no_stages(model, monkeypatch):
-    monkeypatch.setenv("VLMPRUNE_IN_LLM", "1")
+    monkeypatch.delenv("VLMPRUNE_ROUTE", raising=False)  # the default route: in-LLM
     image = model.image_tokens(336, 336)
     for policy in (parse_policy({"method": "fastervlm", "ratio": 0.9}), parse_policy({"method": "transprune", "ratio": 0.0})):
         assert model.stages(policy, image) == []
@@ -68,7 +68,7 @@ def test_llava_next_stages_follow_each_images_size_and_keep_newlines(method, rat
     policy = parse_policy({"method": method, "ratio": ratio})
     images = [model.image_tokens(672, 336), model.image_tokens(500, 500)]
     assert images[0].prunable != images[1].prunable and all(t.newline for t in images)
-    monkeypatch.setenv("VLMPRUNE_IN_LLM", "1")
+    monkeypatch.delenv("VLMPRUNE_ROUTE", raising=False)  # the default route: in-LLM
     layers = model.lm.layers
     for image in images:
         stages = model.stages(policy, image)

@@ -3,6 +3,7 @@ and the whole launcher fronting an existing upstream (`--upstream`), stopped wit
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -128,16 +129,27 @@ def test_cli_serve_without_server_extras_is_a_clear_error(monkeypatch, capsys):
     assert "vlmprune[server]" in capsys.readouterr().err
 
 
-def test_in_llm_mode_adds_the_flags_its_stages_require(tmp_path, monkeypatch):
-    """--in-llm: no chunked prefill, eager (the engine refuses to start otherwise); prefix caching
-    stays on (in-LLM requests never read hits, tests/vllm/test_plugin_inllm.py)."""
+def test_in_llm_route_keeps_vllm_defaults_and_sizes_the_step_budget(tmp_path, monkeypatch, capsys):
+    """The in-LLM route is the default on CPU: vLLM's chunked prefill and prefix caching stay on (no
+    flag), and the step budget holds the context length (passed only above vLLM's CPU default 2048,
+    never over the user's own); GPU engines default to the probe route; --in-llm is a no-op that says so."""
+    monkeypatch.delenv("VLMPRUNE_ROUTE", raising=False)
     monkeypatch.delenv("VLMPRUNE_IN_LLM", raising=False)
-    plain = " ".join(launcher.vllm_command(tmp_path, "demo", 9999, launcher.parse_args([]), gpu=False))
-    assert "prefix-caching" not in plain and "chunked-prefill" not in plain
-    for gpu in (False, True):
-        cmd = launcher.vllm_command(tmp_path, "demo", 9999, launcher.parse_args(["--in-llm"]), gpu=gpu)
-        for flag in ("--no-enable-chunked-prefill", "--enforce-eager"):
-            assert flag in cmd
-        assert "prefix-caching" not in " ".join(cmd)
-    monkeypatch.setenv("VLMPRUNE_IN_LLM", "1")  # the environment's mode is the default
-    assert launcher.parse_args([]).in_llm
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"max_position_embeddings": 4096}}))
+    args = launcher.parse_args([])
+    assert launcher.serving_route(args, gpu=False) == "in_llm" and launcher.serving_route(args, gpu=True) == "probe"
+    cmd = launcher.vllm_command(tmp_path, "demo", 9999, args, gpu=False)
+    assert "prefix-caching" not in " ".join(cmd) and "chunked-prefill" not in " ".join(cmd)
+    assert "--max-num-batched-tokens" not in cmd  # vLLM's default 2048 = --max-model-len's default
+    long = launcher.parse_args(["--max-model-len", "4096"])
+    cmd = launcher.vllm_command(tmp_path, "demo", 9999, long, gpu=False)
+    assert cmd[cmd.index("--max-num-batched-tokens") + 1] == "4096"
+    own = launcher.parse_args(["--max-model-len", "4096", "--vllm-arg=--max-num-batched-tokens=512"])
+    assert " ".join(launcher.vllm_command(tmp_path, "demo", 9999, own, gpu=False)).count("--max-num-batched-tokens") == 1
+    probe = launcher.parse_args(["--route", "probe", "--max-model-len", "4096"])
+    assert "--max-num-batched-tokens" not in launcher.vllm_command(tmp_path, "demo", 9999, probe, gpu=False)
+    capsys.readouterr()
+    launcher.parse_args(["--in-llm"])
+    assert "change nothing" in capsys.readouterr().err
+    monkeypatch.setenv("VLMPRUNE_ROUTE", "probe")  # the environment's route is the default
+    assert launcher.parse_args([]).route == "probe"

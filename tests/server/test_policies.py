@@ -25,14 +25,14 @@ def test_default_named_policy_applies_without_headers():
 
 
 def test_instruction_is_attached_only_for_the_probe_methods(monkeypatch):
-    """Probe-scored methods get the chat's instruction; on an in-LLM engine (VLMPRUNE_IN_LLM=1) the
+    """Probe-scored methods get the chat's instruction; on the in-LLM route (the default) the
     methods it runs between decoder layers do not (they read the prompt's own instruction rows), and
     the methods it does not run that way (explain) still do."""
-    monkeypatch.delenv("VLMPRUNE_IN_LLM", raising=False)
+    monkeypatch.setenv("VLMPRUNE_ROUTE", "probe")
     for method in ("transprune", "aim", "explain"):
         r = resolve_policy({"X-VLMPrune-Method": method}, None, BUILTIN_POLICIES, "llava", instruction="q ?")
         assert r.instruction == "q ?", method
-    monkeypatch.setenv("VLMPRUNE_IN_LLM", "1")
+    monkeypatch.delenv("VLMPRUNE_ROUTE", raising=False)  # the default route: in-LLM
     for method, want in (("transprune", None), ("aim", None), ("fastv", None), ("explain", "q ?")):
         r = resolve_policy({"X-VLMPrune-Method": method}, None, BUILTIN_POLICIES, "llava", instruction="q ?")
         assert r.instruction == want, method
@@ -69,8 +69,9 @@ def test_header_method_switch_drops_options_of_the_old_method_keeps_ratio():
     assert "seed" not in r.processor_kwargs()
 
 
-def test_body_instruction_is_kept_and_gateway_instruction_fills_in():
-    """Instruction-aware methods get the body's instruction, else the gateway's extraction."""
+def test_body_instruction_is_kept_and_gateway_instruction_fills_in(monkeypatch):
+    """Probe-scored methods get the body's instruction, else the gateway's extraction (probe route)."""
+    monkeypatch.setenv("VLMPRUNE_ROUTE", "probe")
     r = resolve_policy({}, {"method": "transprune", "ratio": 0.5, "instruction": "from body"}, BUILTIN_POLICIES,
                        "llava", instruction="from chat")
     assert r.processor_kwargs()["instruction"] == "from body"

@@ -27,10 +27,11 @@ def build_model(family: str, root: Path, **options: Any):
 class StockRun:
     """A stock vLLM engine (plugin excluded with ``VLLM_PLUGINS``) in a background subprocess."""
 
-    def __init__(self, model_dir: Path, requests: list[dict[str, Any]], workdir: Path) -> None:
+    def __init__(self, model_dir: Path, requests: list[dict[str, Any]], workdir: Path, **engine: Any) -> None:
+        """``engine``: overrides of the runner's ``ENGINE_KWARGS``."""
         self.spec = workdir / "stock_spec.json"
         self.out = workdir / "stock_out.json"
-        self.spec.write_text(json.dumps({"model": str(model_dir), "requests": requests}))
+        self.spec.write_text(json.dumps({"model": str(model_dir), "requests": requests, "engine": engine}))
         env = dict(os.environ, VLLM_PLUGINS="none")
         self.log = open(workdir / "stock.log", "w")
         self.proc = subprocess.Popen(
@@ -100,7 +101,8 @@ def hf_request(request_spec: dict[str, Any]):
     from vlmprune.backends.hf.pipeline import Request
     from vlmprune.testbed.tiny import make_image
 
-    return Request(prompt=request_spec["prompt"], images=[make_image(w, h, seed=s) for w, h, s in request_spec["images"]])
+    return Request(prompt=request_spec["prompt"], images=[make_image(w, h, seed=s) for w, h, s in request_spec["images"]],
+                   preamble=request_spec.get("preamble"))
 
 
 def median_latency(engine: "Engine", size: tuple[int, int], ratio: float, seed: int, repeats: int = 3) -> float:
@@ -116,13 +118,21 @@ def median_latency(engine: "Engine", size: tuple[int, int], ratio: float, seed: 
 
 # --- In-LLM mode (vllm_plugin/inllm.py): engines, runs with the stage log, the reference's stages --
 
-IN_LLM_ENV_VARS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1", "VLMPRUNE_IN_LLM": "1"}
-"""Engine core in this process (the stage log is read with ``apply_model``), in-LLM mode on."""
-IN_LLM_ENGINE = dict(enable_prefix_caching=True, enable_chunked_prefill=False, max_num_batched_tokens=512, block_size=32)
-"""The engine settings the in-LLM mode requires (``inllm.check_engine_in_llm``), prefix caching on
-(what the launcher leaves): in-LLM requests must never read a hit, the others still do. Blocks of
-32 tokens (CPU attention needs a multiple of 32; its default, 128, is longer than these prompts): so
-hits do happen, and a compacted layer group's rows cross block boundaries."""
+IN_LLM_ENV_VARS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+"""Engine core in this process (the stage log is read with ``apply_model``); the route is the
+default one (in-LLM: ``VLMPRUNE_ROUTE`` unset)."""
+IN_LLM_ENGINE = dict(enable_prefix_caching=True, enable_chunked_prefill=True, max_model_len=1024,
+                     max_num_batched_tokens=512, block_size=32)
+"""vLLM's defaults as the launcher leaves them (chunked prefill and prefix caching on), with a step
+budget shorter than the longest prompts: a prompt with a long text before its image is prefilled
+in chunks up to the image, then its span from the image to the end in one step
+(``inllm.install_scheduler_hook``). In-LLM requests must never read a prefix-cache hit, the
+others still do. Blocks of 32 tokens (CPU attention needs a multiple of 32; its default, 128, is
+longer than these prompts): so hits do happen, and a compacted layer group's rows cross block
+boundaries."""
+ROUTE_PROBE = {"VLMPRUNE_ROUTE": "probe"}
+"""The probe route (transprune / aim scored by the shallow probe at the LLM input, fastv refused):
+the plugin modules that test it set it for the whole module (the processor reads it per request)."""
 IN_LLM_STEPS = 8
 
 
@@ -146,11 +156,16 @@ class saved_env:
                 os.environ[key] = value
 
 
-def chat_spec(processor, prompt: str, images=(), policy: Any = "absent") -> dict[str, Any]:
-    """A request spec whose ``text`` is the reference backend's own chat-templated prompt."""
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+def chat_spec(processor, prompt: str, images=(), policy: Any = "absent", preamble: str | None = None) -> dict[str, Any]:
+    """A request spec whose ``text`` is the reference backend's own chat-templated prompt
+    (``preamble``: an earlier text turn, as :class:`vlmprune.backends.hf.pipeline.Request`'s)."""
+    from vlmprune.backends.hf.pipeline import chat_messages
+
+    text = processor.apply_chat_template(chat_messages(prompt, len(images), preamble), add_generation_prompt=True,
+                                         tokenize=False)
     out: dict[str, Any] = {"prompt": prompt, "text": text, "images": [list(i) for i in images]}
+    if preamble is not None:
+        out["preamble"] = preamble
     if policy != "absent":
         out["vlmprune"] = policy
     return out
@@ -229,6 +244,35 @@ def assert_batch_gives_solo_answers(engine: "Engine", specs: list[dict[str, Any]
         assert (records[i] is None) == (s_rec is None)
         if s_rec is not None:
             assert records[i]["decisions"] == s_rec["decisions"], f"request {i}: kept rows differ in the batch"
+
+
+PREAMBLE = " ".join(["there is a red box and a blue circle on the left ."] * 50)
+"""~550 tokens of an earlier text turn: with the images, longer than the in-LLM engines' 512-token step."""
+
+
+def assert_chunked_preamble_equals_reference(engine: "Engine", ref, make, policies, atol: float) -> list[dict[str, Any]]:
+    """Each policy on ``make(policy, PREAMBLE)`` (a spec whose text before the images makes the
+    prompt longer than one engine step): the prompt is prefilled in chunks up to its first image,
+    then its span in one step whose stages read the earlier chunks' keys from the KV cache; kept
+    rows per stage, greedy tokens and logprobs equal the reference ``ref``. Returns the specs."""
+    config = engine.llm.llm_engine.vllm_config.scheduler_config
+    assert config.enable_chunked_prefill
+    specs = []
+    for policy in policies:
+        spec = make(policy, PREAMBLE)
+        (out,), (record,) = inllm_run(engine, [spec])
+        what = str(policy)
+        assert len(out["prompt_token_ids"]) > config.max_num_batched_tokens, f"{what}: fits one step, nothing chunked"
+        assert record is not None and record["runs"][0][0] > 500, f"{what}: {record and record['runs']}"
+        tokens, stages, lps = inllm_reference(ref, spec, policy)
+        assert vllm_kept(record) == stages, f"{what}: kept rows per stage differ"
+        assert out["token_ids"] == tokens, f"{what}: greedy tokens differ"
+        assert_logprobs(out, tokens, lps, what, atol)
+        specs.append(spec)
+    return specs
+
+
+CHUNKED_POLICIES = ({"method": "transprune", "ratio": 0.9}, {"method": "aim", "ratio": 0.9}, {"method": "fastv", "ratio": 0.5})
 
 
 def assert_logprobs(out: dict[str, Any], tokens: list[int], want: list[float], what: str, atol: float) -> None:

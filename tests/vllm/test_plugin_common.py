@@ -93,7 +93,7 @@ def test_check_method_names_method_and_model():
         common.check_method(req, "llava", common.PRE_LLM_METHODS, "m")
     common.check_method(req, "llava_next", common.PRE_LLM_METHODS, "m")
     req = common.parse_request({"method": "explain", "ratio": 0.5})
-    with pytest.raises(PolicyError, match=r"'explain' needs the instruction probe.*available here: aim, fastervlm, pool, random"):
+    with pytest.raises(PolicyError, match=r"'explain' needs the instruction probe.*available here: fastervlm, pool, random"):
         common.check_method(req, "llava", common.PRE_LLM_METHODS, "m")
 
 
@@ -272,11 +272,18 @@ def test_trace_id_is_split_from_the_policy_and_checked():
         common.parse_request({"method": "pool", "ratio": 0.5, "trace": "../../x"})
 
 
-def test_fastv_is_refused_until_the_plugin_prunes_inside_the_llm():
-    """FastV exists only in-LLM; the plugin refuses it by name (for every family, any ratio)."""
+def test_fastv_is_served_in_llm_and_refused_on_the_probe_route(monkeypatch):
+    """FastV exists only in-LLM: served on the in-LLM route (the default), refused by name on the
+    probe route (for every family, any ratio)."""
+    monkeypatch.delenv("VLMPRUNE_ROUTE", raising=False)
     for ratio in (0.0, 0.5):
         req = common.parse_request({"method": "fastv", "ratio": ratio})
-        with pytest.raises(PolicyError, match=r"'fastv' needs in-LLM pruning.*served model: m"):
+        common.check_method(req, "qwen2_vl", common.PLUGIN_METHODS, "m")
+    monkeypatch.setenv("VLMPRUNE_ROUTE", "probe")
+    for ratio in (0.0, 0.5):
+        req = common.parse_request({"method": "fastv", "ratio": ratio})
+        with pytest.raises(PolicyError, match=r"'fastv' runs only between the served LLM's decoder layers.*"
+                                              r"VLMPRUNE_ROUTE=probe.*served model: m"):
             common.check_method(req, "qwen2_vl", common.PLUGIN_METHODS, "m")
 
 
@@ -293,9 +300,9 @@ def test_in_llm_prompt_check_refuses_what_the_stages_cannot_serve(monkeypatch):
     tp, fv = parse_policy({"method": "transprune", "ratio": 0.5}), parse_policy({"method": "fastv", "ratio": 0.5})
     image_then_video = {"image": ranges((2, 4)), "video": ranges((8, 4))}
     ids = list(range(14))
-    monkeypatch.delenv("VLMPRUNE_IN_LLM", raising=False)
+    monkeypatch.setenv("VLMPRUNE_ROUTE", "probe")
     check(tp, "qwen2_vl", ids, image_then_video)  # probe mode: not this check's business
-    monkeypatch.setenv("VLMPRUNE_IN_LLM", "1")
+    monkeypatch.delenv("VLMPRUNE_ROUTE", raising=False)  # the default route: in-LLM
     with pytest.raises(PolicyError, match="video after it"):
         check(fv, "qwen2_vl", ids, image_then_video)
     check(tp, "qwen2_vl", ids, {"video": ranges((0, 2)), "image": ranges((2, 4))})  # video first
@@ -306,3 +313,38 @@ def test_in_llm_prompt_check_refuses_what_the_stages_cannot_serve(monkeypatch):
         check(tp, "qwen2_vl", [0, 1, 9, 9, 9, 9, 77], {"image": ranges((2, 4))}, vision_end=77)
     check(tp, "qwen2_vl", [0, 1, 9, 9, 9, 9, 77, 5], {"image": ranges((2, 4))}, vision_end=77)
     check(fv, "llava", list(range(6)), {"image": ranges((2, 4))})  # fastv needs no instruction
+
+
+def test_in_llm_span_must_fit_the_step_budget(monkeypatch):
+    """The rows from the first image to the prompt's end are prefilled in one step: a span longer than
+    the engine's step budget is refused (naming the limit); the text before the image does not count;
+    an unknown budget, pre-LLM methods and the probe route are not checked."""
+    check = common.check_in_llm_prompt
+    monkeypatch.delenv("VLMPRUNE_ROUTE", raising=False)
+    tp = parse_policy({"method": "transprune", "ratio": 0.5})
+    images = {"image": [SimpleNamespace(offset=100, length=36), SimpleNamespace(offset=140, length=36)]}
+    ids = list(range(200))  # span: 200 - 100 = 100 rows
+    check(tp, "llava", ids, images, step_budget=100)
+    check(tp, "llava", ids, images)  # budget unknown
+    with pytest.raises(PolicyError, match=r"needs 100 tokens there.*--max-num-batched-tokens 99"):
+        check(tp, "llava", ids, images, step_budget=99)
+    check(parse_policy({"method": "fastervlm", "ratio": 0.5}), "llava", ids, images, step_budget=99)
+    monkeypatch.setenv("VLMPRUNE_ROUTE", "probe")
+    check(tp, "llava", ids, images, step_budget=99)
+
+
+@pytest.mark.parametrize("span_start,prompt_len,computed,new,want", [
+    (10, 100, 0, 100, 100),  # the whole prompt in one step
+    (10, 100, 0, 50, 10),  # would end inside the span: only the rows before the image
+    (10, 100, 0, 8, 8),  # a chunk of the prefix
+    (10, 100, 8, 50, 2),  # the rest of the prefix
+    (10, 100, 10, 50, 0),  # at the span, too small a step: wait
+    (10, 100, 10, 90, 90),  # the span whole
+    (10, 100, 100, 1, 1),  # decode
+    (0, 40, 0, 39, 0),  # image first: all or nothing
+    (10, 100, 0, 120, 120),  # resumed after preemption: prompt + outputs
+])
+def test_scheduler_step_keeps_the_span_whole(span_start, prompt_len, computed, new, want):
+    from vlmprune.vllm_plugin.inllm import in_llm_step
+
+    assert in_llm_step(span_start, prompt_len, computed, new) == want

@@ -1,7 +1,7 @@
-"""In-LLM TransPrune, AIM and FastV inside the served LLaVA-1.5 LM (``VLMPRUNE_IN_LLM=1``, vllm_plugin/inllm.py).
+"""In-LLM TransPrune, AIM and FastV inside the served LLaVA-1.5 LM (the default route, vllm_plugin/inllm.py).
 
 One real vLLM CPU engine (tiny LLaVA-1.5: 4 decoder layers, 36 visual tokens per image), engine core
-in this process, run as the in-LLM mode requires (eager, no chunked prefill) with prefix caching on.
+in this process, with vLLM's defaults as the launcher leaves them (chunked prefill and prefix caching on).
 Exactness: the kept rows of every stage and the greedy tokens (8 steps) equal the transformers
 reference backend's progressive loop on the same weights and prompt; ratio 0, no policy and text-only
 requests are token-for-token the stock engine (plugin excluded, run first in a subprocess, so only one
@@ -18,12 +18,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 from engine_helpers import (
+    CHUNKED_POLICIES,
     IN_LLM_ENGINE,
     IN_LLM_ENV_VARS,
     IN_LLM_STEPS,
     Engine,
+    PREAMBLE,
     StockRun,
     assert_batch_gives_solo_answers,
+    assert_chunked_preamble_equals_reference,
     assert_logprobs,
     assert_same_output,
     build_model,
@@ -46,8 +49,12 @@ OTHER = "how many circle are on the left ?"
 IMAGES = ((96, 64, 1), (64, 96, 2))
 
 
-def make_spec(processor, prompt=QUESTION, images=IMAGES[:1], policy="absent") -> dict:
-    return chat_spec(processor, prompt, images, policy)
+def make_spec(processor, prompt=QUESTION, images=IMAGES[:1], policy="absent", preamble=None) -> dict:
+    return chat_spec(processor, prompt, images, policy, preamble)
+
+
+LONG_TEXT = " ".join([OTHER] * 70)
+"""A text-only prompt of ~560 tokens: prefilled in chunks, as stock does."""
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +63,15 @@ def env(tmp_path_factory, timings):
 
     root = tmp_path_factory.mktemp("inllm_llava")
     model_dir, model, processor = build_model("llava", root)
-    stock_specs = [make_spec(processor), make_spec(processor, images=()), make_spec(processor, images=IMAGES)]
-    stock = StockRun(model_dir, stock_specs, root).result(timeout=900)  # first: one engine at a time
+    stock_specs = [make_spec(processor), make_spec(processor, images=()), make_spec(processor, images=IMAGES),
+                   make_spec(processor, LONG_TEXT, images=())]
+    stock = StockRun(model_dir, stock_specs, root, max_model_len=IN_LLM_ENGINE["max_model_len"]).result(timeout=900)
     with saved_env(IN_LLM_ENV_VARS):
         engine = Engine(model_dir, **IN_LLM_ENGINE)
         assert engine.llm.apply_model(lambda _m: inllm.start_log()) == [True]
         timings["inllm_engine_start_s"] = engine.start_s
         yield SimpleNamespace(engine=engine, ref=ReferenceBackend(model, processor), processor=processor,
-                              stock=dict(zip(("one", "text", "two"), stock["outputs"])), stock_specs=stock_specs)
+                              stock=dict(zip(("one", "text", "two", "long_text"), stock["outputs"])), stock_specs=stock_specs)
         engine.shutdown()
 
 
@@ -177,9 +185,9 @@ def test_same_image_different_questions_together_and_in_turn(env):
 
 
 def test_long_prompts_over_the_token_budget_are_each_prefilled_whole(env):
-    """The engine's real scheduler (chunked prefill off, 512 tokens per step): three in-LLM prompts
+    """The engine's real scheduler (chunked prefill on, 512 tokens per step): three in-LLM prompts
     of ~200-300 tokens do not fit one step together; each is scheduled whole in a later step (a
-    split prompt would stop the stage: ``InLLMForward._rows``), and each equals its solo answer."""
+    split span would stop the stage: ``InLLMForward._starts_span``), and each equals its solo answer."""
     budget = env.engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
     long_question = " ".join([QUESTION] * 30)
     specs = [
@@ -191,6 +199,62 @@ def test_long_prompts_over_the_token_budget_are_each_prefilled_whole(env):
     lengths = [len(o["prompt_token_ids"]) for o in outs]
     assert sum(lengths) > budget and max(lengths) < budget, (lengths, budget)
     assert_batch_gives_solo_answers(env.engine, specs)
+
+
+def test_text_before_the_image_is_chunked_and_the_span_prefilled_whole(env):
+    """vLLM's defaults (chunked prefill on, a 512-token step): a prompt whose text before the image
+    makes it longer than a step is prefilled in chunks up to its image, then from the image to its
+    end in one step, whose stages read the cached text's keys from the KV cache; kept rows per
+    stage, greedy tokens and logprobs equal the reference. A long text-only request chunked in the
+    same batch equals stock, and each request of that batch equals its solo answer.
+
+    Measured (2026-12-07): transprune at 0.75 on this prompt swaps one row at its second stage; its
+    top-12 boundary there is a near-tie (scores 0.106067 vs 0.106061), and TTV (1 - cos of a
+    sub-block's input and output) turns the CPU attention kernel's chunk-dependent rounding into
+    score differences of ~1e-5. At 0.9 (three stages) every stage is separated and equal."""
+    budget = env.engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    policies = (*CHUNKED_POLICIES, {"method": "fastv", "ratio": 0.6, "query": "instruction"})
+    specs = assert_chunked_preamble_equals_reference(
+        env.engine, env.ref, lambda p, pre: make_spec(env.processor, images=IMAGES, policy=p, preamble=pre), policies,
+        1e-3)
+    long_text = make_spec(env.processor, LONG_TEXT, images=())
+    (out,), _ = run(env, [long_text])
+    assert len(out["prompt_token_ids"]) > budget
+    assert_same_output(dict(out, token_ids=out["token_ids"][:4], logprobs=out["logprobs"][:4]), env.stock["long_text"],
+                       what="long text-only request")
+    assert_batch_gives_solo_answers(env.engine, [long_text, *specs[:2], make_spec(env.processor)])
+
+
+def test_negative_control_without_the_cached_keys_the_stages_choose_otherwise(env, monkeypatch):
+    """The stages of a chunked prompt need the earlier chunks' keys: read from the wrong half of the
+    CPU cache's blocks (the values, a layout mistake), the kept rows change, so the test above can fail."""
+    def values_instead(layer, table, n):
+        cache = layer.self_attn.attn.kv_cache
+        blocks, heads, size, width = cache.shape
+        j = torch.arange(n)
+        return cache.view(blocks, heads, 2 * size, width // 2)[table[j // size].long(), :, size + j % size, :]
+
+    monkeypatch.setattr(inllm, "_cached_keys", values_instead)
+    changed = []
+    for policy in ({"method": "transprune", "ratio": 0.9}, {"method": "fastv", "ratio": 0.5}, {"method": "aim", "ratio": 0.9}):
+        spec = make_spec(env.processor, images=IMAGES, policy=policy, preamble=PREAMBLE)
+        (_,), (record,) = run(env, [spec])
+        changed.append(vllm_kept(record) != reference(env, spec, policy)[1])
+    assert any(changed), changed
+
+
+def test_span_longer_than_the_step_is_refused_and_the_engine_serves_on(env):
+    """An in-LLM request whose rows from the image to the end exceed the step budget cannot be
+    prefilled whole: the processor refuses it (the 400 of vLLM's server), naming the limit; the next
+    requests (the same prompt pre-LLM, and an in-LLM one) are served."""
+    long_question = " ".join([QUESTION] * 80)
+    with pytest.raises(Exception, match=r"needs \d+ tokens there.*--max-num-batched-tokens 512"):
+        run(env, [make_spec(env.processor, long_question, images=IMAGES, policy={"method": "fastv", "ratio": 0.5})])
+    (out,), (record,) = run(env, [make_spec(env.processor, long_question, images=IMAGES,
+                                            policy={"method": "fastervlm", "ratio": 0.5})])
+    assert record is None and len(out["prompt_token_ids"]) > 512
+    (out,), (record,) = run(env, [make_spec(env.processor, images=IMAGES, policy={"method": "fastv", "ratio": 0.5})])
+    assert record is not None and out["token_ids"]
 
 
 def test_traces_record_every_stage_of_the_in_llm_selection(env, tmp_path, monkeypatch):
@@ -222,10 +286,11 @@ def test_traces_record_every_stage_of_the_in_llm_selection(env, tmp_path, monkey
 def test_unsafe_engine_settings_are_refused_naming_the_flag(env):
     config = env.engine.llm.llm_engine.vllm_config
     inllm.check_engine_in_llm(config, "m")  # the engine's own settings are safe
+    assert config.scheduler_config.enable_chunked_prefill and config.cache_config.enable_prefix_caching
     for attr, value, flag in (
-            ("scheduler_config.enable_chunked_prefill", True, "--no-enable-chunked-prefill"),
-        ("model_config.enforce_eager", False, "--enforce-eager"),
+        ("model_config.enforce_eager", False, "--enforce-eager.*VLMPRUNE_ROUTE=probe"),
         ("parallel_config.tensor_parallel_size", 2, "tensor/pipeline parallel size must be 1"),
+        ("cache_config.cache_dtype", "fp8", "--kv-cache-dtype auto"),
     ):
         bad = copy.copy(config)
         section, name = attr.split(".")

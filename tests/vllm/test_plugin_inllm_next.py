@@ -1,4 +1,4 @@
-"""In-LLM TransPrune, AIM and FastV inside the served LLaVA-NeXT LM (``VLMPRUNE_IN_LLM=1``).
+"""In-LLM TransPrune, AIM and FastV inside the served LLaVA-NeXT LM (the default route).
 
 The LLaVA-1.5 module's checks (``test_plugin_inllm.py``, whose helpers this one shares) on the tiny
 AnyRes model: one real vLLM CPU engine, run as the in-LLM mode requires. An image here is a base
@@ -15,11 +15,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 from engine_helpers import (
+    CHUNKED_POLICIES,
     IN_LLM_ENGINE,
     IN_LLM_ENV_VARS,
     Engine,
     StockRun,
     assert_batch_gives_solo_answers,
+    assert_chunked_preamble_equals_reference,
     assert_logprobs,
     assert_same_output,
     build_model,
@@ -138,3 +140,12 @@ def test_layout_rejects_a_run_without_its_newline_rows(env):
 
     (message,) = env.engine.llm.apply_model(probe)
     assert message is not None and "newline rows" in message
+
+
+def test_text_before_the_image_is_chunked_and_the_span_prefilled_whole(env):
+    """vLLM's defaults (chunked prefill on, 512-token steps): an earlier text turn makes the prompt
+    longer than a step; it is prefilled in chunks up to the image, then the span (crops, newline
+    rows) whole; every method equals the reference."""
+    assert_chunked_preamble_equals_reference(
+        env.engine, env.ref, lambda p, pre: make_spec(env.processor, images=IMAGES[:1], policy=p, preamble=pre),
+        CHUNKED_POLICIES, max(LOGPROB_ATOL.values()))

@@ -1,4 +1,4 @@
-"""In-LLM TransPrune, AIM and FastV inside the served Qwen2-VL / Qwen2.5-VL LM (``VLMPRUNE_IN_LLM=1``).
+"""In-LLM TransPrune, AIM and FastV inside the served Qwen2-VL / Qwen2.5-VL LM (the default route).
 
 One real vLLM CPU engine per family (module-scoped, one after the other; tiny models: 4 decoder
 layers, M-RoPE), run as the in-LLM mode requires (eager, no chunked prefill), prefix caching on.
@@ -19,10 +19,12 @@ from types import SimpleNamespace
 
 import pytest
 from engine_helpers import (
+    CHUNKED_POLICIES,
     IN_LLM_ENGINE,
     IN_LLM_ENV_VARS,
     Engine,
     StockRun,
+    assert_chunked_preamble_equals_reference,
     assert_logprobs,
     assert_same_output,
     build_model,
@@ -106,3 +108,12 @@ def test_ratio_zero_and_no_policy_equal_stock(env):
     for i, got in enumerate(outs):
         got = dict(got, token_ids=got["token_ids"][:4], logprobs=got["logprobs"][:4])
         assert_same_output(got, env.stock, what=f"{env.family} request {i}")
+
+
+def test_text_before_the_images_is_chunked_and_the_span_prefilled_whole(env):
+    """vLLM's defaults (chunked prefill on, 512-token steps): an earlier text turn makes the prompt
+    longer than a step; it is prefilled in chunks up to the first image (M-RoPE ids of the text as
+    vLLM computes them), then the span whole; every method equals the reference."""
+    assert_chunked_preamble_equals_reference(
+        env.engine, env.ref, lambda p, pre: chat_spec(env.processor, QUESTION, IMAGES, p, pre), CHUNKED_POLICIES,
+        LOGPROB_ATOL)

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from engine_helpers import Engine, StockRun, assert_same_output, build_model, hf_request, median_latency, spec
+from engine_helpers import ROUTE_PROBE, Engine, StockRun, assert_same_output, build_model, hf_request, median_latency, saved_env, spec
 
 from vlmprune.policy import kept_count, parse_policy
 
@@ -31,15 +31,16 @@ def env(tmp_path_factory, timings):
     root = tmp_path_factory.mktemp("llava_vllm")
     model_dir, model, processor = build_model("llava", root)
     stock = StockRun(model_dir, STOCK_SPECS, root)
-    try:
-        engine = Engine(model_dir)
-    except BaseException:
+    with saved_env(ROUTE_PROBE):  # transprune / aim at the LLM input (in-LLM route: test_plugin_inllm.py)
+        try:
+            engine = Engine(model_dir)
+        except BaseException:
+            stock.stop()
+            raise
+        timings["plugin_engine_start_s"] = engine.start_s
+        yield SimpleNamespace(engine=engine, stock=stock, ref=ReferenceBackend(model, processor), tokenizer=processor.tokenizer)
+        engine.shutdown()
         stock.stop()
-        raise
-    timings["plugin_engine_start_s"] = engine.start_s
-    yield SimpleNamespace(engine=engine, stock=stock, ref=ReferenceBackend(model, processor), tokenizer=processor.tokenizer)
-    engine.shutdown()
-    stock.stop()
 
 
 def image_token_id(env) -> int:

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from engine_helpers import Engine, StockRun, assert_same_output, build_model, hf_request, median_latency, spec
+from engine_helpers import ROUTE_PROBE, Engine, StockRun, assert_same_output, build_model, hf_request, median_latency, saved_env, spec
 
 from vlmprune.policy import kept_count, parse_policy
 from vlmprune.trace import TRACE_DIR_ENV, pop_trace
@@ -39,15 +39,16 @@ def env(tmp_path_factory, timings):
     stock = StockRun(model_dir, STOCK_SPECS, root)
     saved_trace_dir = os.environ.get(TRACE_DIR_ENV)
     os.environ[TRACE_DIR_ENV] = str(root / "traces")  # front end (this process) and worker
-    try:
-        engine = Engine(model_dir, mm_processor_kwargs=DEFAULT)
-    except BaseException:
+    with saved_env(ROUTE_PROBE):  # transprune / aim at the LLM input (in-LLM route: test_plugin_inllm_next.py)
+        try:
+            engine = Engine(model_dir, mm_processor_kwargs=DEFAULT)
+        except BaseException:
+            stock.stop()
+            raise
+        timings["plugin_engine_start_s"] = engine.start_s
+        yield SimpleNamespace(engine=engine, stock=stock, ref=ReferenceBackend(model, processor), tokenizer=processor.tokenizer)
+        engine.shutdown()
         stock.stop()
-        raise
-    timings["plugin_engine_start_s"] = engine.start_s
-    yield SimpleNamespace(engine=engine, stock=stock, ref=ReferenceBackend(model, processor), tokenizer=processor.tokenizer)
-    engine.shutdown()
-    stock.stop()
     if saved_trace_dir is None:
         os.environ.pop(TRACE_DIR_ENV, None)
     else:

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from engine_helpers import Engine, assert_same_output, build_model, hf_request
+from engine_helpers import ROUTE_PROBE, Engine, assert_same_output, build_model, hf_request
 
 from vlmprune.backends.hf import progressive
 from vlmprune.core import aim, transprune
@@ -35,7 +35,9 @@ from vlmprune.vllm_plugin.qwen2_vl import grid_positions
 
 pytestmark = pytest.mark.slow
 
-ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1", **ROUTE_PROBE}
+"""Engine core in this process; the probe route (transprune / aim at the LLM input), which this
+module tests (the in-LLM route: test_plugin_inllm*.py)."""
 DEFAULT = {"method": "aim", "ratio": 0.0, "merge_keep": 0.5, "pagerank_iterations": 3}
 """Engine default: a no-op (ratio 0) whose options no other method has."""
 METHODS = ("transprune", "aim", "explain")

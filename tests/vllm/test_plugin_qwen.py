@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import Engine, StockRun, assert_same_output, build_model, hf_request
+from engine_helpers import ROUTE_PROBE
 
 from vlmprune.policy import PolicyError, kept_count, parse_policy
 from vlmprune.trace import TRACE_DIR_ENV, pop_trace
@@ -159,7 +160,9 @@ def test_position_channels_are_exact_in_bfloat16():
 # --- Engines ------------------------------------------------------------------------------------
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
-ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1", **ROUTE_PROBE}
+"""Engine core in this process; the probe route (transprune / aim at the LLM input), which this
+module tests (the in-LLM route: test_plugin_inllm*.py)."""
 
 
 def qwen_spec(processor, prompt: str = "what colour is the box ?", images=(IMG_P,), policy="absent") -> dict:

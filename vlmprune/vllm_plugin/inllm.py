@@ -1,7 +1,7 @@
 """In-LLM visual-token pruning inside vLLM's served LLM: TransPrune, AIM and FastV between decoder layers.
 
-What runs (engine started with ``VLMPRUNE_IN_LLM=1``; LLaVA-1.5, LLaVA-NeXT, Qwen2-VL and
-Qwen2.5-VL, vLLM 0.32's V1 model runner): the reference backend's progressive loop
+What runs (the default route on every engine whose V1 model runner the plugin hooks, i.e. every CPU
+engine; ``VLMPRUNE_ROUTE=probe`` opts out; LLaVA-1.5, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL): the reference backend's progressive loop
 (``vlmprune/backends/hf/progressive.py``) inside the served ``LlamaModel`` / ``Qwen2Model``.
 Layers before a stage see every row; at a stage after ``k`` layers the kept visual rows of each
 request are chosen from the signals of the layers just run, through the same functions the
@@ -43,13 +43,15 @@ through ``CPUModelRunner._model_forward`` (``input_batch.req_ids``, the row orde
 ``query_start_loc``); the policy comes from the request's multimodal fields
 (``CachedRequestState.mm_features``), the image rows from their placeholder ranges.
 
-Conditions (:func:`check_engine_in_llm`, refused at start with the flag named): eager mode
-(``enforce_eager``), no chunked prefill (``--no-enable-chunked-prefill``: the stage needs the whole
-prompt in one forward), tensor and pipeline parallel size 1, the CPU platform's V1 runner (the only
-one hooked). Prefix caching stays on: a request served in-LLM never reads a hit
-(:func:`install_scheduler_hook`; a hit would skip rows its stages must see, or reuse another
-request's compacted rows), every other request keeps reading them. KV memory is not saved (layers
-after a stage leave their tail slots unused); compute is.
+Conditions (:func:`check_engine_in_llm`, refused at start with the flag named, or the probe route):
+eager mode (``enforce_eager``), tensor and pipeline parallel size 1, the CPU platform's V1 runner (the
+only one hooked), an unquantized KV cache. vLLM's chunked prefill and prefix caching stay on
+(:func:`install_scheduler_hook`): an in-LLM request's rows from its first image to the end of its
+prompt are prefilled in one step (the rows before may come in earlier chunks: a stage then reads
+their keys from the KV cache, :func:`_cached_keys`, and its attention scores are the reference's over
+the whole prompt); it never reads a prefix-cache hit (a hit would skip rows its stages must see, or
+reuse another request's compacted rows), every other request keeps reading them. KV memory is not
+saved (layers after a stage leave their tail slots unused); compute is.
 
 LLaVA-NeXT: each image's prunable count follows its size and the stages choose among its prunable
 rows only (newline rows always stay), as the reference (``request_plan``'s ``layout``, from
@@ -73,7 +75,8 @@ from typing import Any
 import torch
 
 from vlmprune.core import aim, fastv, transprune
-from vlmprune.methods import IN_LLM_ENV, IN_LLM_FAMILIES, IN_LLM_METHODS, in_llm_mode, served_in_llm  # noqa: F401
+from vlmprune.methods import IN_LLM_FAMILIES, ROUTE_ENV, policy_in_llm, route
+from vlmprune.methods import names as method_names
 from vlmprune.policy import parse_policy
 from vlmprune.reduction.stages import (
     in_llm_stages,
@@ -87,25 +90,11 @@ from vlmprune.reduction.ttv_capture import SubBlockCapture
 from vlmprune.signals.attention import attention_rows
 
 
-def enabled() -> bool:
-    """Whether this engine runs the in-LLM methods inside the LLM (read in every process)."""
-    return in_llm_mode()
-
-
-def runs_in_llm(policy: Any, family: str) -> bool:
-    """Whether ``policy`` is served by the in-LLM stages on this engine (active policies only)."""
-    return policy is not None and policy.ratio > 0.0 and served_in_llm(policy.method, family)
-
-
-def input_count(policy: Any, n_prunable: int, num_layers: int) -> int:
-    """Prunable tokens of one image in the prompt for an in-LLM policy
-    (:func:`vlmprune.reduction.stages.served_input_count`)."""
-    return served_input_count(policy, n_prunable, num_layers)
-
-
 def check_engine_in_llm(vllm_config: Any, model_name: str) -> None:
-    """Refuse to start an in-LLM engine whose settings would give wrong answers (names the flag)."""
-    if not enabled():
+    """Refuse to start an engine on the in-LLM route whose settings would give wrong answers; the
+    message names the flag, or the probe route. Chunked prefill and prefix caching stay on
+    (:func:`install_scheduler_hook`)."""
+    if route() != "in_llm":
         return
     from vllm.platforms import current_platform
 
@@ -114,16 +103,17 @@ def check_engine_in_llm(vllm_config: Any, model_name: str) -> None:
         problems.append("only vLLM's CPU V1 model runner is hooked (run on the CPU platform)")
     if not vllm_config.model_config.enforce_eager:
         problems.append("CUDA graphs / torch.compile cannot run a data-dependent gather: pass --enforce-eager")
-    if vllm_config.scheduler_config.enable_chunked_prefill:
-        problems.append("a stage needs the whole prompt in one forward: pass --no-enable-chunked-prefill")
     parallel = vllm_config.parallel_config
     if int(parallel.tensor_parallel_size) > 1 or int(parallel.pipeline_parallel_size) > 1:
         problems.append("the stage scores need every attention head and layer on one rank: tensor/pipeline parallel size must be 1")
     if vllm_config.speculative_config is not None:
         problems.append("speculative decoding is not supported")
+    if vllm_config.cache_config.cache_dtype != "auto":
+        problems.append("a stage reads the keys of earlier prefill chunks from the KV cache: use --kv-cache-dtype auto")
     if problems:
         raise RuntimeError(
-            f"vlmprune: {IN_LLM_ENV}=1 (in-LLM TransPrune/AIM) cannot serve {model_name}: " + "; ".join(problems)
+            f"vlmprune: the in-LLM route ({ROUTE_ENV}=in_llm, the default for transprune/aim/fastv) cannot serve "
+            f"{model_name}: " + "; ".join(problems) + f". Or serve them at the LLM input: {ROUTE_ENV}=probe"
         )
 
 
@@ -222,7 +212,7 @@ def request_plan(
     ``vision_end``: a token id that closes an image run and is not instruction (Qwen's
     ``<|vision_end|>``, which the reference skips too)."""
     policy = feature_policy(req_state.mm_features)
-    if not runs_in_llm(policy, family):
+    if not policy_in_llm(policy, family):
         return None
     feats = sorted((f for f in req_state.mm_features if f.modality == "image"), key=lambda f: f.mm_position.offset)
     runs = [torch.arange(f.mm_position.offset, f.mm_position.offset + f.mm_position.length) for f in feats]
@@ -262,32 +252,61 @@ def request_plan(
 
 
 def install_scheduler_hook() -> None:
-    """Wrap ``Scheduler.add_request`` (engine-core process; ``AsyncScheduler`` inherits it): a
-    request served in-LLM never *reads* prefix-cache hits (vLLM's per-request
-    ``Request.skip_reading_prefix_cache``, the switch prompt-logprob requests use), so its stages
-    always see the whole prompt. Idempotent; a no-op unless in-LLM mode is on.
+    """Two wraps in the engine-core process (``AsyncScheduler`` inherits both); idempotent. They act
+    only on the in-LLM route, read when a request arrives (one process may run engines of both routes).
 
-    Why prefix caching can then stay on for every other request: a block's hash chains every block
+    ``Scheduler.add_request``: a request served in-LLM never *reads* prefix-cache hits (vLLM's
+    per-request ``Request.skip_reading_prefix_cache``, the switch prompt-logprob requests use), so
+    its stages always see the whole prompt; it is marked with the row of its first image.
+
+    ``Scheduler._try_schedule_encoder_inputs`` (called with the step's token count on the running
+    and the waiting path, before slots are allocated): chunked prefill stays on, but a step of a
+    marked request that would end inside the span from its first image to the end of its prompt is
+    rolled back to before the image (:func:`in_llm_step`), as vLLM's own ``disable_chunked_mm_input``
+    rolls back to before an item; the span is then prefilled in one later step, with a stage's
+    whole input. The rows before the first image may come in earlier chunks (stock rows, which no
+    stage removes). The processor refuses spans longer than the step budget
+    (:func:`vlmprune.vllm_plugin.common.check_in_llm_prompt`), so every marked request is scheduled.
+
+    Why prefix caching can stay on for every other request: a block's hash chains every block
     before it and each image's hash includes its ``mm_processor_kwargs`` (the policy), so a block
     from the first image of an in-LLM request on can only match a request with the same policy,
     image and prefix, which is in-LLM too and does not read. Blocks wholly before the first image
     hold rows no stage removes, at unchanged slots and positions: stock KV, safe to share both ways."""
-    if not enabled():
-        return
     from vllm.v1.core.sched.scheduler import Scheduler
 
     if getattr(Scheduler.add_request, "_vlmprune_inllm", False):
         return
-    original = Scheduler.add_request
+    original_add = Scheduler.add_request
+    original_encoder = Scheduler._try_schedule_encoder_inputs
+    in_llm_methods = method_names("in_llm")
 
     def add_request(self, request: Any) -> None:
-        policy = feature_policy(request.mm_features)
-        if policy is not None and policy.ratio > 0.0 and policy.method in IN_LLM_METHODS:
+        policy = feature_policy(request.mm_features) if route() == "in_llm" else None
+        if policy is not None and policy.ratio > 0.0 and policy.method in in_llm_methods:
             request.skip_reading_prefix_cache = True
-        return original(self, request)
+            request.vlmprune_span_start = min(f.mm_position.offset for f in request.mm_features if f.modality == "image")
+        return original_add(self, request)
+
+    def _try_schedule_encoder_inputs(self, request: Any, num_computed_tokens: int, num_new_tokens: int, *args, **kwargs):
+        start = getattr(request, "vlmprune_span_start", None)
+        if start is not None:
+            num_new_tokens = in_llm_step(start, request.num_prompt_tokens, num_computed_tokens, num_new_tokens)
+        return original_encoder(self, request, num_computed_tokens, num_new_tokens, *args, **kwargs)
 
     add_request._vlmprune_inllm = True  # type: ignore[attr-defined]
     Scheduler.add_request = add_request  # type: ignore[method-assign]
+    Scheduler._try_schedule_encoder_inputs = _try_schedule_encoder_inputs  # type: ignore[method-assign]
+
+
+def in_llm_step(span_start: int, prompt_len: int, computed: int, new: int) -> int:
+    """Tokens an in-LLM request may prefill in a step that offers ``new`` after ``computed``: all of
+    them, unless the step would end inside ``[span_start, prompt_len)`` having started at or before
+    ``span_start``; then only the rows before the span (0: it waits for a step that holds the span)."""
+    end = computed + new
+    if computed > span_start or end >= prompt_len or end <= span_start:
+        return new
+    return span_start - computed
 
 
 # --- Runner hooks --------------------------------------------------------------------------------
@@ -295,9 +314,8 @@ def install_scheduler_hook() -> None:
 
 def install_runner_hooks() -> None:
     """Wrap ``CPUModelRunner._model_forward`` (batch rows -> request ids) and ``_update_states``
-    (drop finished requests). Idempotent; a no-op unless in-LLM mode is on."""
-    if not enabled():
-        return
+    (drop finished requests). Idempotent; installed on every CPU engine (the in-LLM forward reads
+    them only on its route)."""
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
     if getattr(CPUModelRunner._model_forward, "_vlmprune_inllm", False):
@@ -359,6 +377,10 @@ class _Row:
     replay: list[torch.Tensor] | None = None
     prompt_index: torch.Tensor | None = None
     """(n,) index in the request's own sequence of each current row (prefill)."""
+    prefix: int = 0
+    """Prompt rows before this step, cached by earlier chunks (all before the first image)."""
+    table: torch.Tensor | None = None
+    """The request's block table row (reads the cached prefix's keys, :func:`_cached_keys`)."""
 
 
 class InLLMForward:
@@ -395,35 +417,41 @@ class InLLMForward:
             row = _Row(rid, torch.arange(qs, qe, device=positions.device), positions[..., qs:qe], ctx)
             state = STATES.get(rid)
             req = runner.requests[rid]
-            if ctx == 0:
+            if ctx < len(req.prompt_token_ids or []):  # a prefill step of the prompt
                 plan = request_plan(req, self.family, self.n_prunable, self.num_layers, self.layout,
                                     vision_end=self.vision_end)
-                if plan is not None:
-                    if qe - qs < plan.prompt_len:
-                        raise RuntimeError(
-                            f"vlmprune: request {rid}'s prompt was split (chunked prefill); an in-LLM stage "
-                            "needs it whole: start vLLM with --no-enable-chunked-prefill"
-                        )
+                if plan is not None and self._starts_span(rid, plan, ctx, qe - qs):
                     row.plan = plan
+                    row.prefix = ctx
+                    row.table = md.block_table[r]
                     row.replay = state.decisions if state is not None else None
-                    row.spans = [s.to(positions.device) for s in plan.spans]
-                    row.instruction = plan.instruction.to(positions.device)
-                    row.prompt_index = torch.arange(qe - qs, device=positions.device)
-                    row.state = RequestState([s for s, _ in plan.stages], [], reindex=plan.reindex)
+                    row.spans = [(sp - ctx).to(positions.device) for sp in plan.spans]
+                    row.instruction = (plan.instruction - ctx).to(positions.device)
+                    row.prompt_index = torch.arange(ctx, qe - qs + ctx, device=positions.device)
+                    row.state = RequestState([st for st, _ in plan.stages], [], reindex=plan.reindex)
                     active = True
             elif state is not None:
                 row.state = state
                 active = True
-            elif req.num_computed_tokens < len(req.prompt_token_ids or []) and request_plan(
-                req, self.family, self.n_prunable, self.num_layers, self.layout, vision_end=self.vision_end
-            ) is not None:
-                raise RuntimeError(
-                    f"vlmprune: request {rid} reached an in-LLM stage with {ctx} tokens already cached "
-                    "(a chunked prefill, or a prefix-cache hit read without vlmprune's scheduler hook): "
-                    "start vLLM with --no-enable-chunked-prefill"
-                )
             out.append(row)
         return out if active else None
+
+    @staticmethod
+    def _starts_span(rid: str, plan: RequestPlan, ctx: int, length: int) -> bool:
+        """Whether this prefill step of a planned request holds its span from the first image to the
+        end of the prompt (then the stages run); False for a chunk of the rows before the first
+        image (stock rows). Any other split breaks the scheduler hook's invariant."""
+        first = plan.runs[0][0]
+        if ctx <= first and ctx + length >= plan.prompt_len:
+            return True
+        if ctx + length <= first:
+            return False
+        raise RuntimeError(
+            f"vlmprune: request {rid}'s prefill step covers prompt rows [{ctx}, {ctx + length}) of "
+            f"{plan.prompt_len}, splitting the span from its first image (row {first}) to its end that an "
+            "in-LLM stage needs whole (vlmprune's scheduler hook is not installed in the engine core, or a "
+            "prefix-cache hit was read)"
+        )
 
     # ---- the forward
     @torch.no_grad()
@@ -529,7 +557,7 @@ class InLLMForward:
         h = _stream(hidden, residual, sl)
         policy = row.plan.policy
         if policy.method == "transprune":
-            iga = _instruction_attention(layer, h, pos, row.instruction)  # (n,)
+            iga = _instruction_attention(layer, h, pos, row)  # (n,)
             ttv_acc = row.ttv
 
             def choose(span_rows, count):
@@ -554,7 +582,9 @@ class InLLMForward:
         row.prompt_index = row.prompt_index[keep]
         if row.ttv is not None:
             row.ttv = row.ttv[keep]
-        row.state.decisions.append(row.prompt_index[row.prompt_index < row.plan.prompt_len].clone())
+        kept = row.prompt_index[row.prompt_index < row.plan.prompt_len]
+        prefix = torch.arange(row.prefix, device=kept.device, dtype=kept.dtype)
+        row.state.decisions.append(torch.cat([prefix, kept]))  # every prompt row kept, cached prefix included
         row.state.removed.append(row.plan.prompt_len - int(row.state.decisions[-1].numel()))
 
     def _group_context(self, fc, rows: list[_Row], removed_ctx: list[int], names: list[str]):
@@ -631,26 +661,42 @@ def _stream(hidden: torch.Tensor, residual: torch.Tensor | None, sl: slice) -> t
     return hidden[sl] if residual is None else hidden[sl] + residual[sl]
 
 
-def _scores(layer, h: torch.Tensor, pos: torch.Tensor, row: _Row) -> torch.Tensor:
-    """(n,) AIM's PageRank importance or FastV's attention received from its query rows."""
-    policy = row.plan.policy
-    if policy.method == "aim":
-        return _aim_importance(layer, h, pos, policy)
+def _qk(layer, h: torch.Tensor, pos: torch.Tensor, row: _Row) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (n, H, D) of one request's current rows in ``layer`` and k (prefix + n, Hkv, D): the keys
+    of its prompt rows cached by earlier prefill chunks (:func:`_cached_keys`), then the current rows'."""
     from vlmprune.vllm_plugin.probe import decoder_qkv
 
     q, k, _ = decoder_qkv(layer.self_attn, layer.input_layernorm(h), pos)
+    if row.prefix:
+        k = torch.cat([_cached_keys(layer, row.table, row.prefix).to(k.dtype), k])
+    return q, k
+
+
+def _cached_keys(layer, table: torch.Tensor, n: int) -> torch.Tensor:
+    """(n, Hkv, D) the keys of a request's first ``n`` rows in ``layer``'s KV cache: rows before any
+    stage, so at slots ``0..n-1`` of its block table in every layer. The CPU backend's layout
+    (``cpu_attn.py``): ``[blocks, kv heads, block size, 2 * head]``, keys in the first half of each
+    block's rows once viewed as ``[blocks, kv heads, 2 * block size, head]``."""
+    cache = layer.self_attn.attn.kv_cache
+    blocks, heads, size, width = cache.shape
+    j = torch.arange(n, device=cache.device)
+    view = cache.view(blocks, heads, 2 * size, width // 2)
+    return view[table[j // size].long().to(cache.device), :, j % size, :]
+
+
+def _scores(layer, h: torch.Tensor, pos: torch.Tensor, row: _Row) -> torch.Tensor:
+    """(n,) AIM's PageRank importance or FastV's attention received from its query rows."""
+    policy = row.plan.policy
+    q, k = _qk(layer, h, pos, row)
+    if policy.method == "aim":  # PageRank of the full causal logits (H, n, prefix + n)
+        from vlmprune.vllm_plugin.probe import causal_logits
+
+        return aim.pagerank_importance(
+            causal_logits(q, k), temperature=policy.pagerank_temperature, iterations=policy.pagerank_iterations
+        )
     rows = fastv.query_rows(policy.query, h.shape[0], row.instruction).to(h.device)
-    return fastv.attention_scores(attention_rows(q[rows], k, rows))  # (H, t, n) -> (n,)
-
-
-def _aim_importance(layer, h: torch.Tensor, pos: torch.Tensor, policy) -> torch.Tensor:
-    """(n,) PageRank importance from the full causal logits of ``layer`` on its input ``h``."""
-    from vlmprune.vllm_plugin.probe import causal_logits, decoder_qkv
-
-    q, k, _ = decoder_qkv(layer.self_attn, layer.input_layernorm(h), pos)
-    return aim.pagerank_importance(
-        causal_logits(q, k), temperature=policy.pagerank_temperature, iterations=policy.pagerank_iterations
-    )
+    probs = attention_rows(q[rows], k, rows + row.prefix)  # (H, t, prefix + n)
+    return fastv.attention_scores(probs[..., row.prefix :])  # (n,)
 
 
 def override_context(fc):
@@ -659,11 +705,9 @@ def override_context(fc):
     return override_forward_context(fc)
 
 
-def _instruction_attention(layer, h: torch.Tensor, pos: torch.Tensor, instruction: torch.Tensor) -> torch.Tensor:
+def _instruction_attention(layer, h: torch.Tensor, pos: torch.Tensor, row: _Row) -> torch.Tensor:
     """(n,) the instruction rows' attention over every row of one request, mean over heads and rows
     (:func:`vlmprune.signals.attention.instruction_attention` on vLLM's fused q/k projection)."""
-    from vlmprune.vllm_plugin.probe import decoder_qkv
-
-    q, k, _ = decoder_qkv(layer.self_attn, layer.input_layernorm(h), pos)
-    probs = attention_rows(q[instruction], k, instruction)  # (H, t, n)
-    return probs.mean(dim=(0, 1))
+    q, k = _qk(layer, h, pos, row)
+    probs = attention_rows(q[row.instruction], k, row.instruction + row.prefix)  # (H, t, prefix + n)
+    return probs[..., row.prefix :].mean(dim=(0, 1))

@@ -47,8 +47,8 @@ from vlmprune.reduction.image_tokens import CLS_ATTENTION, CLS_LOGITS, MERGE_MET
 from vlmprune.reduction.projector import projection, projector_input_capture
 from vlmprune.reduction.reduce import reduce_image, signals_needed
 from vlmprune.signals.attention import cls_attention_from_qk
-from vlmprune.vllm_plugin.inllm import IN_LLM_FAMILIES, InLLMForward, check_engine_in_llm, runs_in_llm
-from vlmprune.vllm_plugin.inllm import enabled as in_llm_enabled
+from vlmprune.methods import IN_LLM_FAMILIES, policy_in_llm, route
+from vlmprune.vllm_plugin.inllm import InLLMForward, check_engine_in_llm
 from vlmprune.vllm_plugin.probe import ModelProbe
 from vlmprune.vllm_plugin.tracing import record_kept
 from vlmprune.vllm_plugin.common import (
@@ -208,7 +208,7 @@ def reduce_rows(
     passed on.
     """
     reduction = None
-    if item.active and runs_in_llm(item.policy, family):
+    if item.active and policy_in_llm(item.policy, family):
         # In-LLM stages (vlmprune.vllm_plugin.inllm): TransPrune keeps every row here, AIM merges
         # to its schedule's LLM-input count (reduce_image's count for the progressive methods).
         if item.policy.method == "aim":
@@ -342,7 +342,7 @@ class LlavaPruningMixin:
                                   if self._vlmprune_reason is None else None)
         self._vlmprune_layers = int(self.config.text_config.num_hidden_layers)
         self._vlmprune_probe = ModelProbe(self.language_model.model, model_name)
-        if in_llm_enabled() and self.vlmprune_family in IN_LLM_FAMILIES:
+        if route() == "in_llm" and self.vlmprune_family in IN_LLM_FAMILIES:
             vc = self.config.vision_config
             InLLMForward(self.language_model.model, self.vlmprune_family, (vc.image_size // vc.patch_size) ** 2,
                          self._vlmprune_in_llm_layout()).install()

@@ -184,12 +184,14 @@ def decoder_qkv(attn: nn.Module, normed: torch.Tensor, positions: torch.Tensor):
 
 
 def causal_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """(H, L, L) fp32 scaled logits, -inf above the diagonal (AIM's input; same scale as
-    :func:`vlmprune.signals.attention.attention_logits`)."""
-    length, heads, d = q.shape
+    """(H, n, L) fp32 scaled logits, -inf where a key follows its query (AIM's input; same scale as
+    :func:`vlmprune.signals.attention.attention_logits`). ``q`` holds the last ``n`` rows of the
+    ``L`` keys (n = L: square; n < L: the first rows' keys come from the cache)."""
+    n, heads, d = q.shape
+    length = k.shape[0]
     kk = k.float().repeat_interleave(heads // k.shape[1], dim=1)  # (L, H, D)
     out = torch.einsum("qhd,khd->hqk", q.float(), kk) / math.sqrt(d)
-    causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+    causal = torch.ones(n, length, dtype=torch.bool, device=q.device).tril(diagonal=length - n)
     return out.masked_fill(~causal[None], float("-inf"))
 
 

@@ -6,8 +6,8 @@ Registered (lazily, by :func:`vlmprune.vllm_plugin.register`) as ``PrunedQwen2VL
 :func:`vlmprune.reduction.reduce.reduce_image`, the routing into :mod:`vlmprune.core` that the
 transformers reference backend uses too; ``transprune``, ``aim`` (merge, then PageRank) and
 ``explain`` by the shallow probe of :mod:`vlmprune.vllm_plugin.probe`, over M-RoPE positions (the
-image's (t, h, w) ids, the instruction after them). On an engine with ``VLMPRUNE_IN_LLM=1``,
-``transprune``, ``aim`` and ``fastv`` run between the decoder layers instead
+image's (t, h, w) ids, the instruction after them), on the probe route (``VLMPRUNE_ROUTE=probe``). On
+the in-LLM route (the default on CPU engines), ``transprune``, ``aim`` and ``fastv`` run between the decoder layers instead
 (:mod:`vlmprune.vllm_plugin.inllm`, installed by :class:`QwenPruningMixin`): every visual row enters
 the LLM (AIM: its merged rows), each keeping its (t, h, w) id.
 
@@ -108,8 +108,8 @@ from vlmprune.vllm_plugin.common import (
     policy_free_context,
     pop_item_policies,
 )
-from vlmprune.vllm_plugin.inllm import IN_LLM_FAMILIES, InLLMForward, check_engine_in_llm, runs_in_llm
-from vlmprune.vllm_plugin.inllm import enabled as in_llm_enabled
+from vlmprune.methods import IN_LLM_FAMILIES, policy_in_llm, route
+from vlmprune.vllm_plugin.inllm import InLLMForward, check_engine_in_llm
 from vlmprune.vllm_plugin.llava import needed_signals
 from vlmprune.vllm_plugin.probe import ModelProbe
 from vlmprune.vllm_plugin.tracing import record_kept
@@ -381,7 +381,7 @@ class QwenPruningMixin:
         super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
         self._vlmprune_layers = int(self.config.text_config.num_hidden_layers)  # type: ignore[attr-defined]
         self._vlmprune_probe = ModelProbe(self.language_model.model, model_name)  # type: ignore[attr-defined]
-        if in_llm_enabled() and self.vlmprune_family in IN_LLM_FAMILIES:
+        if route() == "in_llm" and self.vlmprune_family in IN_LLM_FAMILIES:
             InLLMForward(
                 self.language_model.model,  # type: ignore[attr-defined]
                 self.vlmprune_family,
@@ -458,7 +458,7 @@ class QwenPruningMixin:
                     grid=(llm_h, llm_w),
                     signals=signals,
                 )
-                if runs_in_llm(item.policy, self.vlmprune_family):
+                if policy_in_llm(item.policy, self.vlmprune_family):
                     # In-LLM stages (vlmprune.vllm_plugin.inllm): TransPrune and FastV keep every
                     # row here, AIM merges to its schedule's LLM-input count.
                     reduction = None

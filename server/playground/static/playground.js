@@ -84,7 +84,7 @@ function fillPolicyControls(panel) {
   el.policy.replaceChildren(...meta.policies.map((p) => new Option(
     `${p.name} (${p.method} ${p.ratio_now})`, p.name, false, p.name === meta.default_policy)));
   el.method.replaceChildren(new Option("policy's method", ""),
-    ...meta.methods.map((m) => new Option(`${m.name} (${m.stage})`, m.name)));
+    ...meta.methods.map((m) => new Option(`${m.name} (${m.route.replace('_', '-')})`, m.name)));
   el.method.title = meta.methods.map((m) => `${m.name}: ${m.summary}`).join("\n");
   el.ratio.step = meta.ratio_step;
   el.ratio.max = meta.max_ratio;

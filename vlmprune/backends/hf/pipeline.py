@@ -34,7 +34,8 @@ from vlmprune.backends.hf.base import ModelAdapter, Sequence
 from vlmprune.core import explain
 from vlmprune.core.select import TokenReduction
 from vlmprune.methods import require_support
-from vlmprune.policy import PROGRESSIVE_METHODS, PolicyError, PolicyT, parse_policy
+from vlmprune.methods import METHODS
+from vlmprune.policy import PolicyError, PolicyT, parse_policy
 from vlmprune.reduction.image_tokens import ImageTokens
 from vlmprune.reduction.reduce import (
     needs_instruction_attention,
@@ -85,6 +86,19 @@ class Request:
 
     prompt: str
     images: list[Image.Image] = field(default_factory=list)
+    preamble: str | None = None
+    """An earlier text-only exchange before this turn (a long context, say): never the instruction,
+    and before every image whatever the chat template does with a turn's text (:func:`chat_messages`)."""
+
+
+def chat_messages(prompt: str, num_images: int, preamble: str | None = None) -> list[dict[str, Any]]:
+    """The chat of one request: optionally ``preamble`` as an earlier user turn (answered ``ok .``),
+    then one user turn with the images, then the text."""
+    turn = {"role": "user", "content": [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]}
+    if preamble is None:
+        return [turn]
+    return [{"role": "user", "content": [{"type": "text", "text": preamble}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "ok ."}]}, turn]
 
 
 class Decoder:
@@ -211,10 +225,9 @@ class ReferenceBackend:
             raise ValueError("requests must not be empty")
         texts = []
         for req in requests:
-            content = [{"type": "image"} for _ in req.images] + [{"type": "text", "text": req.prompt}]
             texts.append(
                 self.processor.apply_chat_template(
-                    [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+                    chat_messages(req.prompt, len(req.images), req.preamble), add_generation_prompt=True, tokenize=False
                 )
             )
         images = [im for req in requests for im in req.images]
@@ -302,7 +315,7 @@ class ReferenceBackend:
             )
             for im, span in zip(images, seq.image_spans)
         ]
-        progressive = policy.method in PROGRESSIVE_METHODS
+        progressive = METHODS[policy.method].stage == "in_llm"
         reindex_input = self.adapter.reindex_after_pruning and not (
             policy.method == "transprune" and policy.positions == "original"
         )
