@@ -184,12 +184,16 @@ class AppliedPolicy(BaseModel):
     stages: str = ""
     """In-LLM methods (the in-LLM route): the visual tokens each stage inside the LLM kept, all
     images, as ``after_layer:kept,...`` (``kept`` is then what enters the LLM); empty otherwise."""
+    route: str = ""
+    """How the engine serves the method: ``in_llm``, ``probe`` or ``pre_llm``
+    (:func:`vlmprune.methods.served_route`); empty at ratio 0 or without the served model's config."""
 
     def header(self) -> str:
         out = (
             f"method={self.method}; ratio={self.ratio:g}; visual_tokens={self.visual_tokens}; kept={self.kept}; "
             f"policy={self.policy}; source={self.source}"
         )
+        out += f"; route={self.route}" if self.route else ""
         return out + (f"; stages={self.stages}" if self.stages else "")
 
     @classmethod

@@ -51,6 +51,7 @@ from server.policies import HEADER_APPLIED, ResolvedPolicy, resolve_policy
 from server.model_info import RequestCost
 from server.upstreams import Upstream
 from vlmprune.geometry import ImageTokenCounts
+from vlmprune.methods import served_route
 from vlmprune.policy import PolicyError
 from vlmprune.trace import TRACE_KEY
 
@@ -69,6 +70,8 @@ class Prepared:
     """(width, height) per image, for the playground's overlay."""
     stages: list[list[tuple[int, int]]] = field(default_factory=list)
     """Per image, ``(after_layer, kept)`` of each in-LLM stage (:meth:`ServedModel.stages`)."""
+    route: str = ""
+    """How the engine serves the policy (:func:`vlmprune.methods.served_route`); empty without a model."""
 
     @property
     def trace(self) -> str | None:
@@ -87,6 +90,7 @@ class Prepared:
             kept=sum(self.kept),
             policy=self.resolved.name, source=self.resolved.ratio_source,
             stages=",".join(f"{layer}:{kept}" for layer, kept in _summed_stages(self.stages)),
+            route=self.route if self.resolved.ratio > 0 else "",
         )
 
 
@@ -240,8 +244,9 @@ class ChatServing:
             if s.trace_dir is None:  # the engines would refuse it; the run still gets its costs
                 vlmprune.pop(TRACE_KEY, None)
             body["mm_processor_kwargs"] = {**(mm_kwargs or {}), "vlmprune": vlmprune}
+        route = served_route(resolved.method, family) if family is not None else ""
         return Prepared(payload=json.dumps(body).encode(), stream=stream, resolved=resolved, images=images,
-                        kept=kept, sizes=sizes, stages=stages)
+                        kept=kept, sizes=sizes, stages=stages, route=route)
 
     async def _load_image(self, url: str) -> DecodedImage:
         s = self.state.settings

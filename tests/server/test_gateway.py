@@ -59,7 +59,7 @@ def test_policy_written_into_body_and_applied_header(gateway):
     assert raw.parse().choices[0].message.content == "fake answer"
     applied = AppliedPolicy.parse(raw.headers["x-vlmprune-applied"])
     assert (applied.method, applied.ratio, applied.visual_tokens, applied.kept) == ("random", 0.9, 36, 4)
-    assert applied.source == "header"
+    assert applied.source == "header" and applied.route == "pre_llm"
     sent = up.bodies[-1]["mm_processor_kwargs"]["vlmprune"]
     assert sent == {"method": "random", "ratio": 0.9, "seed": 0}  # pre-LLM: no instruction sent
 
@@ -81,7 +81,8 @@ def test_body_policy_and_instruction_reach_upstream(gateway):
     )
     sent = up.bodies[-1]["mm_processor_kwargs"]["vlmprune"]
     assert sent["method"] == "transprune" and "instruction" not in sent
-    assert AppliedPolicy.parse(raw.headers["x-vlmprune-applied"]).visual_tokens == 2 * N_VISUAL
+    applied = AppliedPolicy.parse(raw.headers["x-vlmprune-applied"])
+    assert applied.visual_tokens == 2 * N_VISUAL and applied.route == "in_llm" and applied.stages
     client.chat.completions.create(
         model="fake", messages=image_message("how many boxes ?"), max_tokens=3,
         extra_headers={"X-VLMPrune-Method": "explain", "X-VLMPrune-Ratio": "0.5"},
