@@ -116,3 +116,24 @@ def test_one_definition_of_the_in_llm_route_and_of_the_method_traits():
     assert sorted(predicates) == ["vlmprune.methods.policy_in_llm", "vlmprune.methods.served_in_llm"]
     assert route_env == {"vlmprune.methods"}
     assert name_sets == []
+
+
+def test_one_rule_for_where_the_instruction_starts():
+    """The instruction starts after the last image (past Qwen's ``<|vision_end|>``) by one function,
+    used by the reference backend, the processor's prompt check and the in-LLM stages alike."""
+    from vlmprune.reduction.stages import instruction_start
+
+    users = sorted(module for module, tree in _sources("vlmprune", "server")
+                   if "instruction_start(" in ast_text(tree) and module != "vlmprune.reduction.stages")
+    assert users == ["vlmprune.backends.hf.llava", "vlmprune.backends.hf.qwen2_vl", "vlmprune.vllm_plugin.common",
+                     "vlmprune.vllm_plugin.inllm"]
+    assert instruction_start([5, 6, 7, 77, 9], 3, vision_end=77) == 4
+    assert instruction_start([5, 6, 7, 8, 9], 3, vision_end=77) == 3
+    assert instruction_start([5, 6, 7], 3, vision_end=77) == 3
+    assert instruction_start([5, 6, 7], 0) == 0
+
+
+def ast_text(tree) -> str:
+    import ast
+
+    return ast.unparse(tree)

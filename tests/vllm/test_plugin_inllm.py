@@ -243,6 +243,26 @@ def test_negative_control_without_the_cached_keys_the_stages_choose_otherwise(en
     assert any(changed), changed
 
 
+def test_stage_scoring_projects_the_keys_alone_and_equals_the_full_projection(env):
+    """A stage needs the keys of every row and the queries of a few: the plugin keeps each layer's
+    key projection at load (vLLM then packs the fused q/k/v weights) and projects only those; its q
+    and k equal the full q/k/v projection's (RoPE applied) on the same rows."""
+    def check(model):
+        layer = model.language_model.model.layers[1]
+        torch.manual_seed(0)
+        h = torch.randn(40, layer.self_attn.qkv_proj.input_size)
+        pos, rows = torch.arange(40), torch.tensor([7, 39])
+        row = SimpleNamespace(prefix=0)
+        q, k = inllm._qk(layer, h, pos, row, rows)
+        q_all, k_all = inllm._qk(layer, h, pos, row)
+        return (hasattr(layer.self_attn, "vlmprune_key_proj"), float((q - q_all[rows]).abs().max()),
+                float((k - k_all).abs().max()), float(k_all.abs().max()))
+
+    ((kept, dq, dk, scale),) = env.engine.llm.apply_model(check)
+    assert kept, "the key projection was not kept at load"
+    assert dq <= 1e-5 * scale and dk <= 1e-5 * scale, (dq, dk, scale)
+
+
 def test_span_longer_than_the_step_is_refused_and_the_engine_serves_on(env):
     """An in-LLM request whose rows from the image to the end exceed the step budget cannot be
     prefilled whole: the processor refuses it (the 400 of vLLM's server), naming the limit; the next

@@ -14,6 +14,15 @@ from vlmprune.core import schedule
 from vlmprune.policy import PolicyError
 
 
+def instruction_start(prompt_ids: Sequence[int], after_images: int, vision_end: int | None = None) -> int:
+    """The prompt row where the instruction starts, for every backend: right after the last image's
+    rows (``after_images``; 0 without images), past Qwen's ``<|vision_end|>`` (``vision_end``), which
+    closes the image and is not instruction. The instruction runs from there to the prompt's end."""
+    if vision_end is not None and after_images < len(prompt_ids) and int(prompt_ids[after_images]) == vision_end:
+        return after_images + 1
+    return after_images
+
+
 def progressive_schedule(policy: Any, num_layers: int) -> list[schedule.Stage]:
     """The paper schedule of a progressive policy scaled to its layer-averaged ``ratio``.
 

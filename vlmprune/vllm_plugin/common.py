@@ -63,7 +63,7 @@ from vllm.multimodal.processing import InputProcessingContext
 
 from vlmprune.methods import ROUTE_ENV, names, policy_in_llm, require_support, served_in_llm
 from vlmprune.policy import PolicyError, PolicyT, image_kept_count, parse_policy
-from vlmprune.reduction.stages import served_input_count
+from vlmprune.reduction.stages import instruction_start, served_input_count
 from vlmprune.trace import TRACE_DIR_ENV, TRACE_KEY, check_trace_id, trace_dir
 
 logger = logging.getLogger(__name__)
@@ -295,16 +295,14 @@ def check_in_llm_prompt(policy: Any, family: str, prompt_ids: list[int], placeho
             f"(--max-num-batched-tokens {step_budget}); shorten the text after the first image, use a "
             "pre-LLM method, or raise --max-num-batched-tokens"
         )
-    start = max(int(r.offset) + int(r.length) for r in placeholders["image"])
+    after_images = max(int(r.offset) + int(r.length) for r in placeholders["image"])
     for modality, ranges in placeholders.items():
-        if modality != "image" and any(int(r.offset) >= start for r in ranges):
+        if modality != "image" and any(int(r.offset) >= after_images for r in ranges):
             raise PolicyError(
                 f"method {policy.method!r} (in-LLM) reads the instruction after the last image, and this "
                 f"prompt has a {modality} after it: put the {modality} before the images, or use a pre-LLM method"
             )
-    if vision_end is not None and start < len(prompt_ids) and int(prompt_ids[start]) == vision_end:
-        start += 1
-    if policy.method == "transprune" and start >= len(prompt_ids):
+    if policy.method == "transprune" and instruction_start(prompt_ids, after_images, vision_end) >= len(prompt_ids):
         raise PolicyError(
             "method 'transprune' (in-LLM) needs instruction text after the last image, and the prompt has none"
         )

@@ -80,6 +80,7 @@ from vlmprune.methods import names as method_names
 from vlmprune.policy import parse_policy
 from vlmprune.reduction.stages import (
     in_llm_stages,
+    instruction_start,
     remap_rows,
     select_rows,
     served_in_llm_stages,
@@ -232,10 +233,7 @@ def request_plan(
         if f.mm_position.is_embed is not None and not bool(f.mm_position.is_embed.all()):
             raise RuntimeError("vlmprune: in-LLM pruning expects every placeholder row to be an image row")
     prompt_len = len(req_state.prompt_token_ids)
-    start = int(runs[-1][-1]) + 1
-    if vision_end is not None and start < prompt_len and int(req_state.prompt_token_ids[start]) == vision_end:
-        start += 1
-    instruction = torch.arange(start, prompt_len)
+    instruction = torch.arange(instruction_start(req_state.prompt_token_ids, int(runs[-1][-1]) + 1, vision_end), prompt_len)
     if policy.method == "transprune" and instruction.numel() == 0:
         raise RuntimeError("vlmprune: transprune needs instruction text after the last image, and the prompt has none")
     # M-RoPE families keep the original (t, h, w) ids whatever ``positions`` says, as the
@@ -400,6 +398,9 @@ class InLLMForward:
 
     def install(self) -> None:
         self.lm.forward = self
+        for layer in self.lm.layers:
+            _keep_key_weights(layer.self_attn)
+
 
     # ---- which rows belong to which request, and what each must do
     def _rows(self, md: Any, positions: torch.Tensor) -> list[_Row] | None:
@@ -661,12 +662,52 @@ def _stream(hidden: torch.Tensor, residual: torch.Tensor | None, sl: slice) -> t
     return hidden[sl] if residual is None else hidden[sl] + residual[sl]
 
 
-def _qk(layer, h: torch.Tensor, pos: torch.Tensor, row: _Row) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (n, H, D) of one request's current rows in ``layer`` and k (prefix + n, Hkv, D): the keys
-    of its prompt rows cached by earlier prefill chunks (:func:`_cached_keys`), then the current rows'."""
+def _keep_key_weights(attn) -> None:
+    """Keep a copy of the key rows of ``attn``'s fused q/k/v projection (and bias) as
+    ``attn.vlmprune_key_proj``, taken when vLLM post-processes the loaded weights: on CPU it then packs
+    them for oneDNN and drops the plain weight. A stage scores with the keys of every row but the
+    queries of a few (TransPrune: the instruction rows; FastV: the last row), so it projects the keys
+    alone (:func:`_qk`) instead of q, k and v of every row. Memory: the k projection of every layer
+    (``kv heads x head dim x hidden`` weights each; a quarter of q/k/v at half as many KV as query heads)."""
+    proj = attn.qkv_proj
+    method = proj.quant_method
+    original = method.process_weights_after_loading
+
+    def process_weights_after_loading(layer) -> None:
+        if layer is proj and proj.weight.ndim == 2 and proj.weight.shape[0] == attn.q_size + 2 * attn.kv_size:
+            rows = slice(attn.q_size, attn.q_size + attn.kv_size)
+            bias = getattr(proj, "bias", None)
+            attn.vlmprune_key_proj = (proj.weight[rows].detach().clone(),
+                                      bias[rows].detach().clone() if bias is not None else None)
+        original(layer)
+
+    method.process_weights_after_loading = process_weights_after_loading
+
+
+def _qk(layer, h: torch.Tensor, pos: torch.Tensor, row: _Row,
+        q_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (t, H, D) of ``q_rows`` among one request's current rows in ``layer`` (None: every row) and
+    k (prefix + n, Hkv, D): the keys of its prompt rows cached by earlier prefill chunks
+    (:func:`_cached_keys`), then the current rows'. With ``q_rows`` and the layer's key projection
+    kept (:func:`_keep_key_weights`), only the keys of every row and the queries of ``q_rows`` are
+    projected; otherwise q/k/v of every row (:func:`vlmprune.vllm_plugin.probe.decoder_qkv`)."""
     from vlmprune.vllm_plugin.probe import decoder_qkv
 
-    q, k, _ = decoder_qkv(layer.self_attn, layer.input_layernorm(h), pos)
+    attn = layer.self_attn
+    normed = layer.input_layernorm(h)
+    key_proj = getattr(attn, "vlmprune_key_proj", None)
+    if q_rows is None or key_proj is None or getattr(attn, "q_norm", None) is not None:
+        q, k, _ = decoder_qkv(attn, normed, pos)
+        q = q if q_rows is None else q[q_rows]
+    else:
+        d = attn.head_dim
+        k = torch.nn.functional.linear(normed, *key_proj)  # (n, Hkv * D)
+        qkv, _ = attn.qkv_proj(normed[q_rows])
+        q = qkv[:, : attn.q_size].contiguous()
+        # vLLM's rotary kernels rotate a query and a key (in place): a throwaway partner for each.
+        q, _ = attn.rotary_emb(pos[..., q_rows], q, torch.zeros(q.shape[0], attn.kv_size, dtype=q.dtype))
+        _, k = attn.rotary_emb(pos, k.clone(), k)
+        q, k = q.view(q.shape[0], -1, d), k.view(k.shape[0], -1, d)
     if row.prefix:
         k = torch.cat([_cached_keys(layer, row.table, row.prefix).to(k.dtype), k])
     return q, k
@@ -687,15 +728,16 @@ def _cached_keys(layer, table: torch.Tensor, n: int) -> torch.Tensor:
 def _scores(layer, h: torch.Tensor, pos: torch.Tensor, row: _Row) -> torch.Tensor:
     """(n,) AIM's PageRank importance or FastV's attention received from its query rows."""
     policy = row.plan.policy
-    q, k = _qk(layer, h, pos, row)
     if policy.method == "aim":  # PageRank of the full causal logits (H, n, prefix + n)
+        q, k = _qk(layer, h, pos, row)
         from vlmprune.vllm_plugin.probe import causal_logits
 
         return aim.pagerank_importance(
             causal_logits(q, k), temperature=policy.pagerank_temperature, iterations=policy.pagerank_iterations
         )
     rows = fastv.query_rows(policy.query, h.shape[0], row.instruction).to(h.device)
-    probs = attention_rows(q[rows], k, rows + row.prefix)  # (H, t, prefix + n)
+    q, k = _qk(layer, h, pos, row, rows)
+    probs = attention_rows(q, k, rows + row.prefix)  # (H, t, prefix + n)
     return fastv.attention_scores(probs[..., row.prefix :])  # (n,)
 
 
@@ -708,6 +750,6 @@ def override_context(fc):
 def _instruction_attention(layer, h: torch.Tensor, pos: torch.Tensor, row: _Row) -> torch.Tensor:
     """(n,) the instruction rows' attention over every row of one request, mean over heads and rows
     (:func:`vlmprune.signals.attention.instruction_attention` on vLLM's fused q/k projection)."""
-    q, k = _qk(layer, h, pos, row)
-    probs = attention_rows(q[row.instruction], k, row.instruction + row.prefix)  # (H, t, prefix + n)
+    q, k = _qk(layer, h, pos, row, row.instruction)
+    probs = attention_rows(q, k, row.instruction + row.prefix)  # (H, t, prefix + n)
     return probs[..., row.prefix :].mean(dim=(0, 1))

@@ -18,6 +18,7 @@ from vlmprune.backends.hf.base import ModelAdapter, Sequence
 from vlmprune.backends.hf.vision_hooks import cls_signal_capture
 from vlmprune.reduction.image_tokens import ImageTokens
 from vlmprune.reduction.projector import projection, projector_input_capture
+from vlmprune.reduction.stages import instruction_start
 
 
 class LlavaFamilyAdapter(ModelAdapter):
@@ -95,7 +96,7 @@ class LlavaFamilyAdapter(ModelAdapter):
             embeds = embeds.clone()
             embeds[image_pos] = torch.cat([im.features for im in images]).to(embeds.device, embeds.dtype)
         spans = list(torch.split(image_pos, sizes)) if images else []
-        start = int(image_pos[-1]) + 1 if image_pos.numel() else 0
+        start = instruction_start(ids, int(image_pos[-1]) + 1 if image_pos.numel() else 0)
         length = ids.shape[0]
         return Sequence(
             embeds=embeds,

@@ -28,6 +28,7 @@ from transformers.vision_utils import get_vision_window_index
 from vlmprune.backends.hf.base import ModelAdapter, Sequence
 from vlmprune.reduction.image_tokens import CLS_ATTENTION, MERGE_METRIC, ImageTokens
 from vlmprune.reduction.qwen_pooling import pool_merge_groups
+from vlmprune.reduction.stages import instruction_start
 from vlmprune.signals.attention import mean_attention_received
 
 _SUPPORTED_SIGNALS = frozenset({CLS_ATTENTION, MERGE_METRIC})
@@ -230,11 +231,7 @@ class _QwenVLAdapter(ModelAdapter):
 
         # 3. Spans and instruction: the text after the last image's <|vision_end|>, to the end.
         spans = list(slots.split(sizes))
-        start = 0
-        if images:
-            start = int(spans[-1][-1]) + 1
-            if start < ids.shape[0] and int(ids[start]) == config.vision_end_token_id:
-                start += 1
+        start = instruction_start(ids, int(spans[-1][-1]) + 1, config.vision_end_token_id) if images else 0
         instruction = torch.arange(start, ids.shape[0], device=ids.device)
         return Sequence(
             embeds=embeds, positions=positions, input_ids=ids, image_spans=spans, instruction_index=instruction
