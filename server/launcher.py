@@ -85,7 +85,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def serving_route(args: argparse.Namespace, gpu: bool) -> str:
     """``--route``, else the platform's: ``in_llm`` where the plugin hooks the model runner (CPU), else ``probe``."""
-    return args.route or ("probe" if gpu else "in_llm")
+    return getattr(args, "route", None) or ("probe" if gpu else "in_llm")
 
 
 # -- model ------------------------------------------------------------------------------------
