@@ -75,7 +75,7 @@ from typing import Any
 import torch
 
 from vlmprune.core import aim, fastv, transprune
-from vlmprune.methods import IN_LLM_FAMILIES, ROUTE_ENV, policy_in_llm, route
+from vlmprune.methods import ROUTE_ENV, policy_in_llm, route
 from vlmprune.methods import names as method_names
 from vlmprune.policy import parse_policy
 from vlmprune.reduction.stages import (
@@ -84,7 +84,6 @@ from vlmprune.reduction.stages import (
     remap_rows,
     select_rows,
     served_in_llm_stages,
-    served_input_count,
     transprune_window,
 )
 from vlmprune.reduction.ttv_capture import SubBlockCapture
