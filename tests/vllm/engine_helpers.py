@@ -25,15 +25,21 @@ def build_model(family: str, root: Path, **options: Any):
 
 
 class StockRun:
-    """A stock vLLM engine (plugin excluded with ``VLLM_PLUGINS``) in a background subprocess."""
+    """A stock vLLM engine (plugin excluded with ``VLLM_PLUGINS``) in a background subprocess, or
+    with ``plugin=True`` a plugin engine of another configuration."""
 
-    def __init__(self, model_dir: Path, requests: list[dict[str, Any]], workdir: Path, **engine: Any) -> None:
-        """``engine``: overrides of the runner's ``ENGINE_KWARGS``."""
-        self.spec = workdir / "stock_spec.json"
-        self.out = workdir / "stock_out.json"
+    def __init__(self, model_dir: Path, requests: list[dict[str, Any]], workdir: Path,
+                 env: dict[str, str] | None = None, plugin: bool = False, **engine: Any) -> None:
+        """``engine``: overrides of the runner's ``ENGINE_KWARGS``; ``plugin``: load vlmprune (a
+        reference engine of another configuration, e.g. tensor_parallel_size=1); ``env``: added."""
+        name = "plugin" if plugin else "stock"
+        self.spec = workdir / f"{name}_spec.json"
+        self.out = workdir / f"{name}_out.json"
         self.spec.write_text(json.dumps({"model": str(model_dir), "requests": requests, "engine": engine}))
-        env = dict(os.environ, VLLM_PLUGINS="none")
-        self.log = open(workdir / "stock.log", "w")
+        env = dict(os.environ, **(env or {}))
+        if not plugin:
+            env["VLLM_PLUGINS"] = "none"
+        self.log = open(workdir / f"{name}.log", "w")
         self.proc = subprocess.Popen(
             [sys.executable, str(HERE / "vllm_stock_runner.py"), str(self.spec), str(self.out)],
             env=env,

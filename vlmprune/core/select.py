@@ -43,16 +43,24 @@ class TokenReduction:
         return TokenReduction(index=torch.arange(n, device=device))
 
 
+class NonFiniteScoresError(ValueError):
+    """A scorer produced NaN: any selection from it would be arbitrary (an overflowing model, a
+    degenerate input). The serving path catches it and uses its documented fallback."""
+
+
 def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` largest scores along the last dim, sorted ascending (raster order).
 
     Works on (N,) or batched (B, N) scores. Ties break toward the lower index, deterministically.
+    NaN scores raise :class:`NonFiniteScoresError` (a sort would place them arbitrarily).
     """
     n = scores.shape[-1]
     if not 0 <= k <= n:
         raise ValueError(f"cannot keep {k} of {n} tokens")
     if k == n:
         return torch.arange(n, device=scores.device).expand(scores.shape[:-1] + (n,)).clone()
+    if bool(torch.isnan(scores).any()):
+        raise NonFiniteScoresError(f"{int(torch.isnan(scores).sum())} of {scores.numel()} scores are NaN")
     # A stable descending sort makes ties deterministic (lower index first), unlike topk.
     order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices
     return order[..., :k].sort(dim=-1).values

@@ -584,8 +584,7 @@ def check_engine(
       ``VLMPRUNE_ALLOW_UNTESTED_VLLM=1``);
     - a compiled encoder (``compilation_config.compile_mm_encoder``) or one captured in CUDA graphs
       (``compilation_config.cudagraph_mm_encoder``): forward hooks do not run inside either;
-    - a tensor-parallel ViT (``tensor_parallel_size > 1`` without ``--mm-encoder-tp-mode data``):
-      each rank would see only its heads' [CLS] scores.
+    (Tensor parallelism is served: the scores are reduced across ranks, :mod:`.tensor_parallel`.)
     Also validates the engine-wide default policy (and, given ``family``, its method against the
     model), so a bad ``--mm-processor-kwargs`` fails at start rather than on every request; returns it.
     """
@@ -606,14 +605,7 @@ def check_engine(
                 "signals are read by forward hooks on the vision tower, which do not run in a compiled "
                 f"or graph-captured encoder; turn {flag} off"
             )
-    parallel = getattr(vllm_config, "parallel_config", None)
     mm_config = vllm_config.model_config.multimodal_config
-    tp = int(getattr(parallel, "tensor_parallel_size", 1) or 1)
-    if tp > 1 and getattr(mm_config, "mm_encoder_tp_mode", "weights") != "data":
-        raise RuntimeError(
-            f"vlmprune cannot serve {model_name} with tensor_parallel_size={tp} and a sharded vision "
-            "encoder: pass --mm-encoder-tp-mode data (the [CLS] scores need every head on one rank)"
-        )
     default = (mm_config.mm_processor_kwargs or {}).get(POLICY_KEY) if mm_config is not None else None
     try:
         request = parse_request(default)

@@ -88,6 +88,7 @@ from vlmprune.reduction.stages import (
 )
 from vlmprune.reduction.ttv_capture import SubBlockCapture
 from vlmprune.signals.attention import attention_rows
+from vlmprune.vllm_plugin.fallback import evenly_spaced_choice, guarded_stage
 
 
 def check_engine_in_llm(vllm_config: Any, model_name: str) -> None:
@@ -556,21 +557,26 @@ class InLLMForward:
             return torch.arange(n, device=device)
         h = _stream(hidden, residual, sl)
         policy = row.plan.policy
-        if policy.method == "transprune":
-            iga = _instruction_attention(layer, h, pos, row)  # (n,)
-            ttv_acc = row.ttv
 
-            def choose(span_rows, count):
-                ttv = ttv_acc[span_rows] if ttv_acc is not None else None
-                return transprune.reduce(transprune.combine(ttv, iga[span_rows]), count)
-        else:  # AIM / FastV: scores of the layer before the stage (layer 0's own at the LLM input)
-            importance = row.importance if row.importance is not None else _scores(layer, h, pos, row)
-            pick = fastv.select if policy.method == "fastv" else aim.prune
+        def scored():
+            if policy.method == "transprune":
+                iga = _instruction_attention(layer, h, pos, row)  # (n,)
+                ttv_acc = row.ttv
 
-            def choose(span_rows, count):
-                return pick(importance[span_rows], count)
+                def choose(span_rows, count):
+                    ttv = ttv_acc[span_rows] if ttv_acc is not None else None
+                    return transprune.reduce(transprune.combine(ttv, iga[span_rows]), count)
+            else:  # AIM / FastV: scores of the layer before the stage (layer 0's own at the LLM input)
+                importance = row.importance if row.importance is not None else _scores(layer, h, pos, row)
+                pick = fastv.select if policy.method == "fastv" else aim.prune
 
-        keep, row.spans = select_rows(choose, row.spans, counts, n, device)
+                def choose(span_rows, count):
+                    return pick(importance[span_rows], count)
+
+            return select_rows(choose, row.spans, counts, n, device)
+
+        keep, row.spans = guarded_stage(row.rid, policy.method, s_index, scored,
+                                        lambda: select_rows(evenly_spaced_choice, row.spans, counts, n, device))
         row.instruction = remap_rows(keep, row.instruction)
         row.importance = None
         return keep

@@ -50,6 +50,8 @@ from vlmprune.signals.attention import cls_attention_from_qk
 from vlmprune.methods import IN_LLM_FAMILIES, policy_in_llm, route
 from vlmprune.vllm_plugin.inllm import InLLMForward, check_engine_in_llm
 from vlmprune.vllm_plugin.probe import ModelProbe
+from vlmprune.vllm_plugin.fallback import guarded
+from vlmprune.vllm_plugin.tensor_parallel import gather_heads, head_shards, mean_over_shards
 from vlmprune.vllm_plugin.tracing import record_kept
 from vlmprune.vllm_plugin.common import (
     PLUGIN_METHODS,
@@ -142,9 +144,8 @@ def clip_signals(vision_tower: nn.Module, needs: frozenset[str], final: FinalLay
         return
     last = vision_tower.vision_model.encoder.layers[-1]
     attn = last.self_attn
-    heads = int(getattr(attn, "num_heads_per_partition", attn.num_heads))
-    if heads != attn.num_heads:
-        raise RuntimeError("vlmprune needs the whole ViT on one rank (--mm-encoder-tp-mode data)")
+    heads = int(getattr(attn, "num_heads_per_partition", attn.num_heads))  # this rank's
+    shards = head_shards(heads, int(attn.num_heads))  # > 1: a tensor-parallel tower
     qkvs: list[torch.Tensor] = []
     hiddens: list[torch.Tensor] = []
     use_final = final is not None and bool(needs & FINAL_LAYER_SIGNALS)
@@ -157,17 +158,21 @@ def clip_signals(vision_tower: nn.Module, needs: frozenset[str], final: FinalLay
 
     def read() -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
+        local = heads
         if qkvs:
-            q, k, _ = torch.cat(qkvs).chunk(3, dim=-1)  # (B, T, C) each, CLIPAttention's own split
+            q, k, _ = torch.cat(qkvs).chunk(3, dim=-1)  # (B, T, C / shards) each, CLIPAttention's own split
             if CLS_ATTENTION in needs:
-                out[CLS_ATTENTION] = cls_attention_from_qk(q, k, heads)  # (B, P)
+                out[CLS_ATTENTION] = mean_over_shards(cls_attention_from_qk(q, k, heads), shards)  # (B, P)
         if use_final:
             with torch.no_grad():
-                q, k = final(torch.cat(hiddens))  # the last ViT layer's own q, k
+                q, k = final(torch.cat(hiddens))  # the last ViT layer's own q, k: every head (replicated)
+            local, split = int(attn.num_heads), 1
+        else:
+            split = shards
         if CLS_LOGITS in needs:
-            out[CLS_LOGITS] = cls_attention_from_qk(q, k, heads, logits=True)  # (B, P)
+            out[CLS_LOGITS] = mean_over_shards(cls_attention_from_qk(q, k, local, logits=True), split)  # (B, P)
         if MERGE_METRIC in needs:
-            out[MERGE_METRIC] = k[:, 1:].float()  # (B, P, C)
+            out[MERGE_METRIC] = gather_heads(k[:, 1:].float(), split, dim=-1)  # (B, P, C)
         return out
 
     handles = []
@@ -207,18 +212,20 @@ def reduce_rows(
     rows + ``item.instruction_ids``]); the others through :func:`reduce_image`, with ``extra``
     passed on.
     """
-    reduction = None
-    if item.active and policy_in_llm(item.policy, family):
-        # In-LLM stages (vlmprune.vllm_plugin.inllm): TransPrune keeps every row here, AIM merges
-        # to its schedule's LLM-input count (reduce_image's count for the progressive methods).
-        if item.policy.method == "aim":
-            reduction = reduce_image(item.policy, family, image, num_layers=num_layers, **extra)
-    elif item.active and item.policy.method in PROBE_METHODS:
-        if probe is None:
-            raise RuntimeError(f"vlmprune: method {item.policy.method!r} needs the model's probe")
-        reduction = probe.reduce(item, image, family, num_layers)
-    elif item.active:
-        reduction = reduce_image(item.policy, family, image, num_layers=num_layers, **extra)
+    def choose():
+        if not item.active:
+            return None
+        if policy_in_llm(item.policy, family):
+            # In-LLM stages (vlmprune.vllm_plugin.inllm): TransPrune keeps every row here, AIM merges
+            # to its schedule's LLM-input count (reduce_image's count for the progressive methods).
+            if item.policy.method == "aim":
+                return reduce_image(item.policy, family, image, num_layers=num_layers, **extra)
+            return None
+        if item.policy.method in PROBE_METHODS:
+            return probe.reduce(item, image, family, num_layers)
+        return reduce_image(item.policy, family, image, num_layers=num_layers, **extra)
+
+    reduction, failure = guarded(item, family, image.prunable, choose)
     rows = image.features if reduction is None else reduction.apply(image.features)
     if rows.shape[0] != item.count:
         raise RuntimeError(
@@ -226,7 +233,7 @@ def reduce_rows(
             f"placeholders (policy {item.policy}); the processor and the model disagree"
         )
     if reduction is not None:
-        record_kept(item, family, reduction.index, image.n_tokens, image)
+        record_kept(item, family, reduction.index, image.n_tokens, image, fallback=failure)
     else:  # kept whole; LLaVA-NeXT's placeholder ImageTokens here carries no geometry
         record_kept(item, family, torch.arange(image.n_tokens), image.n_tokens,
                     grid=None if family == "llava_next" else image.grid)

@@ -65,6 +65,7 @@ from vlmprune.policy import PolicyError, image_kept_count
 from vlmprune.reduction.image_tokens import ImageTokens
 from vlmprune.reduction.reduce import reduce_image
 from vlmprune.signals.attention import attention_rows
+from vlmprune.vllm_plugin.tensor_parallel import gather_heads, head_shards, mean_over_shards
 
 EXPLAIN_CHECKPOINT = explain.CHECKPOINT_NAME
 
@@ -87,8 +88,9 @@ class ProbeSignals:
 class ShallowProbe:
     """The first decoder layers of a vLLM LM (``LlamaModel`` / ``Qwen2Model``), run without the cache.
 
-    Holds a reference to the served model's modules (no copy, no parameters of its own). Requires
-    every attention head on this rank (tensor parallelism would give each rank its heads only).
+    Holds a reference to the served model's modules (no copy, no parameters of its own). Under
+    tensor parallelism each rank runs its own heads (the layers' row-parallel projections reduce the
+    hidden states); the attention signals are reduced across ranks (:mod:`.tensor_parallel`).
     """
 
     def __init__(self, lm: nn.Module) -> None:
@@ -137,14 +139,14 @@ class ShallowProbe:
             layer = self.lm.layers[idx]
             last = idx == layers - 1
             attn = layer.self_attn
-            _check_heads(attn)
+            shards = head_shards(int(attn.num_heads), int(getattr(attn, "total_num_heads", attn.num_heads)))
             normed = layer.input_layernorm(hidden)  # (L, d)
             q, k, v = decoder_qkv(attn, normed, positions)  # (L, H, D), (L, Hkv, D), (L, Hkv, D)
             if last and iga:
                 probs = attention_rows(q[instr_rows], k, instr_rows)  # (H, t, L)
-                out_iga = probs.mean(dim=(0, 1))  # (L,)
+                out_iga = mean_over_shards(probs.mean(dim=(0, 1)), shards)  # (L,), every head
             if last and logits:
-                out_logits = causal_logits(q, k)  # (H, L, L)
+                out_logits = gather_heads(causal_logits(q, k), shards, dim=0)  # (H, L, L), every head
             if last and ttv is None:
                 break  # nothing below the attention scores is needed
             scale = float(getattr(attn, "scaling", attn.head_dim**-0.5))  # the served attention's own scale
@@ -158,15 +160,6 @@ class ShallowProbe:
                 ttv += transprune.transition_variation(normed2, mlp_out, ttv_direction)
             hidden = hidden + mlp_out
         return ProbeSignals(ttv=ttv, iga=out_iga, logits=out_logits)
-
-
-def _check_heads(attn: nn.Module) -> None:
-    total = getattr(attn, "total_num_heads", attn.num_heads)
-    if attn.num_heads != total:
-        raise RuntimeError(
-            f"vlmprune's probe needs every attention head on one rank ({attn.num_heads} of {total} here): "
-            "the instruction-aware methods do not support tensor parallelism"
-        )
 
 
 def decoder_qkv(attn: nn.Module, normed: torch.Tensor, positions: torch.Tensor):
@@ -352,7 +345,8 @@ _CNN_CACHE: dict[tuple[str, float], Any] = {}
 def load_explain_model(path: Path) -> Any:
     """The RelevanceCNN at ``path``, loaded once per process (keyed by path and modification time).
 
-    A file that is not a RelevanceCNN checkpoint raises :class:`PolicyError` naming it.
+    A file that is not a RelevanceCNN checkpoint, or whose weights hold NaN/inf, raises
+    :class:`PolicyError` naming it.
     """
     from vlmprune.core.explain import RelevanceCNN
 
@@ -362,6 +356,10 @@ def load_explain_model(path: Path) -> Any:
             _CNN_CACHE[key] = RelevanceCNN.load(path, map_location="cpu").eval()
         except Exception as exc:  # a corrupt or foreign file: the request fails, the engine stays
             raise PolicyError(f"field 'checkpoint': {path} is not a loadable RelevanceCNN ({exc})") from None
+        bad = [name for name, p in _CNN_CACHE[key].named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            del _CNN_CACHE[key]
+            raise PolicyError(f"field 'checkpoint': {path} has non-finite weights ({', '.join(bad)})")
     return _CNN_CACHE[key]
 
 

@@ -94,6 +94,7 @@ from vllm.multimodal.processing import PromptReplacement
 
 from vlmprune.policy import PolicyError
 from vlmprune.reduction.image_tokens import CLS_ATTENTION, MERGE_METRIC, ImageTokens
+from vlmprune.core.select import TokenReduction
 from vlmprune.reduction.qwen_pooling import pool_merge_groups
 from vlmprune.reduction.reduce import reduce_image
 from vlmprune.signals.attention import mean_attention_received
@@ -112,6 +113,8 @@ from vlmprune.methods import IN_LLM_FAMILIES, policy_in_llm, route
 from vlmprune.vllm_plugin.inllm import InLLMForward, check_engine_in_llm
 from vlmprune.vllm_plugin.llava import needed_signals
 from vlmprune.vllm_plugin.probe import ModelProbe
+from vlmprune.vllm_plugin.fallback import guarded
+from vlmprune.vllm_plugin.tensor_parallel import data_parallel_images, gather_image_scores, mean_over_shards
 from vlmprune.vllm_plugin.tracing import record_kept
 
 logger = logging.getLogger(__name__)
@@ -458,43 +461,71 @@ class QwenPruningMixin:
                     grid=(llm_h, llm_w),
                     signals=signals,
                 )
-                if policy_in_llm(item.policy, self.vlmprune_family):
-                    # In-LLM stages (vlmprune.vllm_plugin.inllm): TransPrune and FastV keep every
-                    # row here, AIM merges to its schedule's LLM-input count.
-                    reduction = None
-                    if item.policy.method == "aim":
-                        reduction = reduce_image(item.policy, self.vlmprune_family, image, num_layers=self._vlmprune_layers)
-                elif item.policy.method in PROBE_METHODS:  # instruction-aware: the LM probe decides
-                    reduction = self._vlmprune_probe.reduce(
-                        item, image, self.vlmprune_family, self._vlmprune_layers, grid_positions=thw.T
-                    )
-                else:
-                    reduction = reduce_image(item.policy, self.vlmprune_family, image, num_layers=self._vlmprune_layers)
+                reduction, failure = guarded(item, self.vlmprune_family, image.prunable,
+                                             lambda: self._vlmprune_reduce(item, image, thw))
                 if reduction is None:
                     rows, index = feats, torch.arange(feats.shape[0], device=feats.device)
                 else:
                     rows, index = reduction.apply(feats).to(feats.dtype), reduction.index.to(feats.device)
             else:
-                rows, index = feats, torch.arange(feats.shape[0], device=feats.device)
+                rows, index, failure = feats, torch.arange(feats.shape[0], device=feats.device), None
             if item is not None and rows.shape[0] != item.count:
                 raise RuntimeError(
                     f"vlmprune: image {i} gives {rows.shape[0]} rows but the processor reserved {item.count} "
                     f"placeholders (policy {item.policy}); the processor and the model disagree"
                 )
-            record_kept(item, self.vlmprune_family, index, feats.shape[0], grid=(t * llm_h, llm_w))
+            record_kept(item, self.vlmprune_family, index, feats.shape[0], grid=(t * llm_h, llm_w), fallback=failure)
             row_ids = torch.arange(rows.shape[0], device=rows.device)
             out.append(torch.cat([rows, encode_position_channels(thw[index], row_ids, rows.dtype)], dim=1))
         return out
 
+    def _vlmprune_reduce(self, item: ItemPolicy, image: ImageTokens, thw: torch.Tensor) -> TokenReduction | None:
+        """One image's reduction at the LLM input (None: every row enters the LLM)."""
+        if policy_in_llm(item.policy, self.vlmprune_family):
+            # In-LLM stages (vlmprune.vllm_plugin.inllm): TransPrune and FastV keep every row here,
+            # AIM merges to its schedule's LLM-input count.
+            if item.policy.method == "aim":
+                return reduce_image(item.policy, self.vlmprune_family, image, num_layers=self._vlmprune_layers)
+            return None
+        if item.policy.method in PROBE_METHODS:  # instruction-aware: the LM probe decides
+            return self._vlmprune_probe.reduce(item, image, self.vlmprune_family, self._vlmprune_layers,
+                                               grid_positions=thw.T)
+        return reduce_image(item.policy, self.vlmprune_family, image, num_layers=self._vlmprune_layers)
+
     def _vlmprune_scores(self, capture: _KernelQKCapture, grid_thw: list[list[int]], merge: int) -> list[torch.Tensor]:
-        """FasterVLM's Qwen score per image, (N_i,) in LLM order, from the captured q/k."""
+        """FasterVLM's Qwen score per image, (N_i,) in LLM order, from the captured q/k.
+
+        Tensor parallel (:mod:`.tensor_parallel`): with a head-sharded ViT each rank scores with its
+        heads and the means are summed across ranks; with the data-parallel encoder each rank
+        encoded (and scored) some of the images and the scores are gathered."""
+        attn = self.visual.blocks[self.vlmprune_score_block()].attn  # type: ignore[attr-defined]
+        shards = int(getattr(attn, "tp_size", 1) or 1)
+        data_parallel = bool(getattr(self, "use_data_parallel", False))
+        if data_parallel:
+            from vllm.distributed import get_tensor_model_parallel_rank
+
+            rank = get_tensor_model_parallel_rank()
+            assignment = data_parallel_images([t * h * w for t, h, w in grid_thw])
+            grids = [grid_thw[i] for i in assignment[rank]]
+        else:
+            grids = grid_thw
+        local = self._vlmprune_local_scores(capture, grids, merge, shards) if grids else []
+        if not data_parallel:
+            return local
+        lengths = [t * h * w // (merge * merge) for t, h, w in grid_thw]
+        device = next(self.visual.parameters()).device  # type: ignore[attr-defined]
+        return gather_image_scores(local, lengths, assignment, rank, device)
+
+    def _vlmprune_local_scores(self, capture: _KernelQKCapture, grid_thw: list[list[int]], merge: int,
+                               shards: int) -> list[torch.Tensor]:
+        """The scores of the images this rank's ViT ran (``grid_thw``, in its order)."""
         if len(capture.calls) != 1:
             raise RuntimeError(
                 f"vlmprune: ViT block {self.vlmprune_score_block()} ran {len(capture.calls)} times for one "
-                "image batch (a sharded or graph-captured encoder?); cannot score"
+                "image batch (a graph-captured encoder?); cannot score"
             )
         query, key = capture.calls[0]
-        num_heads = int(query.shape[-2])
+        num_heads = int(query.shape[-2])  # this rank's
         q = query.reshape(-1, query.shape[-2] * query.shape[-1])  # (T, H*D)
         k = key.reshape(-1, key.shape[-2] * key.shape[-1])
         sizes = [t * h * w for t, h, w in grid_thw]
@@ -502,7 +533,7 @@ class QwenPruningMixin:
             raise RuntimeError(f"vlmprune: captured {q.shape[0]} ViT tokens for grids totalling {sum(sizes)}")
         bounds = torch.tensor([0, *np.cumsum(sizes).tolist()], device=q.device)
         with torch.no_grad():
-            received = mean_attention_received(q, k, num_heads, cu_seqlens=bounds)  # (T,)
+            received = mean_over_shards(mean_attention_received(q, k, num_heads, cu_seqlens=bounds), shards)  # (T,)
             merged = pool_merge_groups(received, merge * merge)  # (sum N_i,) blocks' order
         per_image = merged.split([s // (merge * merge) for s in sizes])
         return [self._vlmprune_llm_order(m, t, h, w) for m, (t, h, w) in zip(per_image, grid_thw)]

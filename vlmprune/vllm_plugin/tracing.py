@@ -22,16 +22,28 @@ def _ints(value: torch.Tensor | None) -> list | None:
     return None if value is None else value.detach().cpu().tolist()
 
 
+def _writes_traces() -> bool:
+    """Only the first tensor-parallel rank writes: every rank keeps the same rows
+    (:mod:`.tensor_parallel`), and two ranks must not write one file."""
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank() == 0
+    except (AssertionError, RuntimeError):  # no parallel state (a single-process use)
+        return True
+
+
 def record_kept(item: Any, family: str, index: torch.Tensor, n_tokens: int, image: Any = None,
-                grid: tuple[int, int] | None = None) -> None:
+                grid: tuple[int, int] | None = None, fallback: str | None = None) -> None:
     """Write the trace record of one image if ``item`` (an ``ItemPolicy``) asked for it.
 
     ``index`` (k,): image-local indices of the rows the model returned (fixed tokens included);
     ``image``: the ``ImageTokens`` the reduction saw (its prunable mask and geometry), None on the
-    stock path (every token kept, ``grid`` the token grid when the family has a single one).
+    stock path (every token kept, ``grid`` the token grid when the family has a single one);
+    ``fallback``: the scoring error when the rows are :mod:`.fallback`'s selection.
     Never raises: a trace that cannot be written is logged, the request is still served.
     """
-    if item is None or item.trace is None:
+    if item is None or item.trace is None or not _writes_traces():
         return
     folder = trace_dir()
     if folder is None:
@@ -53,6 +65,8 @@ def record_kept(item: Any, family: str, index: torch.Tensor, n_tokens: int, imag
         "coords": _ints(getattr(image, "coords", None)),
         "view_shape": None if getattr(image, "view_shape", None) is None else [list(v) for v in image.view_shape],
     }
+    if fallback is not None:
+        record["fallback"] = fallback
     try:
         write_trace(folder, trace_id, position, record)
     except OSError as exc:
@@ -68,7 +82,7 @@ def record_stages(trace: tuple[str, int], stages: list[tuple[int, list[int]]]) -
     ``input_kept`` (the LLM input's tokens), ``stages`` (``{"after_layer", "kept"}`` in tokens) and
     ``kept`` = the last stage's tokens, which the deepest layers see. Never raises."""
     folder = trace_dir()
-    if folder is None:
+    if folder is None or not _writes_traces():
         return
     trace_id, position = trace
     try:

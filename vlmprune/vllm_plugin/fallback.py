@@ -1,0 +1,91 @@
+"""What the worker does when one image's scoring fails: serve it, never stop the engine.
+
+An exception raised in vLLM's worker stops the engine core for every request. Everything a request
+can get wrong is refused earlier, by the processor (a 400); what can still fail in the worker for
+one image (a scorer that overflows to NaN, an out-of-memory error in its attention maps, a checkpoint
+file that vanished after the processor read it) is caught here, per image. The image is then served
+with the **fallback selection**: the rows the processor reserved (the count cannot change at this
+point), chosen evenly spaced over the image's prunable tokens in raster order, plus every fixed row
+(LLaVA-NeXT's newlines). The failure is logged at ERROR with its traceback and the image's request
+trace (when one was asked for) records ``"fallback": "<error>"``; vLLM's response itself has no field
+the worker could fill.
+
+Tensor parallelism: every rank computes the same scores (:mod:`.tensor_parallel`), so a deterministic
+failure (NaN) takes the fallback on every rank alike. A failure on one rank only, before one of the
+scoring collectives, would leave the other ranks waiting in it: a limit stated in docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+
+from vlmprune.core.select import TokenReduction
+
+logger = logging.getLogger(__name__)
+
+_FAILURES: list[dict[str, Any]] = []
+"""This worker's fallbacks since start (tests and debugging read it through ``LLM.apply_model``)."""
+
+
+def evenly_spaced(prunable: torch.Tensor, count: int) -> TokenReduction:
+    """``count`` rows: every non-prunable one, the rest evenly spaced over the prunable ones."""
+    prunable = prunable.bool()
+    fixed = (~prunable).nonzero().flatten()
+    candidates = prunable.nonzero().flatten()
+    keep = count - fixed.numel()
+    if not 0 <= keep <= candidates.numel():
+        raise RuntimeError(f"vlmprune: no fallback of {count} rows for an image of {prunable.numel()} "
+                           f"({fixed.numel()} fixed); the processor and the model disagree")
+    picks = torch.linspace(0, max(candidates.numel() - 1, 0), keep).round().long() if keep else candidates[:0]
+    chosen = candidates[picks] if keep else candidates[:0]
+    return TokenReduction(index=torch.cat([fixed, chosen]).sort().values)
+
+
+def guarded(item: Any, family: str, prunable: torch.Tensor, reduce: Callable[[], TokenReduction | None]
+            ) -> tuple[TokenReduction | None, str | None]:
+    """``(reduce(), None)``, or ``(fallback, error)`` when ``reduce`` raises an ``Exception``.
+
+    ``item``: the image's ``ItemPolicy`` (its reserved ``count``, policy and trace); ``prunable``:
+    the image's (n,) mask of rows a pruner may drop, on the features' device.
+    """
+    try:
+        return reduce(), None
+    except Exception as exc:  # one image's failure must not stop the engine for every request
+        error = f"{type(exc).__name__}: {exc}"
+        logger.exception("vlmprune: %s scoring failed for one image (%s, %s, trace %s); serving it with the "
+                         "fallback selection (%d rows evenly spaced)", family,
+                         getattr(item.policy, "method", None), error, item.trace, item.count)
+        _FAILURES.append({"family": family, "method": getattr(item.policy, "method", None), "error": error,
+                          "trace": item.trace})
+        reduction = evenly_spaced(prunable.cpu(), item.count)
+        return TokenReduction(index=reduction.index.to(prunable.device)), error
+
+
+def evenly_spaced_choice(rows: torch.Tensor, count: int) -> torch.Tensor:
+    """An in-LLM stage's fallback: ``count`` local indices into ``rows`` (an image's visual rows),
+    evenly spaced, ascending (:func:`vlmprune.reduction.stages.select_rows`'s ``choose``)."""
+    n = int(rows.numel())
+    return torch.linspace(0, max(n - 1, 0), count, device=rows.device).round().long() if count else rows[:0].long()
+
+
+def guarded_stage(request_id: str, method: str, stage: int, scored: Callable[[], Any], fallback: Callable[[], Any]) -> Any:
+    """``scored()``, or ``fallback()`` when it raises: one in-LLM stage of one request."""
+    try:
+        return scored()
+    except Exception as exc:  # as in guarded(): the engine keeps serving every other request
+        error = f"{type(exc).__name__}: {exc}"
+        logger.exception("vlmprune: in-LLM stage %d of request %s (%s) failed (%s); keeping evenly spaced rows",
+                         stage, request_id, method, error)
+        _FAILURES.append({"request": request_id, "method": method, "stage": stage, "error": error})
+        return fallback()
+
+
+def read_failures(_model: Any = None, clear: bool = True) -> list[dict[str, Any]]:
+    """This worker's fallbacks (``LLM.apply_model(read_failures)``); ``clear`` empties the list."""
+    out = list(_FAILURES)
+    if clear:
+        _FAILURES.clear()
+    return out
