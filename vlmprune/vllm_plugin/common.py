@@ -65,6 +65,7 @@ from vlmprune.methods import ROUTE_ENV, names, policy_in_llm, require_support, s
 from vlmprune.policy import PolicyError, PolicyT, image_kept_count, parse_policy
 from vlmprune.reduction.stages import instruction_start, served_input_count
 from vlmprune.trace import TRACE_DIR_ENV, TRACE_KEY, check_trace_id, trace_dir
+from vlmprune.vllm_plugin.encoder_budget import record_encoder_call
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,10 @@ FIELD_INSTRUCTION = "vlmprune_instruction_ids"
 FIELD_TRACE = "vlmprune_trace"
 """(num_images, L) uint8: ``<trace id>.<image index>`` as ASCII, L = 0 = not traced
 (:mod:`vlmprune.trace`)."""
-FIELDS = (FIELD_POLICY, FIELD_COUNT, FIELD_INSTRUCTION, FIELD_TRACE)
+FIELD_ENCODED = "vlmprune_encoded"
+"""(num_images,) int64: tokens the vision encoder produces for the image before any pruning (its
+stock placeholder count): the work the scheduler charges to its encoder budget (:mod:`.encoder_budget`)."""
+FIELDS = (FIELD_POLICY, FIELD_COUNT, FIELD_INSTRUCTION, FIELD_TRACE, FIELD_ENCODED)
 
 PLUGIN_METHODS = names("at_input")
 """Every method the plugin runs at the LLM input (each model narrows it to the methods of its
@@ -354,8 +358,10 @@ def _ascii_rows(values: list[bytes]) -> torch.Tensor:
     return torch.stack(rows) if rows else torch.zeros(0, width, dtype=torch.uint8)
 
 
-def encode_fields(request: RequestPolicy, counts: list[int], instruction: list[int]) -> dict[str, torch.Tensor]:
-    """Per-image tensor fields for one processed request: every image gets the same policy."""
+def encode_fields(request: RequestPolicy, counts: list[int], instruction: list[int],
+                  encoded: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """Per-image tensor fields for one processed request: every image gets the same policy.
+    ``encoded``: each image's unpruned token count (default: ``counts``)."""
     n = len(counts)
     # Trace rows ``<id>.<j>`` are padded to one width with leading zeros in j (a batched field).
     digits = len(str(max(n - 1, 0)))
@@ -368,6 +374,7 @@ def encode_fields(request: RequestPolicy, counts: list[int], instruction: list[i
         FIELD_COUNT: torch.tensor(counts, dtype=torch.int64),  # (n,)
         FIELD_INSTRUCTION: ids[None].expand(n, -1).clone(),  # (n, T)
         FIELD_TRACE: _ascii_rows(traces),  # (n, L)
+        FIELD_ENCODED: torch.tensor(counts if encoded is None else encoded, dtype=torch.int64),  # (n,)
     }
 
 
@@ -426,7 +433,7 @@ def pop_item_policies(kwargs: dict[str, Any]) -> list[ItemPolicy] | None:
         return None
     if not all(present):
         raise ValueError(f"incomplete vlmprune fields in the model inputs: {dict(zip(FIELDS, present))}")
-    policies, counts, instructions, traces = (_rows(v) for v in values)
+    policies, counts, instructions, traces, _encoded = (_rows(v) for v in values)  # _encoded: the scheduler's
     if not len(policies) == len(counts) == len(instructions) == len(traces):
         raise ValueError("vlmprune fields disagree in the number of images")
     out = []
@@ -437,6 +444,7 @@ def pop_item_policies(kwargs: dict[str, Any]) -> list[ItemPolicy] | None:
             cache[raw] = parse_policy(json.loads(raw)) if raw else None
         out.append(ItemPolicy(policy=cache[raw], count=int(c), instruction_ids=ids.to(torch.int64).reshape(-1),
                               trace=_trace_of(t)))
+    record_encoder_call(len(out))
     return out
 
 
@@ -559,7 +567,7 @@ class PolicyProcessorMixin:
         else:
             counts = [image_count(request.policy, n, fixed, layers) for n, fixed in parts]
         ids = instruction_ids(self.info.get_tokenizer(), request)  # type: ignore[attr-defined]
-        out.update(encode_fields(request, counts, ids))
+        out.update(encode_fields(request, counts, ids, encoded=[n + fixed for n, fixed in parts]))
         return out
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
