@@ -1,5 +1,5 @@
 """Faults with a real engine: `vlmprune serve` (the real launcher, a real `vllm serve` CPU child on
-the tiny LLaVA) whose client goes away (mid-stream, or while a long answer runs), whose fellow
+the tiny LLaVA) whose client goes away (mid-stream, or while vLLM holds its request), whose fellow
 upstream is killed, and whose vLLM child is killed mid-stream. One engine for the module; the
 test that kills it runs last.
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
+import os
 import signal
 import socket
 import time
@@ -35,10 +36,19 @@ LONG_ANSWER = 1900
 
 @pytest.fixture(scope="module")
 def served(tiny_llava_dir, tmp_path_factory):
-    with serve_process(tiny_llava_dir, tmp_path_factory.mktemp("serve-faults") / "serve.log", 1200,
-                       "--max-model-len", "2048") as out:
-        with off_the_worker_cpus(out[2].pid):
-            yield out
+    # vLLM's development routes (/pause, /resume): a test holds a request inside vLLM while its client leaves
+    saved = os.environ.get("VLLM_SERVER_DEV_MODE")
+    os.environ["VLLM_SERVER_DEV_MODE"] = "1"
+    try:
+        with serve_process(tiny_llava_dir, tmp_path_factory.mktemp("serve-faults") / "serve.log", 1200,
+                           "--max-model-len", "2048") as out:
+            with off_the_worker_cpus(out[2].pid):
+                yield out
+    finally:
+        if saved is None:
+            os.environ.pop("VLLM_SERVER_DEV_MODE", None)
+        else:
+            os.environ["VLLM_SERVER_DEV_MODE"] = saved
 
 
 @contextlib.contextmanager
@@ -150,7 +160,7 @@ def test_client_disconnect_mid_stream_cancels_the_request_in_vllm(served):
           f"{LONG_ANSWER} tokens generated)")
 
 
-def send_then_leave_once_forwarded(url: str, body: dict) -> None:
+def send_then_leave_once_forwarded(url: str, body: dict, key: tuple = ("vlmprune_in_flight_requests", ())) -> None:
     """Send a non-streaming request on a raw socket and close it as soon as the gateway has taken it
     (its in-flight gauge reads 1): whatever it has started by then (preparing, or the request to
     vLLM) must be cancelled, and vLLM must not run the answer to its end.
@@ -164,10 +174,8 @@ def send_then_leave_once_forwarded(url: str, body: dict) -> None:
     payload = json.dumps(body).encode()
     head = (f"POST {CHAT} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(payload)}\r\n\r\n").encode()
-    # The gateway's own in-flight gauge (set as the request arrives, before vLLM generates): polled
-    # while no generation can freeze this process; its upstream gauge (1 only during the
-    # generation) was missed by a frozen poller in full-suite runs.
-    key = ("vlmprune_in_flight_requests", ())
+    # ``key``: a gauge that reads 1 once the gateway has taken (default: its own in-flight gauge, set
+    # as the request arrives) or forwarded (its upstream in-flight gauge) the request.
     sock = socket.create_connection((host, int(port)))
     try:
         sock.sendall(head + payload)
@@ -180,25 +188,42 @@ def send_then_leave_once_forwarded(url: str, body: dict) -> None:
         sock.close()
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "environment-sensitive on 2-core VMs: while vLLM's CPU worker generates, this test process can be "
-    "frozen for the whole generation (see off_the_worker_cpus); it passes alone and in most module runs "
-    "but failed in about half of the fresh-clone module runs. The gateway's non-streaming cancellation "
-    "is also checked deterministically by test_faults.py::test_client_that_leaves_cancels_the_upstream_"
-    "request_at_once[stream=False] against a real upstream process."))
-def test_client_disconnect_while_a_long_answer_runs_cancels_it_in_vllm(served):
-    """Not streaming: the client gives up on a 1900-token answer once the gateway has forwarded it:
-    the gateway sees it leave, closes its request to vLLM, which aborts it (the same checks as for
-    the stream)."""
+@contextlib.contextmanager
+def vllm_paused(vllm_url: str):
+    """vLLM's scheduler frozen (its development route ``/pause?mode=keep``): requests are accepted
+    and queued, nothing is prefilled or generated, until ``/resume``."""
+    httpx.post(vllm_url + "/pause", params={"mode": "keep"}, timeout=30).raise_for_status()
+    try:
+        yield
+    finally:
+        httpx.post(vllm_url + "/resume", timeout=30).raise_for_status()
+
+
+def test_client_disconnect_while_vllm_holds_the_request_cancels_it_in_vllm(served):
+    """Not streaming: the client gives up on a 1900-token answer once the gateway has forwarded it
+    to vLLM; the gateway sees it leave and closes its request to vLLM, which aborts it: after vLLM
+    resumes, the answer is never generated (the same checks as for the stream).
+
+    Deterministic: vLLM is paused while the client leaves, so no generation can freeze this process
+    or the gateway (the race that made the former version of this test, which let the answer run,
+    an ``xfail``: a process sharing a CPU with vLLM's generating worker stalled for the whole answer,
+    and the client then "left" after the answer was done). Without the gateway's cancellation the
+    request stays queued in vLLM and runs to its 1900 tokens on resume: check_cancelled fails."""
     url, vllm_url = served[0], served[1]
     finished_before = finished_normally(vllm_url)
     tokens_before = metric_sum(vllm_url, "vllm:generation_tokens_total")
     before_499 = client_499s(url)
     body = {**long_stream_body(model_id(url)), "stream": False}
-    send_then_leave_once_forwarded(url, body)
+    upstream = ("vlmprune_upstream_in_flight", (("upstream", vllm_url),))
+    with vllm_paused(vllm_url):
+        send_then_leave_once_forwarded(url, body, key=upstream)
+        time.sleep(1.0)  # the gateway's request, sent, is in vLLM's queue (nothing runs while paused)
+        wait_for(lambda: metric_samples(url).get(upstream, 0) == 0 and client_499s(url) == before_499 + 1, 30,
+                 "the gateway closing its request to vLLM after the client left")
+        time.sleep(1.0)  # vLLM's abort of the closed request reaches its engine core
     seconds, generated = check_cancelled(url, vllm_url, finished_before, tokens_before, before_499)
-    print(f"\nvLLM running count back to 0 {seconds:.2f} s after the client left ({generated:.0f} of "
-          f"{LONG_ANSWER} tokens generated)")
+    assert generated == 0, f"{generated} tokens generated: vLLM resumed the request the client had left"
+    print(f"\nvLLM running count 0 {seconds:.2f} s after resuming; 0 of {LONG_ANSWER} tokens generated")
 
 
 def test_upstream_killed_while_requests_wait_on_it_they_are_retried_elsewhere(served, tiny_llava_dir):
