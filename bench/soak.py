@@ -253,11 +253,11 @@ class Served:
     startup_s: float
 
 
-def start_serve(model: str, log: Path, timeout_s: float, mm_cache_gb: float) -> Served:
+def start_serve(model: str, log: Path, timeout_s: float, mm_cache_gb: float, vllm_args: list[str] = ()) -> Served:
     port = free_port()
     cmd = [sys.executable, "-m", "vlmprune", "serve", "--model", model, "--port", str(port),
            "--vllm-log", str(log.with_suffix(".vllm.log")), "--log-level", "warning",
-           f"--vllm-arg=--mm-processor-cache-gb={mm_cache_gb:g}"]
+           f"--vllm-arg=--mm-processor-cache-gb={mm_cache_gb:g}", *(f"--vllm-arg={a}" for a in vllm_args)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     t0 = time.monotonic()
     with open(log, "wb") as out:
@@ -290,6 +290,20 @@ def rss_mib(serve_pid: int) -> dict[str, float]:
         except psutil.NoSuchProcess:
             pass
     return {"gateway": gateway.memory_info().rss / 2**20, "engine": engine / 2**20}
+
+
+def per_minute(samples: list[dict[str, float]]) -> list[dict[str, float]]:
+    """The last RSS sample of each whole minute of the load, and its growth over the minute before."""
+    out: list[dict[str, float]] = []
+    for minute in range(1, int(max((x["t"] for x in samples), default=0) // 60) + 1):
+        upto = [x for x in samples if x["t"] <= minute * 60]
+        if not upto:
+            continue
+        last = upto[-1]
+        prev = out[-1] if out else samples[0]
+        out.append({"minute": minute, "gateway": last["gateway"], "engine": last["engine"],
+                    "engine_growth": last["engine"] - prev["engine"], "gateway_growth": last["gateway"] - prev["gateway"]})
+    return out
 
 
 async def sample_rss(pid: int, every_s: float, into: list[dict[str, float]], stop: asyncio.Event) -> None:
@@ -332,6 +346,7 @@ def summarize(outcomes: list[Outcome], rss: dict[str, dict[str, float]], args: a
     judged = [o.correct for o in good if o.correct is not None]
     summary = {
         "config": {"model": args.model, "clients": args.clients, "duration_s": args.duration,
+                   "vllm_args": list(args.vllm_arg),
                    "mm_processor_cache_gb": args.mm_cache_gb,
                    "bad_share": args.bad_share, "stream_share": args.stream_share, "max_tokens": args.max_tokens,
                    "seed": args.seed, "methods": extra["methods"]},
@@ -350,7 +365,7 @@ def summarize(outcomes: list[Outcome], rss: dict[str, dict[str, float]], args: a
                       "good_non_stream": pct([o.seconds for o in good if o.ok and not o.stream]),
                       "bad": pct([o.seconds for o in bad])},
         "accuracy": sum(judged) / len(judged) if judged else None,
-        "rss_mib": {**rss, "growth": growth, "bound": bounds},
+        "rss_mib": {**rss, "growth": growth, "bound": bounds, "per_minute": per_minute(rss["samples"])},
         **extra["checks"],
     }
     problems = []
@@ -413,10 +428,15 @@ def markdown(s: dict[str, Any]) -> str:
         *(f"| {k} | {rss['start'][k]:.0f} | {rss['end'][k]:.0f} | {rss['peak'][k]:.0f} | {rss['growth'][k]:+.0f} | "
           f"{rss['bound'][k]:.0f} |" for k in ("gateway", "engine")),
         "",
+        *(["| minute | engine RSS (MiB) | engine growth | gateway RSS | gateway growth |",
+           "|---:|---:|---:|---:|---:|",
+           *(f"| {m['minute']} | {m['engine']:.0f} | {m['engine_growth']:+.0f} | {m['gateway']:.0f} | "
+             f"{m['gateway_growth']:+.0f} |" for m in rss["per_minute"]), ""] if rss["per_minute"] else []),
         f"After the run: gateway in-flight {s['in_flight_after']}, /health {s['health_after']}; "
         f"`vlmprune serve` exit code on SIGTERM {s['serve_exit_code']}; start-up {s['startup_s']:.0f} s.",
         "",
-        f"Reproduce: `python bench/soak.py --clients {c['clients']} --duration {c['duration_s']:g}`",
+        f"Reproduce: `python bench/soak.py --clients {c['clients']} --duration {c['duration_s']:g}"
+        + "".join(f" --vllm-arg={a}" for a in c.get("vllm_args", [])) + "`",
     ]
     return "\n".join(lines) + "\n"
 
@@ -428,7 +448,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     methods = served_methods(args.model)
     questions = demo_questions(32)
     tmp = Path(tempfile.mkdtemp(prefix="vlmprune-soak."))
-    served = start_serve(args.model, tmp / "serve.log", args.startup_timeout, args.mm_cache_gb)
+    served = start_serve(args.model, tmp / "serve.log", args.startup_timeout, args.mm_cache_gb, args.vllm_arg)
     print(f"soak: vlmprune serve up at {served.url} in {served.startup_s:.0f} s (log {served.log})", flush=True)
     checks: dict[str, Any] = {"startup_s": served.startup_s, "host": f"{os.cpu_count()} CPUs"}
     try:
@@ -484,6 +504,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="vLLM's --mm-processor-cache-gb (default: %(default)s = off; vLLM's own default, 4 GiB "
                         "in each of its two processes, fills with every distinct image and policy pair and "
                         "would read as RSS growth: raise the engine bound past twice it when you turn it on)")
+    p.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
+                   help="extra argument for vLLM, passed on by vlmprune serve (repeatable, e.g. "
+                        "--vllm-arg=--tensor-parallel-size=2)")
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory (default: bench/results)")
     p.add_argument("--tag", default="soak", help="file stem of the results (default: %(default)s)")
     args = p.parse_args(argv)

@@ -45,6 +45,16 @@ def test_clean_run_passes_and_reports_every_figure():
     assert "**PASSED**" in text and "| good: lost | 0 |" in text and "| engine | 1000 | 1000 |" in text
 
 
+def test_rss_is_reported_per_minute_with_its_growth():
+    samples = [{"t": t, "gateway": 200.0, "engine": 1000.0 + min(t, 120) / 2} for t in range(0, 185, 5)]
+    minutes = soak.per_minute(samples)
+    assert [m["minute"] for m in minutes] == [1, 2, 3]
+    assert [m["engine_growth"] for m in minutes] == [30.0, 30.0, 0.0]  # levels off after two minutes
+    s = _summary([_ok()])
+    s["rss_mib"]["per_minute"] = minutes
+    assert "| 3 | 1060 | +0 | 200 | +0 |" in soak.markdown(s)
+
+
 def test_a_lost_good_request_a_wrong_refusal_or_memory_growth_fails_the_run():
     lost = soak.Outcome("good", True, False, 502, 1.0, "status 502")
     wrong = soak.Outcome("unknown_method", False, False, 200, 0.1, "status 200, expected 400")
