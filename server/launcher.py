@@ -84,25 +84,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def serving_route(args: argparse.Namespace, gpu: bool) -> str:
-    """``--route``, else ``in_llm`` where the plugin hooks the model runner (CPU, one rank), else
-    ``probe`` (GPU engines; tensor-parallel engines, whose in-LLM stages would see one rank's heads)."""
-    chosen = getattr(args, "route", None)
-    if chosen:
-        return chosen
-    return "probe" if gpu or tensor_parallel_size(getattr(args, "vllm_arg", None) or []) > 1 else "in_llm"
-
-
-def tensor_parallel_size(vllm_args: list[str]) -> int:
-    """The ``--tensor-parallel-size`` / ``-tp`` among the extra vLLM arguments (1 when absent)."""
-    size = 1
-    for i, arg in enumerate(vllm_args):
-        name, _, value = arg.partition("=")
-        if name in ("--tensor-parallel-size", "-tp"):
-            if not value and i + 1 < len(vllm_args):
-                value = vllm_args[i + 1]
-            with contextlib.suppress(ValueError):
-                size = int(value)
-    return size
+    """``--route``, else the platform's: ``in_llm`` where the plugin hooks the model runner (CPU, any
+    tensor-parallel size), else ``probe``."""
+    return getattr(args, "route", None) or ("probe" if gpu else "in_llm")
 
 
 # -- model ------------------------------------------------------------------------------------

@@ -154,15 +154,3 @@ def test_in_llm_route_keeps_vllm_defaults_and_sizes_the_step_budget(tmp_path, mo
     assert "change nothing" in capsys.readouterr().err
     monkeypatch.setenv("VLMPRUNE_ROUTE", "probe")  # the environment's route is the default
     assert launcher.parse_args([]).route == "probe"
-
-@pytest.mark.parametrize("extra, route", [
-    ([], "in_llm"),
-    (["--vllm-arg=--tensor-parallel-size=2"], "probe"),
-    (["--vllm-arg=-tp", "--vllm-arg=2"], "probe"),
-    (["--vllm-arg=--tensor-parallel-size=1"], "in_llm"),
-    (["--vllm-arg=--tensor-parallel-size=2", "--route", "in_llm"], "in_llm"),  # the engine then refuses, naming probe
-])
-def test_tensor_parallel_engines_default_to_the_probe_route(monkeypatch, extra, route):
-    """The in-LLM stages need every head on one rank: a TP engine serves at the LLM input unless told otherwise."""
-    monkeypatch.delenv("VLMPRUNE_ROUTE", raising=False)
-    assert launcher.serving_route(launcher.parse_args(extra), gpu=False) == route

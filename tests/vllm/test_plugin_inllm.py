@@ -309,7 +309,7 @@ def test_unsafe_engine_settings_are_refused_naming_the_flag(env):
     assert config.scheduler_config.enable_chunked_prefill and config.cache_config.enable_prefix_caching
     for attr, value, flag in (
         ("model_config.enforce_eager", False, "--enforce-eager.*VLMPRUNE_ROUTE=probe"),
-        ("parallel_config.tensor_parallel_size", 2, "tensor/pipeline parallel size must be 1"),
+        ("parallel_config.pipeline_parallel_size", 2, "pipeline parallel size must be 1"),
         ("cache_config.cache_dtype", "fp8", "--kv-cache-dtype auto"),
     ):
         bad = copy.copy(config)

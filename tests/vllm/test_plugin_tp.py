@@ -3,10 +3,10 @@
 vLLM's CPU build runs tensor parallelism over shared memory (``distributed_executor_backend="mp"``,
 one worker process per rank, ``VLLM_CPU_OMP_THREADS_BIND="0|1"``, ``VLLM_CPU_NUM_OF_RESERVED_CPU=0``).
 The tiny models' ViT, LM and KV head counts divide by 2, except Qwen's single KV head, which vLLM
-replicates on both ranks. Per configuration (family, encoder TP mode) one TP=2 plugin engine runs in
-this process while the same requests run on a TP=1 plugin engine in a subprocess; both on the probe
-route (the launcher's default for TP engines: the in-LLM stages need every head on one rank, and a
-TP engine on that route refuses to start, tested below).
+replicates on both ranks. Per configuration (family, route, encoder TP mode) one TP=2 plugin engine
+runs in this process while the same requests run on a TP=1 plugin engine in a subprocess: the probe
+route (every method at the LLM input) and the default in-LLM route (``transprune``, ``aim``,
+``fastv`` between the decoder layers, with vLLM's chunked prefill and prefix caching on).
 
 Compared per request: the prompt (the kept count), the kept tokens (rank 0's trace; the ranks agree
 or the LM's all-reduces would mix different rows and the answers would differ), the greedy tokens,
@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine_helpers import Engine, StockRun, assert_same_output, build_model, chat_spec, saved_env
+from engine_helpers import IN_LLM_ENGINE, Engine, StockRun, assert_same_output, build_model, chat_spec, saved_env
 from vlmprune.core.explain import RelevanceCNN, RelevanceCNNConfig
 from vlmprune.methods import METHODS, served_route
 from vlmprune.policy import PolicyError
@@ -31,7 +31,7 @@ from vlmprune.vllm_plugin.probe import EXPLAIN_CHECKPOINT
 
 pytestmark = pytest.mark.slow
 
-TP_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLMPRUNE_ROUTE": "probe"}
+TP_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 TP_ENGINE = dict(tensor_parallel_size=2, distributed_executor_backend="mp")
 ATOL = 1e-3
 """Top logprobs, TP=2 vs TP=1 (seen: about 1e-6 in float32)."""
@@ -42,21 +42,27 @@ IMAGES = {
     "llava_next": ((96, 64, 1), (64, 96, 2)),
     "qwen2_5_vl": ((112, 168, 1), (168, 112, 2)),
 }
-CONFIGS = {
-    "llava": ("llava", {}),
-    "llava_next": ("llava_next", {}),
-    "qwen2_5_vl": ("qwen2_5_vl", {}),  # head-sharded ViT: the scores are summed across ranks
-    "qwen2_5_vl-data": ("qwen2_5_vl", {"mm_encoder_tp_mode": "data"}),  # each rank encodes some images
+IN_LLM = ("transprune", "aim", "fastv")
+CONFIGS = {  # name: (family, route, engine options, methods (None: every method the route serves))
+    "llava-probe": ("llava", "probe", {}, None),
+    "llava_next-probe": ("llava_next", "probe", {}, None),
+    "qwen2_5_vl-probe": ("qwen2_5_vl", "probe", {}, None),  # head-sharded ViT: the scores are summed across ranks
+    "qwen2_5_vl-probe-data": ("qwen2_5_vl", "probe", {"mm_encoder_tp_mode": "data"}, ["fastervlm", "random"]),
+    "llava-in_llm": ("llava", "in_llm", IN_LLM_ENGINE, IN_LLM),
+    "llava_next-in_llm": ("llava_next", "in_llm", IN_LLM_ENGINE, IN_LLM),
+    "qwen2_5_vl-in_llm": ("qwen2_5_vl", "in_llm", IN_LLM_ENGINE, IN_LLM),
 }
+"""The in-LLM engines run the default route's settings (chunked prefill, prefix caching, a step
+budget that holds each image-to-end span)."""
 
 
-def served_methods(family: str) -> list[str]:
-    with saved_env({"VLMPRUNE_ROUTE": "probe"}):
+def served_methods(family: str, route: str) -> list[str]:
+    with saved_env({"VLMPRUNE_ROUTE": route}):
         return [m for m in METHODS if served_route(m, family) != "refused"]
 
 
-def refused_methods(family: str) -> list[str]:
-    with saved_env({"VLMPRUNE_ROUTE": "probe"}):
+def refused_methods(family: str, route: str) -> list[str]:
+    with saved_env({"VLMPRUNE_ROUTE": route}):
         return [m for m in METHODS if served_route(m, family) == "refused"]
 
 
@@ -72,13 +78,13 @@ def policy(method: str, model_dir, trace: str, ratio: float = RATIO) -> dict:
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def env(request, tmp_path_factory, timings):
     """The TP=2 engine of one configuration, and the TP=1 engine's answers to ``specs``."""
-    family, engine_options = CONFIGS[request.param]
+    family, route, engine_options, methods = CONFIGS[request.param]
     root = tmp_path_factory.mktemp(f"tp_{request.param}")
     model_dir, _model, processor = build_model(family, root)
     torch.manual_seed(0)
     RelevanceCNN(RelevanceCNNConfig(channels=(8, 16), kernel_size=3)).eval().save(model_dir / EXPLAIN_CHECKPOINT)
     one, two = IMAGES[family][:1], IMAGES[family]
-    methods = served_methods(family) if not engine_options else ["fastervlm", "random"]
+    methods = methods or served_methods(family, route)
     specs = [chat_spec(processor, QUESTION, one)]
     for method in methods:
         for images in (one, two):
@@ -87,14 +93,14 @@ def env(request, tmp_path_factory, timings):
     traces = {1: root / "traces_tp1", 2: root / "traces_tp2"}
     for folder in traces.values():
         folder.mkdir()
-    reference = StockRun(model_dir, specs, root, plugin=True, env={"VLMPRUNE_ROUTE": "probe", TRACE_DIR_ENV: str(traces[1])},
+    reference = StockRun(model_dir, specs, root, plugin=True, env={"VLMPRUNE_ROUTE": route, TRACE_DIR_ENV: str(traces[1])},
                          **engine_options)
     try:
-        with saved_env({**TP_ENV, TRACE_DIR_ENV: str(traces[2])}):
+        with saved_env({**TP_ENV, "VLMPRUNE_ROUTE": route, TRACE_DIR_ENV: str(traces[2])}):
             engine = Engine(model_dir, **TP_ENGINE, **engine_options)
             timings[f"{request.param}_tp2_start_s"] = engine.start_s
             try:
-                yield SimpleNamespace(name=request.param, family=family, engine=engine, specs=specs, processor=processor,
+                yield SimpleNamespace(name=request.param, family=family, route=route, engine=engine, specs=specs, processor=processor,
                                       model_dir=model_dir, reference=reference.result(timeout=600)["outputs"],
                                       traces=traces, images=IMAGES[family])
             finally:
@@ -103,12 +109,15 @@ def env(request, tmp_path_factory, timings):
         reference.stop()
 
 
-def read_traces(folder, trace_id: str, n_images: int) -> list[list[int]]:
-    return [json.loads((folder / f"{trace_id}.{i}.json").read_text())["kept"] for i in range(n_images)]
+def read_traces(folder, trace_id: str, n_images: int) -> list[dict]:
+    """Per image, the tokens it keeps at the end and per in-LLM stage (rank 0's trace)."""
+    records = [json.loads((folder / f"{trace_id}.{i}.json").read_text()) for i in range(n_images)]
+    return [{"n_tokens": r["n_tokens"], "kept": r["kept"], "stages": r.get("stages")} for r in records]
 
 
 def test_every_method_gives_the_tp1_answer(env):
-    """Per method, one and two images: the TP=1 engine's prompt, kept tokens, greedy tokens, logprobs."""
+    """Per method, one and two images: the TP=1 engine's prompt, kept tokens (per in-LLM stage too),
+    greedy tokens, logprobs; and every method pruned something."""
     got = env.engine.run(env.specs)
     for spec, mine, want in zip(env.specs, got, env.reference):
         what = f"{env.name} {spec.get('vlmprune', 'stock')}"
@@ -116,32 +125,18 @@ def test_every_method_gives_the_tp1_answer(env):
         assert_same_output(mine, want, atol=ATOL, what=what)
         if "vlmprune" in spec:
             trace, n = spec["vlmprune"]["trace"], len(spec["images"])
-            assert read_traces(env.traces[2], trace, n) == read_traces(env.traces[1], trace, n), what
-    stock = len(got[0]["prompt_token_ids"])
-    single = [o for s, o in zip(env.specs[1:], got[1:]) if len(s["images"]) == 1]
-    assert single and all(len(o["prompt_token_ids"]) < stock for o in single), "a method pruned nothing"
+            records = read_traces(env.traces[2], trace, n)
+            assert records == read_traces(env.traces[1], trace, n), what
+            assert all(len(r["kept"]) < r["n_tokens"] for r in records), f"{what} pruned nothing"
+            assert (env.route == "in_llm") == all(r["stages"] for r in records), f"{what}: stages {records}"
 
 
 def test_methods_the_route_cannot_serve_are_refused_and_the_engine_serves_on(env):
-    """On the probe route fastv (in-LLM only) and the family's misfits get a PolicyError naming
-    the method; the next request is answered as before."""
-    refused = refused_methods(env.family)
-    assert refused, "no refusable method for this family (the test would check nothing)"
+    """An unknown method, the family's misfits and, on the probe route, fastv (in-LLM only) get a
+    PolicyError naming the method; the next request is answered as before."""
+    refused = [*refused_methods(env.family, env.route), "no-such-method"]
     for method in refused:
         bad = chat_spec(env.processor, QUESTION, env.images[:1], policy={"method": method, "ratio": 0.5})
         with pytest.raises(PolicyError, match=method):
             env.engine.run_one(bad)
         assert_same_output(env.engine.run_one(env.specs[0]), env.reference[0], atol=ATOL, what=f"stock after {method}")
-
-
-def test_the_in_llm_route_refuses_to_start_a_tp_engine_and_names_the_probe_route(tmp_path_factory):
-    """A TP=2 engine on the in-LLM route stops at start with a message naming ``VLMPRUNE_ROUTE=probe``."""
-    root = tmp_path_factory.mktemp("tp_in_llm")
-    model_dir, _model, processor = build_model("llava", root)
-    run = StockRun(model_dir, [chat_spec(processor, QUESTION, IMAGES["llava"][:1])], root, plugin=True,
-                   env={**TP_ENV, "VLMPRUNE_ROUTE": "in_llm"}, **TP_ENGINE)
-    with pytest.raises(RuntimeError, match="run failed") as failure:
-        run.result(timeout=600)
-    log = (root / "plugin.log").read_text()
-    assert "tensor/pipeline parallel size must be 1" in log and "VLMPRUNE_ROUTE=probe" in log, failure.value
-

@@ -567,7 +567,8 @@ class PolicyProcessorMixin:
         else:
             counts = [image_count(request.policy, n, fixed, layers) for n, fixed in parts]
         ids = instruction_ids(self.info.get_tokenizer(), request)  # type: ignore[attr-defined]
-        out.update(encode_fields(request, counts, ids, encoded=[n + fixed for n, fixed in parts]))
+        stock = [image_count(None, n, fixed, layers) for n, fixed in parts]  # what the encoder computes
+        out.update(encode_fields(request, counts, ids, encoded=stock))
         return out
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):

@@ -44,8 +44,9 @@ through ``CPUModelRunner._model_forward`` (``input_batch.req_ids``, the row orde
 (``CachedRequestState.mm_features``), the image rows from their placeholder ranges.
 
 Conditions (:func:`check_engine_in_llm`, refused at start with the flag named, or the probe route):
-eager mode (``enforce_eager``), tensor and pipeline parallel size 1, the CPU platform's V1 runner (the
-only one hooked), an unquantized KV cache. vLLM's chunked prefill and prefix caching stay on
+eager mode (``enforce_eager``), pipeline parallel size 1, the CPU platform's V1 runner (the only one
+hooked), an unquantized KV cache. Tensor parallelism is served: each rank runs its heads, and the
+stage scores are reduced across ranks (:mod:`.tensor_parallel`), so every rank keeps the same rows. vLLM's chunked prefill and prefix caching stay on
 (:func:`install_scheduler_hook`): an in-LLM request's rows from its first image to the end of its
 prompt are prefilled in one step (the rows before may come in earlier chunks: a stage then reads
 their keys from the KV cache, :func:`_cached_keys`, and its attention scores are the reference's over
@@ -89,6 +90,7 @@ from vlmprune.reduction.stages import (
 from vlmprune.reduction.ttv_capture import SubBlockCapture
 from vlmprune.signals.attention import attention_rows
 from vlmprune.vllm_plugin.fallback import evenly_spaced_choice, guarded_stage
+from vlmprune.vllm_plugin.tensor_parallel import gather_heads, head_shards, mean_over_shards
 
 
 def check_engine_in_llm(vllm_config: Any, model_name: str) -> None:
@@ -104,9 +106,8 @@ def check_engine_in_llm(vllm_config: Any, model_name: str) -> None:
         problems.append("only vLLM's CPU V1 model runner is hooked (run on the CPU platform)")
     if not vllm_config.model_config.enforce_eager:
         problems.append("CUDA graphs / torch.compile cannot run a data-dependent gather: pass --enforce-eager")
-    parallel = vllm_config.parallel_config
-    if int(parallel.tensor_parallel_size) > 1 or int(parallel.pipeline_parallel_size) > 1:
-        problems.append("the stage scores need every attention head and layer on one rank: tensor/pipeline parallel size must be 1")
+    if int(vllm_config.parallel_config.pipeline_parallel_size) > 1:
+        problems.append("a stage needs every decoder layer on one rank: pipeline parallel size must be 1")
     if vllm_config.speculative_config is not None:
         problems.append("speculative decoding is not supported")
     if vllm_config.cache_config.cache_dtype != "auto":
@@ -737,13 +738,20 @@ def _scores(layer, h: torch.Tensor, pos: torch.Tensor, row: _Row) -> torch.Tenso
         q, k = _qk(layer, h, pos, row)
         from vlmprune.vllm_plugin.probe import causal_logits
 
+        logits = gather_heads(causal_logits(q, k), _head_shards(layer), dim=0)  # every head, in order
         return aim.pagerank_importance(
-            causal_logits(q, k), temperature=policy.pagerank_temperature, iterations=policy.pagerank_iterations
+            logits, temperature=policy.pagerank_temperature, iterations=policy.pagerank_iterations
         )
     rows = fastv.query_rows(policy.query, h.shape[0], row.instruction).to(h.device)
     q, k = _qk(layer, h, pos, row, rows)
     probs = attention_rows(q, k, rows + row.prefix)  # (H, t, prefix + n)
-    return fastv.attention_scores(probs[..., row.prefix :])  # (n,)
+    return mean_over_shards(fastv.attention_scores(probs[..., row.prefix :]), _head_shards(layer))  # (n,)
+
+
+def _head_shards(layer) -> int:
+    """How many tensor-parallel ranks share ``layer``'s attention heads (:mod:`.tensor_parallel`)."""
+    attn = layer.self_attn
+    return head_shards(int(attn.num_heads), int(getattr(attn, "total_num_heads", attn.num_heads)))
 
 
 def override_context(fc):
@@ -757,4 +765,4 @@ def _instruction_attention(layer, h: torch.Tensor, pos: torch.Tensor, row: _Row)
     (:func:`vlmprune.signals.attention.instruction_attention` on vLLM's fused q/k projection)."""
     q, k = _qk(layer, h, pos, row, row.instruction)
     probs = attention_rows(q, k, row.instruction + row.prefix)  # (H, t, prefix + n)
-    return probs[..., row.prefix :].mean(dim=(0, 1))
+    return mean_over_shards(probs[..., row.prefix :].mean(dim=(0, 1)), _head_shards(layer))
