@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from engine_helpers import IN_LLM_ENV_VARS, Engine, build_model, chat_spec, saved_env
-from vlmprune.vllm_plugin.encoder_budget import encoder_calls
+from vlmprune.vllm_plugin.common import encoder_calls
 from vllm_stock_runner import vllm_request
 
 pytestmark = pytest.mark.slow
@@ -30,7 +30,7 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("encoder_budget")
     model_dir, _model, processor = build_model("llava", root)
     with saved_env(IN_LLM_ENV_VARS):
-        engine = Engine(model_dir, max_num_batched_tokens=BUDGET, max_num_seqs=REQUESTS, limit_mm_per_prompt={"image": 1})
+        engine = Engine(model_dir, max_num_batched_tokens=BUDGET, max_num_seqs=REQUESTS, limit_mm_per_prompt={"image": 2})
         try:
             yield engine, processor
         finally:
@@ -58,3 +58,27 @@ def test_a_pruned_image_costs_the_encoder_budget_its_unpruned_size(env):
     print(f"\n[encoder budget] images per encoder call, ratio 0: {stock}; ratio 0.9: {pruned}")
     assert max(stock) == BUDGET // IMAGE_TOKENS
     assert max(pruned) == max(stock), f"ratio 0.9 encodes {max(pruned)} images in one call, ratio 0 {max(stock)}"
+
+
+def test_an_in_llm_request_encodes_all_its_images_in_one_step_under_encoder_pressure(env):
+    """Two-image in-LLM requests among one-image requests that spend the step's encoder budget: vLLM
+    would cut a step between an in-LLM request's two images (it stops before an image it cannot
+    encode), inside the span its stages need whole; the plugin holds both images for one later
+    step, and every in-LLM request gets its solo answer."""
+    from vllm import SamplingParams
+
+    engine, processor = env
+    params = SamplingParams(max_tokens=4, temperature=0.0, logprobs=3)
+    in_llm = [chat_spec(processor, "what colour is the box ?", [(96, 64, 300 + 2 * i), (64, 96, 301 + 2 * i)],
+                        policy={"method": "transprune", "ratio": 0.75}) for i in range(4)]
+    others = [chat_spec(processor, "what is this ?", [(96, 64, 400 + i)], policy={"method": "pool", "ratio": 0.9})
+              for i in range(12)]
+    batch = [s for pair in zip(others[::3], others[1::3], others[2::3], in_llm) for s in pair]
+    outs = engine.llm.generate([vllm_request(s) for s in batch], params, use_tqdm=False)
+    got = {id(s): o.outputs[0] for s, o in zip(batch, outs)}
+    for s in in_llm:  # alone, afterwards (its images then come from the encoder cache)
+        (solo,) = engine.llm.generate([vllm_request(s)], params, use_tqdm=False)
+        assert list(got[id(s)].token_ids) == list(solo.outputs[0].token_ids), s["images"]
+        for mine, want in zip(got[id(s)].logprobs, solo.outputs[0].logprobs):
+            assert mine.keys() == want.keys()
+            assert all(abs(mine[t].logprob - want[t].logprob) < 1e-4 for t in mine)

@@ -65,7 +65,6 @@ from vlmprune.methods import ROUTE_ENV, names, policy_in_llm, require_support, s
 from vlmprune.policy import PolicyError, PolicyT, image_kept_count, parse_policy
 from vlmprune.reduction.stages import instruction_start, served_input_count
 from vlmprune.trace import TRACE_DIR_ENV, TRACE_KEY, check_trace_id, trace_dir
-from vlmprune.vllm_plugin.encoder_budget import record_encoder_call
 
 logger = logging.getLogger(__name__)
 
@@ -278,7 +277,8 @@ def check_probe(request: RequestPolicy, family: str, num_layers: int, model_dir:
 
 
 def check_in_llm_prompt(policy: Any, family: str, prompt_ids: list[int], placeholders: dict[str, list[Any]],
-                        vision_end: int | None = None, step_budget: int | None = None) -> None:
+                        vision_end: int | None = None, step_budget: int | None = None,
+                        encoded: Sequence[int] = ()) -> None:
     """Refuse, while the request is processed (a 400 for that request), a prompt the in-LLM stages
     cannot serve; inside the engine's forward the same case would stop the engine.
 
@@ -286,8 +286,9 @@ def check_in_llm_prompt(policy: Any, family: str, prompt_ids: list[int], placeho
     other modality's placeholders may follow it (a video's rows would count as instruction), and
     TransPrune needs at least one such row. The rows from the first image to the end of the prompt
     are prefilled in one engine step (:func:`vlmprune.vllm_plugin.inllm.install_scheduler_hook`),
-    so they must fit the engine's ``step_budget`` (``max_num_batched_tokens``; None: unknown here).
-    ``placeholders``: vLLM's per-modality ranges (``offset``, ``length``); ``vision_end``: Qwen's
+    so they must fit the engine's ``step_budget`` (``max_num_batched_tokens``; None: unknown here),
+    and so must the images' unpruned tokens (``encoded``), which that step's encoder budget (at
+    least the step budget) is charged (:mod:`.encoder_budget`). ``placeholders``: vLLM's per-modality ranges (``offset``, ``length``); ``vision_end``: Qwen's
     ``<|vision_end|>`` id, not instruction."""
     if not policy_in_llm(policy, family) or not placeholders.get("image"):
         return
@@ -298,6 +299,13 @@ def check_in_llm_prompt(policy: Any, family: str, prompt_ids: list[int], placeho
             f"engine step: this prompt needs {span} tokens there, more than the engine's step budget "
             f"(--max-num-batched-tokens {step_budget}); shorten the text after the first image, use a "
             "pre-LLM method, or raise --max-num-batched-tokens"
+        )
+    if step_budget is not None and sum(encoded) > step_budget:
+        raise PolicyError(
+            f"method {policy.method!r} (in-LLM) encodes all of a prompt's images in one engine step: these "
+            f"images need {sum(encoded)} unpruned encoder tokens, more than the engine's step budget "
+            f"(--max-num-batched-tokens {step_budget}); send fewer or smaller images, use a pre-LLM method, or "
+            "raise --max-num-batched-tokens"
         )
     after_images = max(int(r.offset) + int(r.length) for r in placeholders["image"])
     for modality, ranges in placeholders.items():
@@ -383,6 +391,24 @@ def fields_config() -> dict[str, MultiModalFieldConfig]:
     return {name: MultiModalFieldConfig.batched("image", keep_on_cpu=True) for name in FIELDS}
 
 
+_ENCODER_CALLS: list[int] = []
+"""Images per ``embed_multimodal`` call in this worker (diagnostics: :func:`encoder_calls`)."""
+
+
+def encoder_calls(_model: Any = None, clear: bool = True) -> list[int]:
+    """Images per vision-encoder call since the last read (``LLM.apply_model(encoder_calls)``)."""
+    out = list(_ENCODER_CALLS)
+    if clear:
+        _ENCODER_CALLS.clear()
+    return out
+
+
+def encoded_counts(out_mm_kwargs: Any, modality: str = "image") -> list[int]:
+    """The unpruned token count the processor attached to each item (items without fields skipped)."""
+    items = out_mm_kwargs.get(modality, []) if hasattr(out_mm_kwargs, "get") else []
+    return [int(item[FIELD_ENCODED].data) for item in items if item is not None and FIELD_ENCODED in item]
+
+
 def item_count(out_mm_kwargs: Any, item_idx: int, modality: str = "image") -> int | None:
     """The count the processor attached to item ``item_idx`` (None when the item has no fields)."""
     items = out_mm_kwargs.get(modality, []) if hasattr(out_mm_kwargs, "get") else []
@@ -444,7 +470,7 @@ def pop_item_policies(kwargs: dict[str, Any]) -> list[ItemPolicy] | None:
             cache[raw] = parse_policy(json.loads(raw)) if raw else None
         out.append(ItemPolicy(policy=cache[raw], count=int(c), instruction_ids=ids.to(torch.int64).reshape(-1),
                               trace=_trace_of(t)))
-    record_encoder_call(len(out))
+    _ENCODER_CALLS.append(len(out))
     return out
 
 
@@ -538,7 +564,7 @@ class PolicyProcessorMixin:
         policy = merged_request(self.info.ctx.get_mm_config(), inputs.hf_processor_mm_kwargs).policy  # type: ignore[attr-defined]
         vision_end = getattr(self.info.get_hf_config(), "vision_end_token_id", None)  # type: ignore[attr-defined]
         check_in_llm_prompt(policy, self.vlmprune_family, out["prompt_token_ids"], out["mm_placeholders"], vision_end,
-                            getattr(self, "vlmprune_step_budget", None))
+                            getattr(self, "vlmprune_step_budget", None), encoded_counts(out["mm_kwargs"]))
         return out
 
     def get_dummy_inputs(self, seq_len, mm_counts, mm_options):

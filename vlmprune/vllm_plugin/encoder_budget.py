@@ -20,26 +20,11 @@ from typing import Any
 
 import torch
 
-_ENCODER_CALLS: list[int] = []
-"""Images per ``embed_multimodal`` call in this worker (diagnostics: :func:`encoder_calls`)."""
-
-
-def record_encoder_call(images: int) -> None:
-    _ENCODER_CALLS.append(int(images))
-
-
-def encoder_calls(_model: Any = None, clear: bool = True) -> list[int]:
-    """Images per vision-encoder call since the last read (``LLM.apply_model(encoder_calls)``)."""
-    out = list(_ENCODER_CALLS)
-    if clear:
-        _ENCODER_CALLS.clear()
-    return out
+from vlmprune.vllm_plugin.common import FIELD_ENCODED
 
 
 def encoder_surcharges(mm_features: Any) -> dict[int, int]:
     """Per multimodal input index, unpruned minus placeholder embeddings (only where positive)."""
-    from vlmprune.vllm_plugin.common import FIELD_ENCODED
-
     out: dict[int, int] = {}
     for i, feature in enumerate(mm_features or []):
         data = getattr(feature, "data", None)

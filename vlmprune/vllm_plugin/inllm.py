@@ -263,8 +263,10 @@ def install_scheduler_hook() -> None:
     marked request that would end inside the span from its first image to the end of its prompt is
     rolled back to before the image (:func:`in_llm_step`), as vLLM's own ``disable_chunked_mm_input``
     rolls back to before an item; the span is then prefilled in one later step, with a stage's
-    whole input. The rows before the first image may come in earlier chunks (stock rows, which no
-    stage removes). The processor refuses spans longer than the step budget
+    whole input. vLLM itself may cut a step before an image it cannot encode then (the step's encoder
+    budget spent by other requests): such a cut inside the span is rolled back the same way, so all
+    of the span's images are encoded in one step. The rows before the first image may come in
+    earlier chunks (stock rows, which no stage removes). The processor refuses spans longer than the step budget
     (:func:`vlmprune.vllm_plugin.common.check_in_llm_prompt`), so every marked request is scheduled.
 
     Why prefix caching can stay on for every other request: a block's hash chains every block
@@ -287,11 +289,23 @@ def install_scheduler_hook() -> None:
             request.vlmprune_span_start = min(f.mm_position.offset for f in request.mm_features if f.modality == "image")
         return original_add(self, request)
 
-    def _try_schedule_encoder_inputs(self, request: Any, num_computed_tokens: int, num_new_tokens: int, *args, **kwargs):
+    def _try_schedule_encoder_inputs(self, request: Any, num_computed_tokens: int, num_new_tokens: int,
+                                     encoder_compute_budget: int, *args, **kwargs):
         start = getattr(request, "vlmprune_span_start", None)
-        if start is not None:
-            num_new_tokens = in_llm_step(start, request.num_prompt_tokens, num_computed_tokens, num_new_tokens)
-        return original_encoder(self, request, num_computed_tokens, num_new_tokens, *args, **kwargs)
+        if start is None:
+            return original_encoder(self, request, num_computed_tokens, num_new_tokens, encoder_compute_budget,
+                                    *args, **kwargs)
+        prompt_len = request.num_prompt_tokens
+        num_new_tokens = in_llm_step(start, prompt_len, num_computed_tokens, num_new_tokens)
+        inputs, new_tokens, budget, *rest = original_encoder(self, request, num_computed_tokens, num_new_tokens,
+                                                             encoder_compute_budget, *args, **kwargs)
+        held = in_llm_step(start, prompt_len, num_computed_tokens, new_tokens)
+        if held != new_tokens:
+            # vLLM cut the step before an image it could not encode in this step (the encoder budget
+            # spent by other requests): all of the span's images wait for a later step together. Nothing
+            # is scheduled for them (``can_allocate`` only reserved, and the step allocates what is returned).
+            return [], held, encoder_compute_budget, *([] for _ in rest)
+        return (inputs, new_tokens, budget, *rest)
 
     add_request._vlmprune_inllm = True  # type: ignore[attr-defined]
     Scheduler.add_request = add_request  # type: ignore[method-assign]
