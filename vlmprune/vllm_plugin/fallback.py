@@ -39,8 +39,7 @@ def evenly_spaced(prunable: torch.Tensor, count: int) -> TokenReduction:
     if not 0 <= keep <= candidates.numel():
         raise RuntimeError(f"vlmprune: no fallback of {count} rows for an image of {prunable.numel()} "
                            f"({fixed.numel()} fixed); the processor and the model disagree")
-    picks = torch.linspace(0, max(candidates.numel() - 1, 0), keep).round().long() if keep else candidates[:0]
-    chosen = candidates[picks] if keep else candidates[:0]
+    chosen = candidates[evenly_spaced_choice(candidates, keep)]
     return TokenReduction(index=torch.cat([fixed, chosen]).sort().values)
 
 
@@ -60,8 +59,7 @@ def guarded(item: Any, family: str, prunable: torch.Tensor, reduce: Callable[[],
                          getattr(item.policy, "method", None), error, item.trace, item.count)
         _FAILURES.append({"family": family, "method": getattr(item.policy, "method", None), "error": error,
                           "trace": item.trace})
-        reduction = evenly_spaced(prunable.cpu(), item.count)
-        return TokenReduction(index=reduction.index.to(prunable.device)), error
+        return evenly_spaced(prunable, item.count), error
 
 
 def evenly_spaced_choice(rows: torch.Tensor, count: int) -> torch.Tensor:

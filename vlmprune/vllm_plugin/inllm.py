@@ -90,7 +90,7 @@ from vlmprune.reduction.stages import (
 from vlmprune.reduction.ttv_capture import SubBlockCapture
 from vlmprune.signals.attention import attention_rows
 from vlmprune.vllm_plugin.fallback import evenly_spaced_choice, guarded_stage
-from vlmprune.vllm_plugin.tensor_parallel import gather_heads, head_shards, mean_over_shards
+from vlmprune.vllm_plugin.tensor_parallel import attention_shards, gather_heads, mean_over_shards
 
 
 def check_engine_in_llm(vllm_config: Any, model_name: str) -> None:
@@ -752,20 +752,14 @@ def _scores(layer, h: torch.Tensor, pos: torch.Tensor, row: _Row) -> torch.Tenso
         q, k = _qk(layer, h, pos, row)
         from vlmprune.vllm_plugin.probe import causal_logits
 
-        logits = gather_heads(causal_logits(q, k), _head_shards(layer), dim=0)  # every head, in order
+        logits = gather_heads(causal_logits(q, k), attention_shards(layer.self_attn), dim=0)  # every head, in order
         return aim.pagerank_importance(
             logits, temperature=policy.pagerank_temperature, iterations=policy.pagerank_iterations
         )
     rows = fastv.query_rows(policy.query, h.shape[0], row.instruction).to(h.device)
     q, k = _qk(layer, h, pos, row, rows)
     probs = attention_rows(q, k, rows + row.prefix)  # (H, t, prefix + n)
-    return mean_over_shards(fastv.attention_scores(probs[..., row.prefix :]), _head_shards(layer))  # (n,)
-
-
-def _head_shards(layer) -> int:
-    """How many tensor-parallel ranks share ``layer``'s attention heads (:mod:`.tensor_parallel`)."""
-    attn = layer.self_attn
-    return head_shards(int(attn.num_heads), int(getattr(attn, "total_num_heads", attn.num_heads)))
+    return mean_over_shards(fastv.attention_scores(probs[..., row.prefix :]), attention_shards(layer.self_attn))  # (n,)
 
 
 def override_context(fc):
@@ -779,4 +773,4 @@ def _instruction_attention(layer, h: torch.Tensor, pos: torch.Tensor, row: _Row)
     (:func:`vlmprune.signals.attention.instruction_attention` on vLLM's fused q/k projection)."""
     q, k = _qk(layer, h, pos, row, row.instruction)
     probs = attention_rows(q, k, row.instruction + row.prefix)  # (H, t, prefix + n)
-    return mean_over_shards(probs[..., row.prefix :].mean(dim=(0, 1)), _head_shards(layer))
+    return mean_over_shards(probs[..., row.prefix :].mean(dim=(0, 1)), attention_shards(layer.self_attn))

@@ -65,7 +65,7 @@ from vlmprune.policy import PolicyError, image_kept_count
 from vlmprune.reduction.image_tokens import ImageTokens
 from vlmprune.reduction.reduce import reduce_image
 from vlmprune.signals.attention import attention_rows
-from vlmprune.vllm_plugin.tensor_parallel import gather_heads, head_shards, mean_over_shards
+from vlmprune.vllm_plugin.tensor_parallel import attention_shards, gather_heads, mean_over_shards
 
 EXPLAIN_CHECKPOINT = explain.CHECKPOINT_NAME
 
@@ -139,7 +139,7 @@ class ShallowProbe:
             layer = self.lm.layers[idx]
             last = idx == layers - 1
             attn = layer.self_attn
-            shards = head_shards(int(attn.num_heads), int(getattr(attn, "total_num_heads", attn.num_heads)))
+            shards = attention_shards(attn)
             normed = layer.input_layernorm(hidden)  # (L, d)
             q, k, v = decoder_qkv(attn, normed, positions)  # (L, H, D), (L, Hkv, D), (L, Hkv, D)
             if last and iga:

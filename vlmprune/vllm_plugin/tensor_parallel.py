@@ -26,6 +26,12 @@ def head_shards(local_heads: int, total_heads: int) -> int:
     return total_heads // local_heads
 
 
+def attention_shards(attn) -> int:
+    """How many ranks share the heads of a vLLM decoder attention module (``num_heads`` on this rank,
+    ``total_num_heads`` in all)."""
+    return head_shards(int(attn.num_heads), int(getattr(attn, "total_num_heads", attn.num_heads)))
+
+
 def mean_over_shards(value: torch.Tensor, shards: int) -> torch.Tensor:
     """Per-rank means over local heads -> the mean over every head (the same tensor on all ranks)."""
     if shards == 1:
