@@ -50,6 +50,9 @@ class GatewayMetrics:
                                         ["upstream"], registry=r)
         self.retries = Counter("vlmprune_upstream_retries", "Requests retried on another upstream before any byte.",
                                registry=r)
+        self.resends = Counter("vlmprune_upstream_resends",
+                               "Requests sent once more to the same upstream after it closed a kept-alive "
+                               "connection before answering.", registry=r)
         for kind in ("input", "kept"):
             self.visual_tokens.labels(kind)
         for kind in ("baseline", "actual"):

@@ -18,6 +18,7 @@ import itertools
 import logging
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -29,6 +30,27 @@ logger = logging.getLogger(__name__)
 WAITING = "vllm:num_requests_waiting"
 RUNNING = "vllm:num_requests_running"
 TTFT = "vllm:time_to_first_token_seconds"
+
+STALE_CONNECTION_ERRORS = (httpx.RemoteProtocolError, httpx.ReadError)
+"""What ``send`` raises, before any response byte, when the upstream closed the kept-alive
+connection the request went out on (vLLM's server closes idle ones after a few seconds; a request
+reusing one at that moment gets "Server disconnected without sending a response")."""
+
+
+async def send_resending_if_stale(client: httpx.AsyncClient, build: Callable[[], httpx.Request], *,
+                                  stream: bool = False, on_resend: Callable[[], None] | None = None) -> httpx.Response:
+    """``client.send(build())``, sent once more, on a connection of its own, when the first try
+    fails before any response byte as on a connection the server had closed. An upstream that is
+    really down fails the second try too (and is then marked failed by the caller); one closed
+    kept-alive connection must not cost a request (seen as a 502 in a 15-minute soak)."""
+    try:
+        return await client.send(build(), stream=stream)
+    except STALE_CONNECTION_ERRORS as exc:
+        logger.info("upstream closed the connection before answering (%s: %s); sending once more",
+                    type(exc).__name__, exc)
+        if on_resend is not None:
+            on_resend()
+        return await client.send(build(), stream=stream)
 
 
 @dataclass
@@ -99,10 +121,10 @@ class UpstreamPool:
     async def check(self, up: Upstream) -> None:
         """One health check and metrics scrape; never raises."""
         try:
-            resp = await self.client.get(up.url + "/health", timeout=self.health_timeout_s, headers=self.auth_headers)
+            resp = await self._get(up.url + "/health")
             if resp.status_code != 200:
                 raise RuntimeError(f"/health answered {resp.status_code}")
-            metrics = await self.client.get(up.url + "/metrics", timeout=self.health_timeout_s, headers=self.auth_headers)
+            metrics = await self._get(up.url + "/metrics")
             if metrics.status_code == 200:
                 up.record(parse_vllm_metrics(metrics.text))
             up.healthy, up.last_error = True, None
@@ -111,6 +133,11 @@ class UpstreamPool:
                 logger.warning("upstream %s unhealthy: %s", up.url, exc)
             up.healthy, up.last_error = False, f"{type(exc).__name__}: {exc}"
         up.checked_at = time.monotonic()
+
+    async def _get(self, url: str) -> httpx.Response:
+        build = lambda: self.client.build_request("GET", url, timeout=self.health_timeout_s,  # noqa: E731
+                                                  headers=self.auth_headers)
+        return await send_resending_if_stale(self.client, build)  # not streamed: the body is read
 
     async def resolve(self) -> None:
         """Expand the ``dns+`` sources into one upstream per address (kept across polls)."""

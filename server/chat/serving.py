@@ -49,7 +49,7 @@ from server.validation import shorten, summarize
 from server.playground.serving import Run
 from server.policies import HEADER_APPLIED, ResolvedPolicy, resolve_policy
 from server.model_info import RequestCost
-from server.upstreams import Upstream
+from server.upstreams import Upstream, send_resending_if_stale
 from vlmprune.geometry import ImageTokenCounts
 from vlmprune.methods import served_route
 from vlmprune.policy import PolicyError
@@ -281,9 +281,9 @@ class ChatServing:
             resp = None
             opened = False
             try:
-                req = client.build_request("POST", up.url + "/v1/chat/completions", content=prep.payload,
-                                           headers=self._headers())
-                resp = await client.send(req, stream=True)
+                build = lambda up=up: client.build_request("POST", up.url + "/v1/chat/completions",  # noqa: E731
+                                                           content=prep.payload, headers=self._headers())
+                resp = await send_resending_if_stale(client, build, stream=True, on_resend=metrics.resends.inc)
                 if resp.status_code >= 500:
                     detail = (await resp.aread())[:200].decode(errors="replace")
                     raise UpstreamAnswerError(f"HTTP {resp.status_code}: {detail}")

@@ -14,8 +14,8 @@ in ``fake:completed_total``).
 
 The fault tests need a process they can kill or hang, so ``python -m tests.server.fake_upstream
 --port P --mode M`` runs the same server as a process of its own (:class:`FakeUpstreamProcess`),
-and ``--mode not_http`` runs a TCP server that answers every connection with bytes that are not
-HTTP.
+``--mode not_http`` runs a TCP server that answers every connection with bytes that are not
+HTTP, and ``--mode close_kept_alive`` one that closes each kept-alive connection when it is reused.
 """
 
 from __future__ import annotations
@@ -224,6 +224,50 @@ async def _serve_not_http(port: int) -> None:
         await server.serve_forever()
 
 
+async def _serve_closing_kept_alive(port: int, model_root: str) -> None:
+    """HTTP/1.1 by hand: every connection answers its first request (``/health``, ``/metrics``,
+    ``/v1/models``, a chat completion, streamed or not) with ``Connection: keep-alive``, then closes
+    without a word when the client sends a second request on it: the race of a server closing an
+    idle connection just as the client reuses it, made certain (uvicorn cannot be made to do it)."""
+    async def read_request(reader: asyncio.StreamReader) -> tuple[str, dict] | None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:] if ":" in ln)}
+        body = await reader.readexactly(int(headers.get("content-length", "0")))
+        return lines[0].split(" ")[1], json.loads(body) if body else {}
+
+    def answer(path: str, body: dict) -> tuple[str, bytes]:
+        if path == "/v1/models":
+            return "application/json", json.dumps({"object": "list", "data": [{"id": "fake", "root": model_root}]}).encode()
+        if path != "/v1/chat/completions":
+            return "text/plain", b""
+        if not body.get("stream"):
+            return "application/json", json.dumps({
+                "id": "fake-1", "object": "chat.completion", "created": 0, "model": "fake",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "fake answer"},
+                             "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}).encode()
+        chunk = {"id": "fake-1", "object": "chat.completion.chunk", "created": 0, "model": "fake",
+                 "choices": [{"index": 0, "delta": {"content": "fake answer"}, "finish_reason": "stop"}]}
+        return "text/event-stream", f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            path, body = await read_request(reader)
+            media, payload = answer(path, body)
+            writer.write(f"HTTP/1.1 200 OK\r\ncontent-type: {media}\r\ncontent-length: {len(payload)}\r\n"
+                         "connection: keep-alive\r\n\r\n".encode() + payload)
+            await writer.drain()
+            await read_request(reader)  # the reuse: closed unanswered
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", port)
+    async with server:
+        await server.serve_forever()
+
+
 class FakeUpstreamProcess:
     """The fake upstream as a process of its own, for the tests that kill or hang an upstream."""
 
@@ -274,6 +318,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.mode == "not_http":
         asyncio.run(_serve_not_http(args.port))
+        return
+    if args.mode == "close_kept_alive":
+        asyncio.run(_serve_closing_kept_alive(args.port, args.model_root))
         return
     up = FakeUpstream(model_root=args.model_root, mode=args.mode, port=args.port, delay_s=args.delay_s)
     up._server.run()

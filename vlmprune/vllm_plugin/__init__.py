@@ -99,3 +99,6 @@ def register() -> None:
     if current_platform.is_cpu():
         install_runner_hooks()  # in-LLM route: batch rows -> request ids; see inllm.py
     install_scheduler_hook()  # engine core: in-LLM spans prefilled whole, never read from the prefix cache
+    from vlmprune.vllm_plugin.encoder_budget import install_encoder_budget_hook
+
+    install_encoder_budget_hook()  # engine core: a pruned image costs its unpruned encoder work

@@ -82,7 +82,10 @@ FIELD_INSTRUCTION = "vlmprune_instruction_ids"
 FIELD_TRACE = "vlmprune_trace"
 """(num_images, L) uint8: ``<trace id>.<image index>`` as ASCII, L = 0 = not traced
 (:mod:`vlmprune.trace`)."""
-FIELDS = (FIELD_POLICY, FIELD_COUNT, FIELD_INSTRUCTION, FIELD_TRACE)
+FIELD_ENCODED = "vlmprune_encoded"
+"""(num_images,) int64: tokens the vision encoder produces for the image before any pruning (its
+stock placeholder count): the work the scheduler charges to its encoder budget (:mod:`.encoder_budget`)."""
+FIELDS = (FIELD_POLICY, FIELD_COUNT, FIELD_INSTRUCTION, FIELD_TRACE, FIELD_ENCODED)
 
 PLUGIN_METHODS = names("at_input")
 """Every method the plugin runs at the LLM input (each model narrows it to the methods of its
@@ -274,7 +277,8 @@ def check_probe(request: RequestPolicy, family: str, num_layers: int, model_dir:
 
 
 def check_in_llm_prompt(policy: Any, family: str, prompt_ids: list[int], placeholders: dict[str, list[Any]],
-                        vision_end: int | None = None, step_budget: int | None = None) -> None:
+                        vision_end: int | None = None, step_budget: int | None = None,
+                        encoded: Sequence[int] = ()) -> None:
     """Refuse, while the request is processed (a 400 for that request), a prompt the in-LLM stages
     cannot serve; inside the engine's forward the same case would stop the engine.
 
@@ -282,8 +286,9 @@ def check_in_llm_prompt(policy: Any, family: str, prompt_ids: list[int], placeho
     other modality's placeholders may follow it (a video's rows would count as instruction), and
     TransPrune needs at least one such row. The rows from the first image to the end of the prompt
     are prefilled in one engine step (:func:`vlmprune.vllm_plugin.inllm.install_scheduler_hook`),
-    so they must fit the engine's ``step_budget`` (``max_num_batched_tokens``; None: unknown here).
-    ``placeholders``: vLLM's per-modality ranges (``offset``, ``length``); ``vision_end``: Qwen's
+    so they must fit the engine's ``step_budget`` (``max_num_batched_tokens``; None: unknown here),
+    and so must the images' unpruned tokens (``encoded``), which that step's encoder budget (at
+    least the step budget) is charged (:mod:`.encoder_budget`). ``placeholders``: vLLM's per-modality ranges (``offset``, ``length``); ``vision_end``: Qwen's
     ``<|vision_end|>`` id, not instruction."""
     if not policy_in_llm(policy, family) or not placeholders.get("image"):
         return
@@ -294,6 +299,13 @@ def check_in_llm_prompt(policy: Any, family: str, prompt_ids: list[int], placeho
             f"engine step: this prompt needs {span} tokens there, more than the engine's step budget "
             f"(--max-num-batched-tokens {step_budget}); shorten the text after the first image, use a "
             "pre-LLM method, or raise --max-num-batched-tokens"
+        )
+    if step_budget is not None and sum(encoded) > step_budget:
+        raise PolicyError(
+            f"method {policy.method!r} (in-LLM) encodes all of a prompt's images in one engine step: these "
+            f"images need {sum(encoded)} unpruned encoder tokens, more than the engine's step budget "
+            f"(--max-num-batched-tokens {step_budget}); send fewer or smaller images, use a pre-LLM method, or "
+            "raise --max-num-batched-tokens"
         )
     after_images = max(int(r.offset) + int(r.length) for r in placeholders["image"])
     for modality, ranges in placeholders.items():
@@ -354,8 +366,10 @@ def _ascii_rows(values: list[bytes]) -> torch.Tensor:
     return torch.stack(rows) if rows else torch.zeros(0, width, dtype=torch.uint8)
 
 
-def encode_fields(request: RequestPolicy, counts: list[int], instruction: list[int]) -> dict[str, torch.Tensor]:
-    """Per-image tensor fields for one processed request: every image gets the same policy."""
+def encode_fields(request: RequestPolicy, counts: list[int], instruction: list[int],
+                  encoded: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """Per-image tensor fields for one processed request: every image gets the same policy.
+    ``encoded``: each image's unpruned token count (default: ``counts``)."""
     n = len(counts)
     # Trace rows ``<id>.<j>`` are padded to one width with leading zeros in j (a batched field).
     digits = len(str(max(n - 1, 0)))
@@ -368,12 +382,31 @@ def encode_fields(request: RequestPolicy, counts: list[int], instruction: list[i
         FIELD_COUNT: torch.tensor(counts, dtype=torch.int64),  # (n,)
         FIELD_INSTRUCTION: ids[None].expand(n, -1).clone(),  # (n, T)
         FIELD_TRACE: _ascii_rows(traces),  # (n, L)
+        FIELD_ENCODED: torch.tensor(counts if encoded is None else encoded, dtype=torch.int64),  # (n,)
     }
 
 
 def fields_config() -> dict[str, MultiModalFieldConfig]:
     """``MultiModalFieldConfig`` of the plugin's fields: one row per image, kept on the CPU."""
     return {name: MultiModalFieldConfig.batched("image", keep_on_cpu=True) for name in FIELDS}
+
+
+_ENCODER_CALLS: list[int] = []
+"""Images per ``embed_multimodal`` call in this worker (diagnostics: :func:`encoder_calls`)."""
+
+
+def encoder_calls(_model: Any = None, clear: bool = True) -> list[int]:
+    """Images per vision-encoder call since the last read (``LLM.apply_model(encoder_calls)``)."""
+    out = list(_ENCODER_CALLS)
+    if clear:
+        _ENCODER_CALLS.clear()
+    return out
+
+
+def encoded_counts(out_mm_kwargs: Any, modality: str = "image") -> list[int]:
+    """The unpruned token count the processor attached to each item (items without fields skipped)."""
+    items = out_mm_kwargs.get(modality, []) if hasattr(out_mm_kwargs, "get") else []
+    return [int(item[FIELD_ENCODED].data) for item in items if item is not None and FIELD_ENCODED in item]
 
 
 def item_count(out_mm_kwargs: Any, item_idx: int, modality: str = "image") -> int | None:
@@ -426,7 +459,7 @@ def pop_item_policies(kwargs: dict[str, Any]) -> list[ItemPolicy] | None:
         return None
     if not all(present):
         raise ValueError(f"incomplete vlmprune fields in the model inputs: {dict(zip(FIELDS, present))}")
-    policies, counts, instructions, traces = (_rows(v) for v in values)
+    policies, counts, instructions, traces, _encoded = (_rows(v) for v in values)  # _encoded: the scheduler's
     if not len(policies) == len(counts) == len(instructions) == len(traces):
         raise ValueError("vlmprune fields disagree in the number of images")
     out = []
@@ -437,6 +470,7 @@ def pop_item_policies(kwargs: dict[str, Any]) -> list[ItemPolicy] | None:
             cache[raw] = parse_policy(json.loads(raw)) if raw else None
         out.append(ItemPolicy(policy=cache[raw], count=int(c), instruction_ids=ids.to(torch.int64).reshape(-1),
                               trace=_trace_of(t)))
+    _ENCODER_CALLS.append(len(out))
     return out
 
 
@@ -530,7 +564,7 @@ class PolicyProcessorMixin:
         policy = merged_request(self.info.ctx.get_mm_config(), inputs.hf_processor_mm_kwargs).policy  # type: ignore[attr-defined]
         vision_end = getattr(self.info.get_hf_config(), "vision_end_token_id", None)  # type: ignore[attr-defined]
         check_in_llm_prompt(policy, self.vlmprune_family, out["prompt_token_ids"], out["mm_placeholders"], vision_end,
-                            getattr(self, "vlmprune_step_budget", None))
+                            getattr(self, "vlmprune_step_budget", None), encoded_counts(out["mm_kwargs"]))
         return out
 
     def get_dummy_inputs(self, seq_len, mm_counts, mm_options):
@@ -559,7 +593,8 @@ class PolicyProcessorMixin:
         else:
             counts = [image_count(request.policy, n, fixed, layers) for n, fixed in parts]
         ids = instruction_ids(self.info.get_tokenizer(), request)  # type: ignore[attr-defined]
-        out.update(encode_fields(request, counts, ids))
+        stock = [image_count(None, n, fixed, layers) for n, fixed in parts]  # what the encoder computes
+        out.update(encode_fields(request, counts, ids, encoded=stock))
         return out
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):

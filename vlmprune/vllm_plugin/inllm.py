@@ -202,6 +202,11 @@ def feature_policy(mm_features: Any) -> Any | None:
     return parse_policy(json.loads(next(iter(raws))))
 
 
+def first_image_row(mm_features: Any, default: int = 0) -> int:
+    """The prompt row of a request's first image placeholder (``default`` when it has no image)."""
+    return min((int(f.mm_position.offset) for f in mm_features or [] if f.modality == "image"), default=default)
+
+
 def request_plan(
     req_state: Any, family: str, n_prunable: int, num_layers: int, layout: Any = None, *, vision_end: int | None = None
 ) -> RequestPlan | None:
@@ -286,7 +291,7 @@ def install_scheduler_hook() -> None:
         policy = feature_policy(request.mm_features) if route() == "in_llm" else None
         if policy is not None and policy.ratio > 0.0 and policy.method in in_llm_methods:
             request.skip_reading_prefix_cache = True
-            request.vlmprune_span_start = min(f.mm_position.offset for f in request.mm_features if f.modality == "image")
+            request.vlmprune_span_start = first_image_row(request.mm_features)
         return original_add(self, request)
 
     def _try_schedule_encoder_inputs(self, request: Any, num_computed_tokens: int, num_new_tokens: int,
@@ -433,7 +438,9 @@ class InLLMForward:
             row = _Row(rid, torch.arange(qs, qe, device=positions.device), positions[..., qs:qe], ctx)
             state = STATES.get(rid)
             req = runner.requests[rid]
-            if ctx < len(req.prompt_token_ids or []):  # a prefill step of the prompt
+            # A prefill step of the prompt that reaches its first image (a chunk of the rows before it
+            # is stock rows; an image's layout may need its encoder output, which only the span's step has).
+            if ctx < len(req.prompt_token_ids or []) and qe - qs + ctx > first_image_row(req.mm_features, default=ctx):
                 plan = request_plan(req, self.family, self.n_prunable, self.num_layers, self.layout,
                                     vision_end=self.vision_end)
                 if plan is not None and self._starts_span(rid, plan, ctx, qe - qs):
