@@ -36,6 +36,10 @@ class GatewayMetrics:
             "vlmprune_prefill_flops", "Analytic prefill FLOPs of answered requests: baseline (ratio 0) and actual.",
             ["kind"], registry=r,
         )
+        self.fallbacks = Counter(
+            "vlmprune_fallbacks", "Answered requests whose pruning fell back to evenly spaced tokens in the engine "
+            "(a scorer failed: X-VLMPrune-Applied says fallback=).", ["method"], registry=r,
+        )
         self.in_flight = Gauge("vlmprune_in_flight_requests", "Requests being answered now.", registry=r)
         self.pressure = Gauge(
             "vlmprune_load_pressure", "Load-adaptive pressure (0 = normal, 1 = saturated).", registry=r

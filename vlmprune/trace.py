@@ -42,6 +42,7 @@ import json
 import os
 import re
 import tempfile
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
@@ -66,15 +67,48 @@ def trace_dir() -> Path | None:
     return Path(value) if value else None
 
 
-def write_trace(folder: Path, trace_id: str, image: int, record: dict[str, Any]) -> Path:
-    """Write one image's record atomically (a reader never sees half a file)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{check_trace_id(trace_id)}.{int(image)}.json"
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".trace-", suffix=".tmp")
+def _write_json(target: Path, record: dict[str, Any]) -> Path:
+    """Write ``record`` atomically (a reader never sees half a file)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".trace-", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
-        json.dump({"image": int(image), **record}, f)
+        json.dump(record, f)
     os.replace(tmp, target)
     return target
+
+
+def write_trace(folder: Path, trace_id: str, image: int, record: dict[str, Any]) -> Path:
+    """Write one image's record."""
+    return _write_json(folder / f"{check_trace_id(trace_id)}.{int(image)}.json", {"image": int(image), **record})
+
+
+FALLBACK_PREFIX = "fallback-"
+"""Fallback reports: ``<dir>/fallback-<engine request id>.json``, written by the worker for every
+request served with :mod:`vlmprune.vllm_plugin.fallback`'s selection (traced or not), read and
+removed by the gateway, which adds ``fallback=`` to ``X-VLMPrune-Applied``."""
+
+
+def write_fallback_report(folder: Path, request_id: str, key: str, failure: dict[str, Any]) -> Path:
+    """Add one failure (``key``: the image's encoder-cache hash or ``stage<k>``) to the request's
+    report; idempotent per key. ``request_id``: the engine's id, which starts with the id the client
+    sent as ``X-Request-Id`` (vLLM: ``chatcmpl-<X-Request-Id>-<8 random characters>``)."""
+    target = folder / f"{FALLBACK_PREFIX}{request_id.replace('/', '_')}.json"
+    record = json.loads(target.read_text()) if target.is_file() else {"request": request_id, "failures": {}}
+    record["failures"][key] = failure
+    return _write_json(target, record)
+
+
+def pop_fallback_reports(folder: Path, request_prefix: str) -> list[dict[str, Any]]:
+    """The failures reported for the request whose engine id starts with ``request_prefix``
+    (``chatcmpl-<X-Request-Id>``), removing the report; [] when it was served without a fallback."""
+    out = []
+    for path in folder.glob(f"{FALLBACK_PREFIX}{glob_escape(request_prefix)}*.json"):
+        try:
+            out.extend(json.loads(path.read_text())["failures"].values())
+        except (OSError, ValueError, KeyError):
+            continue
+        path.unlink(missing_ok=True)
+    return out
 
 
 def pop_trace(folder: Path, trace_id: str, n_images: int) -> list[dict[str, Any]] | None:

@@ -187,6 +187,9 @@ class AppliedPolicy(BaseModel):
     route: str = ""
     """How the engine serves the method: ``in_llm``, ``probe`` or ``pre_llm``
     (:func:`vlmprune.methods.served_route`); empty at ratio 0 or without the served model's config."""
+    fallback: str = ""
+    """The errors (class names, comma-separated) of the scorer failures the engine served with its
+    evenly spaced fallback selection (:mod:`vlmprune.vllm_plugin.fallback`); empty when none."""
 
     def header(self) -> str:
         out = (
@@ -194,7 +197,8 @@ class AppliedPolicy(BaseModel):
             f"policy={self.policy}; source={self.source}"
         )
         out += f"; route={self.route}" if self.route else ""
-        return out + (f"; stages={self.stages}" if self.stages else "")
+        out += f"; stages={self.stages}" if self.stages else ""
+        return out + (f"; fallback={self.fallback}" if self.fallback else "")
 
     @classmethod
     def parse(cls, value: str) -> AppliedPolicy:

@@ -29,8 +29,10 @@ import asyncio
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -53,7 +55,7 @@ from server.upstreams import Upstream, send_resending_if_stale
 from vlmprune.geometry import ImageTokenCounts
 from vlmprune.methods import served_route
 from vlmprune.policy import PolicyError
-from vlmprune.trace import TRACE_KEY
+from vlmprune.trace import TRACE_KEY, pop_fallback_reports
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +74,11 @@ class Prepared:
     """Per image, ``(after_layer, kept)`` of each in-LLM stage (:meth:`ServedModel.stages`)."""
     route: str = ""
     """How the engine serves the policy (:func:`vlmprune.methods.served_route`); empty without a model."""
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    """Sent upstream as ``X-Request-Id``: vLLM's request id starts with ``chatcmpl-<it>``, which names
+    the request's fallback report (:func:`vlmprune.trace.pop_fallback_reports`)."""
+    fallback: str = ""
+    """Error class names of the engine's fallbacks for this request, once read."""
 
     @property
     def trace(self) -> str | None:
@@ -91,6 +98,7 @@ class Prepared:
             policy=self.resolved.name, source=self.resolved.ratio_source,
             stages=",".join(f"{layer}:{kept}" for layer, kept in _summed_stages(self.stages)),
             route=self.route if self.resolved.ratio > 0 else "",
+            fallback=self.fallback,
         )
 
 
@@ -262,9 +270,9 @@ class ChatServing:
 
     # -- 5: forward --------------------------------------------------------------------------
 
-    def _headers(self) -> dict[str, str]:
+    def _headers(self, prep: Prepared) -> dict[str, str]:
         # identity: streams are relayed as raw bytes, so they must not arrive compressed
-        h = {"content-type": "application/json", "accept-encoding": "identity"}
+        h = {"content-type": "application/json", "accept-encoding": "identity", "x-request-id": prep.request_id}
         if self.state.settings.upstream_api_key:
             h["authorization"] = f"Bearer {self.state.settings.upstream_api_key}"
         return h
@@ -282,7 +290,7 @@ class ChatServing:
             opened = False
             try:
                 build = lambda up=up: client.build_request("POST", up.url + "/v1/chat/completions",  # noqa: E731
-                                                           content=prep.payload, headers=self._headers())
+                                                           content=prep.payload, headers=self._headers(prep))
                 resp = await send_resending_if_stale(client, build, stream=True, on_resend=metrics.resends.inc)
                 if resp.status_code >= 500:
                     detail = (await resp.aread())[:200].decode(errors="replace")
@@ -316,6 +324,22 @@ class ChatServing:
             raise GatewayError(504, f"no upstream began its answer within request_timeout_s = {timeout_s:g} s "
                                f"({detail})")
         raise GatewayError(503, f"no upstream could be reached ({detail})")
+
+    def _read_fallbacks(self, prep: Prepared) -> None:
+        """Whether the engine served this request's images with its fallback selection (a scorer
+        failed in the worker): read from the report the plugin writes in the trace folder, which the
+        engine shares with the gateway (``vlmprune serve`` always gives it one)."""
+        folder = self.state.settings.trace_dir
+        if folder is None or not prep.images or prep.resolved is None or prep.resolved.ratio <= 0:
+            return
+        failures = pop_fallback_reports(Path(folder), f"chatcmpl-{prep.request_id}")
+        if not failures:
+            return
+        errors = [str(f.get("error", "")) for f in failures]
+        prep.fallback = ",".join(dict.fromkeys(e.split(":", 1)[0] or "error" for e in errors))
+        self.state.metrics.fallbacks.labels(prep.method_label).inc()
+        logger.warning("request %s (%s) was served with the engine's fallback selection: %s", prep.request_id,
+                       prep.method_label, "; ".join(errors))
 
     def _track(self, up: Upstream, delta: int) -> None:
         """This gateway's open requests on ``up`` (routing uses it; the gauge shows it live)."""
@@ -377,6 +401,8 @@ class ChatServing:
                     metrics.requests.labels("none", "499").inc()
                 return Response(status_code=499)
             prep, (up, resp, first, rest) = prepared[0], opened
+            if resp.status_code == 200:  # the engine's prefill is done once its first bytes are here
+                self._read_fallbacks(prep)
             applied = prep.applied()
             headers = {HEADER_APPLIED: applied.header()} if applied is not None else {}
             media = resp.headers.get("content-type", "application/json")

@@ -10,7 +10,9 @@ request), ``hang_mid_stream`` (two chunks, then silence), ``garbage`` (200 with 
 plain-text "stream"), ``slow`` (answers after ``delay_s``), ``long`` (a completion that takes
 ``delay_s``: a stream of a chunk every 20 ms, or one answer at the end; like vLLM, it abandons a
 request whose client leaves, counted in ``fake:aborted_total``, and counts the ones it finished
-in ``fake:completed_total``).
+in ``fake:completed_total``), ``fallback`` (answers as ``ok`` after writing the fallback report the
+plugin's worker writes when a scorer fails, into ``$VLMPRUNE_TRACE_DIR``, for the engine request id
+vLLM derives from ``X-Request-Id``).
 
 The fault tests need a process they can kill or hang, so ``python -m tests.server.fake_upstream
 --port P --mode M`` runs the same server as a process of its own (:class:`FakeUpstreamProcess`),
@@ -37,6 +39,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
+
+from vlmprune.trace import TRACE_DIR_ENV, write_fallback_report
 
 
 def free_port() -> int:
@@ -111,6 +115,11 @@ class FakeUpstream:
     async def _chat(self, request: Request):
         body = await request.json()
         self.bodies.append(body)
+        if self.mode == "fallback":  # as the plugin's worker does when a scorer fails for an image
+            folder = Path(os.environ[TRACE_DIR_ENV])
+            engine_id = f"chatcmpl-{request.headers['x-request-id']}-0badc0de"
+            write_fallback_report(folder, engine_id, "image-hash", {"method": "fastervlm", "family": "llava",
+                                  "error": "NonFiniteScoresError: the scores hold NaN"})
         if self.mode == "long":
             return await self._long(request, body)
         self.running += 1

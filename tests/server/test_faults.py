@@ -131,6 +131,30 @@ def test_upstream_closing_a_kept_alive_connection_costs_no_request(tiny_llava_di
         assert upstream_in_flight(url) == 0
 
 
+def test_an_engine_fallback_is_reported_in_the_applied_header(tiny_llava_dir, tmp_path, monkeypatch):
+    """The worker's side is tested on a real engine (test_plugin_survival.py: the report is written
+    for the request that fell back, and for one reading its image from the encoder cache); here the
+    stand-in writes that report, and the gateway must find it by the X-Request-Id it sent, say
+    fallback= in X-VLMPrune-Applied (streamed or not), count it, and remove the report. The same
+    folder behind a healthy upstream: no fallback= (the report is per request)."""
+    monkeypatch.setenv("VLMPRUNE_TRACE_DIR", str(tmp_path))
+    headers = {"X-VLMPrune-Method": "fastervlm", "X-VLMPrune-Ratio": "0.5"}
+    body = {"model": "fake", "messages": image_message()}
+    with FakeUpstreamProcess("fallback", str(tiny_llava_dir)) as failing, FakeUpstreamProcess("ok", str(tiny_llava_dir)) as ok:
+        with running_gateway(settings(tiny_llava_dir, [failing.url], trace_dir=str(tmp_path))) as url:
+            for stream in (False, True):
+                r = httpx.post(url + CHAT, json={**body, "stream": stream}, headers=headers, timeout=30)
+                assert r.status_code == 200, r.text[:300]
+                applied = r.headers["X-VLMPrune-Applied"]
+                assert "fallback=NonFiniteScoresError" in applied and "method=fastervlm" in applied, applied
+            samples = metric_samples(url)
+            assert samples[("vlmprune_fallbacks_total", (("method", "fastervlm"),))] == 2
+            assert not list(tmp_path.glob("fallback-*")), "the gateway removes the reports it read"
+        with running_gateway(settings(tiny_llava_dir, [ok.url], trace_dir=str(tmp_path))) as url:
+            r = httpx.post(url + CHAT, json=body, headers=headers, timeout=30)
+            assert r.status_code == 200 and "fallback" not in r.headers["X-VLMPrune-Applied"]
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_client_that_leaves_cancels_the_upstream_request_at_once(tiny_llava_dir, stream):
     """A completion that would take 30 s, whose client leaves (a stream after 3 chunks, an answer

@@ -125,3 +125,18 @@ def test_a_scorer_that_fails_in_the_worker_serves_the_fallback_and_the_engine_se
     assert len(gaps) <= 2, f"the fallback keeps evenly spaced tokens, got gaps {sorted(gaps)}"
     for s, want in zip(env.good, env.answers):
         assert_same_output(env.engine.run_one(s), want, atol=0.0, what="good after the fallback")
+    # The fallback report (what the gateway turns into fallback= in X-VLMPrune-Applied): one, for
+    # this request only (the good ones after it have none), naming the method and the error.
+    reports = sorted(env.traces.glob("fallback-*.json"))
+    assert len(reports) == 1, reports
+    (failure,) = json.loads(reports[0].read_text())["failures"].values()
+    assert failure["method"] == "explain" and "NonFiniteScoresError" in failure["error"]
+    reports[0].unlink()
+    # The same request again reads the image's rows from vLLM's encoder cache (no scoring, no new
+    # failure): it is served with the same fallback rows, and reported too.
+    again = env.engine.run_one(spec(env, policy))
+    assert again["token_ids"] == out["token_ids"]
+    assert env.engine.llm.apply_model(read_failures) == [[]], "the image was scored again"
+    (report,) = env.traces.glob("fallback-*.json")
+    assert "NonFiniteScoresError" in next(iter(json.loads(report.read_text())["failures"].values()))["error"]
+    report.unlink()

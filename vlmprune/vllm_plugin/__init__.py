@@ -102,3 +102,6 @@ def register() -> None:
     from vlmprune.vllm_plugin.encoder_budget import install_encoder_budget_hook
 
     install_encoder_budget_hook()  # engine core: a pruned image costs its unpruned encoder work
+    from vlmprune.vllm_plugin.fallback import install_report_hooks
+
+    install_report_hooks()  # worker (V1 runner): requests served with a fallback get a report

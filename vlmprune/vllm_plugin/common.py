@@ -65,6 +65,7 @@ from vlmprune.methods import ROUTE_ENV, names, policy_in_llm, require_support, s
 from vlmprune.policy import PolicyError, PolicyT, image_kept_count, parse_policy
 from vlmprune.reduction.stages import instruction_start, served_input_count
 from vlmprune.trace import TRACE_DIR_ENV, TRACE_KEY, check_trace_id, trace_dir
+from vlmprune.vllm_plugin.fallback import next_encoded
 
 logger = logging.getLogger(__name__)
 
@@ -427,6 +428,9 @@ class ItemPolicy:
     """(T,) int64, empty when no instruction was given."""
     trace: tuple[str, int] | None = None
     """(trace id, image index in its request) when the request asked for a trace."""
+    identifier: str | None = None
+    """vLLM's encoder-cache hash of the image (None outside a runner): names the requests its
+    fallback is reported to (:mod:`.fallback`)."""
 
     @property
     def active(self) -> bool:
@@ -469,7 +473,7 @@ def pop_item_policies(kwargs: dict[str, Any]) -> list[ItemPolicy] | None:
         if raw not in cache:
             cache[raw] = parse_policy(json.loads(raw)) if raw else None
         out.append(ItemPolicy(policy=cache[raw], count=int(c), instruction_ids=ids.to(torch.int64).reshape(-1),
-                              trace=_trace_of(t)))
+                              trace=_trace_of(t), identifier=next_encoded()))
     _ENCODER_CALLS.append(len(out))
     return out
 

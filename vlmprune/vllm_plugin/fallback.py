@@ -6,9 +6,14 @@ one image (a scorer that overflows to NaN, an out-of-memory error in its attenti
 file that vanished after the processor read it) is caught here, per image. The image is then served
 with the **fallback selection**: the rows the processor reserved (the count cannot change at this
 point), chosen evenly spaced over the image's prunable tokens in raster order, plus every fixed row
-(LLaVA-NeXT's newlines). The failure is logged at ERROR with its traceback and the image's request
-trace (when one was asked for) records ``"fallback": "<error>"``; vLLM's response itself has no field
-the worker could fill.
+(LLaVA-NeXT's newlines). The failure is logged at ERROR with its traceback, the image's request
+trace (when one was asked for) records ``"fallback": "<error>"``, and every request served with that
+image's rows gets a fallback report (:func:`vlmprune.trace.write_fallback_report`, in the engine's
+trace folder) that the gateway turns into ``fallback=`` in ``X-VLMPrune-Applied``: vLLM's response
+itself has no field the worker could fill. To name the request, the runner hooks of
+:func:`install_report_hooks` give each encoded item its encoder-cache hash (the items reach
+``embed_multimodal`` in the order vLLM batched them) and map failed hashes to the requests that use
+them, also to later ones that read the same encoder output from vLLM's cache.
 
 Tensor parallelism: every rank computes the same scores (:mod:`.tensor_parallel`), so a deterministic
 failure (NaN) takes the fallback on every rank alike. A failure on one rank only, before one of the
@@ -18,6 +23,7 @@ scoring collectives, would leave the other ranks waiting in it: a limit stated i
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict, deque
 from typing import Any, Callable
 
 import torch
@@ -25,6 +31,14 @@ import torch
 from vlmprune.core.select import TokenReduction
 
 logger = logging.getLogger(__name__)
+
+_ENCODING: deque[str] = deque()
+"""Encoder-cache hashes of the items of the encoder pass under way, in vLLM's order; each item's
+policy takes the next one (:func:`next_encoded`)."""
+_FALLEN: OrderedDict[str, dict[str, Any]] = OrderedDict()
+"""Hash -> failure of the images served with the fallback (the newest ``_FALLEN_KEPT``): a request
+that reads such an output from vLLM's encoder cache is reported too."""
+_FALLEN_KEPT = 1024
 
 _FAILURES: list[dict[str, Any]] = []
 """This worker's fallbacks since start (tests and debugging read it through ``LLM.apply_model``)."""
@@ -57,8 +71,13 @@ def guarded(item: Any, family: str, prunable: torch.Tensor, reduce: Callable[[],
         logger.exception("vlmprune: %s scoring failed for one image (%s, %s, trace %s); serving it with the "
                          "fallback selection (%d rows evenly spaced)", family,
                          getattr(item.policy, "method", None), error, item.trace, item.count)
-        _FAILURES.append({"family": family, "method": getattr(item.policy, "method", None), "error": error,
-                          "trace": item.trace})
+        failure = {"family": family, "method": getattr(item.policy, "method", None), "error": error,
+                   "trace": item.trace}
+        _FAILURES.append(failure)
+        if getattr(item, "identifier", None) is not None:
+            _FALLEN[item.identifier] = failure
+            while len(_FALLEN) > _FALLEN_KEPT:
+                _FALLEN.popitem(last=False)
         return evenly_spaced(prunable, item.count), error
 
 
@@ -77,7 +96,9 @@ def guarded_stage(request_id: str, method: str, stage: int, scored: Callable[[],
         error = f"{type(exc).__name__}: {exc}"
         logger.exception("vlmprune: in-LLM stage %d of request %s (%s) failed (%s); keeping evenly spaced rows",
                          stage, request_id, method, error)
-        _FAILURES.append({"request": request_id, "method": method, "stage": stage, "error": error})
+        failure = {"request": request_id, "method": method, "stage": stage, "error": error}
+        _FAILURES.append(failure)
+        _report(request_id, f"stage{stage}", failure)
         return fallback()
 
 
@@ -87,3 +108,61 @@ def read_failures(_model: Any = None, clear: bool = True) -> list[dict[str, Any]
     if clear:
         _FAILURES.clear()
     return out
+
+
+# --- Reports: which request was served with a fallback -------------------------------------------
+
+
+def next_encoded() -> str | None:
+    """The encoder-cache hash of the next item ``embed_multimodal`` reads (None outside a runner)."""
+    return _ENCODING.popleft() if _ENCODING else None
+
+
+def _report(request_id: str, key: str, failure: dict[str, Any]) -> None:
+    """Write ``failure`` into the request's fallback report; never raises (the request is served)."""
+    from vlmprune.trace import trace_dir, write_fallback_report
+    from vlmprune.vllm_plugin.tracing import _writes_traces
+
+    folder = trace_dir()
+    if folder is None or not _writes_traces():
+        return
+    try:
+        write_fallback_report(folder, request_id, key, {k: v for k, v in failure.items() if k != "trace"})
+    except OSError:
+        logger.exception("vlmprune: cannot write the fallback report of request %s", request_id)
+
+
+def install_report_hooks() -> None:
+    """Wrap the V1 runner's ``_batch_mm_inputs_from_scheduler`` (each item's hash, in encoding order)
+    and ``_execute_mm_encoder`` (after the pass, report the requests whose images fell back: those
+    that encoded them now and new ones that read them from the encoder cache). Idempotent; costs a
+    deque fill per encoder pass and, until some image has fallen back, one test per step."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if getattr(GPUModelRunner._execute_mm_encoder, "_vlmprune_fallback", False):
+        return
+    original_batch = GPUModelRunner._batch_mm_inputs_from_scheduler
+    original_encode = GPUModelRunner._execute_mm_encoder
+
+    def _batch_mm_inputs_from_scheduler(self, scheduler_output: Any):
+        hashes, *rest = original_batch(self, scheduler_output)
+        _ENCODING.clear()
+        _ENCODING.extend(hashes)
+        return (hashes, *rest)
+
+    def _execute_mm_encoder(self, scheduler_output: Any):
+        try:
+            return original_encode(self, scheduler_output)
+        finally:
+            _ENCODING.clear()
+            if _FALLEN:
+                new = [r.req_id for r in scheduler_output.scheduled_new_reqs]
+                for req_id in dict.fromkeys([*scheduler_output.scheduled_encoder_inputs, *new]):
+                    state = self.requests.get(req_id)
+                    for feature in getattr(state, "mm_features", None) or []:
+                        if feature.identifier in _FALLEN:
+                            _report(req_id, feature.identifier, _FALLEN[feature.identifier])
+
+    _execute_mm_encoder._vlmprune_fallback = True  # type: ignore[attr-defined]
+    GPUModelRunner._batch_mm_inputs_from_scheduler = _batch_mm_inputs_from_scheduler  # type: ignore[method-assign]
+    GPUModelRunner._execute_mm_encoder = _execute_mm_encoder  # type: ignore[method-assign]
