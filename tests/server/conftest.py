@@ -72,9 +72,11 @@ def running_gateway(settings):
 
 
 @contextlib.contextmanager
-def vllm_engine(model_dir: Path, log_path: Path, max_images: int = 8, timeout_s: float = 600) -> Iterator[str]:
+def vllm_engine(model_dir: Path, log_path: Path, max_images: int = 8, timeout_s: float = 600,
+                trace_dir: Path | None = None) -> Iterator[str]:
     """A real ``vllm serve`` CPU engine with the plugin, started by the launcher's own functions
-    (the command, flags and process-group stop that ``vlmprune serve`` uses); yields its URL."""
+    (the command, flags and process-group stop that ``vlmprune serve`` uses); yields its URL.
+    ``trace_dir``: the folder it writes traces and fallback reports to (None: tracing off)."""
     import argparse
 
     from server import launcher
@@ -82,7 +84,7 @@ def vllm_engine(model_dir: Path, log_path: Path, max_images: int = 8, timeout_s:
     port = launcher.free_port()
     args = argparse.Namespace(max_model_len=512, max_images=max_images, vllm_arg=[])
     cmd = launcher.vllm_command(model_dir, str(model_dir), port, args, gpu=False)
-    proc = launcher.start_vllm(cmd, log_path, gpu=False)
+    proc = launcher.start_vllm(cmd, log_path, gpu=False, trace_dir=trace_dir)
     url = f"http://127.0.0.1:{port}"
     try:
         launcher.wait_ready(url, proc, log_path, timeout_s)
