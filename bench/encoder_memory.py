@@ -72,10 +72,10 @@ def run_one(model_dir: str, name: str, method: str, requests: int, budget: int) 
     """One configuration in this process: a fresh engine, one warm-up request, then the batch."""
     ratio, surcharge = CONFIGS[name]
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    if not surcharge:  # the plugin's installer skips a hook already marked as installed
-        from vllm.v1.core.sched.scheduler import Scheduler
+    if not surcharge:  # the engine core runs in this process: its scheduler reads this switch
+        from vlmprune.vllm_plugin import encoder_budget
 
-        Scheduler._vlmprune_encoder_budget = True
+        encoder_budget.CHARGE_UNPRUNED = False
     from vllm import LLM, SamplingParams
 
     from speedbench.runs import ENGINE_KWARGS

@@ -132,7 +132,7 @@ IN_LLM_ENGINE = dict(enable_prefix_caching=True, enable_chunked_prefill=True, ma
 """vLLM's defaults as the launcher leaves them (chunked prefill and prefix caching on), with a step
 budget shorter than the longest prompts: a prompt with a long text before its image is prefilled
 in chunks up to the image, then its span from the image to the end in one step
-(``inllm.install_scheduler_hook``). In-LLM requests must never read a prefix-cache hit, the
+(``inllm.mark_request``, wrapped in by ``patches``). In-LLM requests must never read a prefix-cache hit, the
 others still do. Blocks of 32 tokens (CPU attention needs a multiple of 32; its default, 128, is
 longer than these prompts): so hits do happen, and a compacted layer group's rows cross block
 boundaries."""

@@ -89,19 +89,6 @@ def register() -> None:
         # Only the CPU V1 model runner is hooked: elsewhere the in-LLM methods take the probe route.
         os.environ[ROUTE_ENV] = "probe"
     route()  # an unknown VLMPRUNE_ROUTE fails here, in every process, before anything is served
-    # For the Qwen models (M-RoPE): the CPU runner must recompute positions; see common.py.
-    from vlmprune.vllm_plugin.common import install_cpu_runner_hook, install_renderer_hook
+    from vlmprune.vllm_plugin import patches
 
-    install_cpu_runner_hook()
-    install_renderer_hook()  # front end: the processor learns the step budget (in-LLM requests' 400)
-    from vlmprune.vllm_plugin.inllm import install_runner_hooks, install_scheduler_hook
-
-    if current_platform.is_cpu():
-        install_runner_hooks()  # in-LLM route: batch rows -> request ids; see inllm.py
-    install_scheduler_hook()  # engine core: in-LLM spans prefilled whole, never read from the prefix cache
-    from vlmprune.vllm_plugin.encoder_budget import install_encoder_budget_hook
-
-    install_encoder_budget_hook()  # engine core: a pruned image costs its unpruned encoder work
-    from vlmprune.vllm_plugin.fallback import install_report_hooks
-
-    install_report_hooks()  # worker (V1 runner): requests served with a fallback get a report
+    patches.install(cpu=current_platform.is_cpu())  # every wrapped vLLM method: see patches.py

@@ -286,7 +286,7 @@ def check_in_llm_prompt(policy: Any, family: str, prompt_ids: list[int], placeho
     The stages read the instruction as the rows after the last image (the reference's rule): so no
     other modality's placeholders may follow it (a video's rows would count as instruction), and
     TransPrune needs at least one such row. The rows from the first image to the end of the prompt
-    are prefilled in one engine step (:func:`vlmprune.vllm_plugin.inllm.install_scheduler_hook`),
+    are prefilled in one engine step (:func:`vlmprune.vllm_plugin.inllm.mark_request`),
     so they must fit the engine's ``step_budget`` (``max_num_batched_tokens``; None: unknown here),
     and so must the images' unpruned tokens (``encoded``), which that step's encoder budget (at
     least the step budget) is charged (:mod:`.encoder_budget`). ``placeholders``: vLLM's per-modality ranges (``offset``, ``length``); ``vision_end``: Qwen's
@@ -518,7 +518,7 @@ class PolicyProcessorMixin:
     vlmprune_family: str = ""
     vlmprune_methods: frozenset[str] = PLUGIN_METHODS
     vlmprune_step_budget: int | None = None
-    """The engine's ``max_num_batched_tokens`` (:func:`install_renderer_hook`): the longest span an
+    """The engine's ``max_num_batched_tokens`` (:func:`vlmprune.vllm_plugin.patches.patch_renderer`): the longest span an
     in-LLM request may prefill in one step; None where the processor was built without it."""
 
     # Hooks -------------------------------------------------------------------------------------
@@ -663,60 +663,3 @@ def _versions(prefixes: tuple[str, ...]) -> str:
     return ", ".join(v + "x" for v in prefixes)
 
 
-def install_renderer_hook() -> None:
-    """Give the front end's multimodal processor the engine's step budget (the processor is built
-    from the model config alone; the renderer that builds it holds the whole ``VllmConfig``), so
-    an in-LLM request too long for one step is refused with a 400 (:func:`check_in_llm_prompt`)
-    instead of waiting forever in the scheduler. Idempotent."""
-    from vllm.renderers.base import BaseRenderer
-
-    original = BaseRenderer.__init__
-    if getattr(original, "_vlmprune_hook", False):
-        return
-
-    def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, config, *args, **kwargs)
-        processor = getattr(self, "mm_processor", None)
-        if isinstance(processor, PolicyProcessorMixin):
-            processor.vlmprune_step_budget = int(config.scheduler_config.max_num_batched_tokens)
-
-    __init__._vlmprune_hook = True  # type: ignore[attr-defined]
-    BaseRenderer.__init__ = __init__  # type: ignore[method-assign]
-
-
-# --- M-RoPE pruning on the CPU runner (added for the Qwen models, vlmprune.vllm_plugin.qwen2_vl) ---
-
-
-def install_cpu_runner_hook() -> None:
-    """Let the CPU model runner recompute M-RoPE positions for vlmprune's Qwen models.
-
-    vLLM 0.32's ``CPUModelRunner.load_model`` overrides the GPU runner's and never sets
-    ``is_multimodal_pruning_enabled`` (so position channels appended by ``embed_multimodal`` would
-    never be stripped). After loading, this sets it exactly as the GPU runner does, but only for a
-    model that declares ``vlmprune_mrope_pruning``; other models keep vLLM's behaviour.
-    Idempotent; a no-op off the CPU platform. Must run before the worker loads the model, so it is
-    called from ``register()``.
-    """
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
-        return
-    from vllm.model_executor.models.interfaces import supports_multimodal_pruning
-    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-
-    original = CPUModelRunner.load_model
-    if getattr(original, "_vlmprune_hook", False):
-        return
-
-    def load_model(self, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        model = self.get_model()
-        if getattr(model, "vlmprune_mrope_pruning", False):
-            mm_config = self.model_config.multimodal_config
-            self.is_multimodal_pruning_enabled = bool(
-                supports_multimodal_pruning(model) and mm_config is not None and mm_config.is_multimodal_pruning_enabled()
-            )
-
-    load_model._vlmprune_hook = True  # type: ignore[attr-defined]
-    load_model.__doc__ = original.__doc__
-    CPUModelRunner.load_model = load_model  # type: ignore[method-assign]

@@ -5,17 +5,20 @@ encoder compute budget (``Scheduler._try_schedule_encoder_inputs`` and
 ``EncoderCacheManager.can_allocate``, both reading ``mm_position.get_num_embeds()``); vLLM profiled
 its memory with that many *unpruned* images. A pruned image has fewer placeholders, but its whole
 vision tower still runs (plus the plugin's scoring): at ratio 0.9 a step would take about ten times
-as many images as the profile. This hook makes each image cost what its encoder computes: the
-processor writes the unpruned count (``FIELD_ENCODED``), ``Scheduler.add_request`` turns it into a
-per-image surcharge, and during ``_try_schedule_encoder_inputs`` the cache manager's compute check
-sees the budget less the surcharges of the images admitted so far and of the image asked about; the
-budget the step carries on to the next request is lowered by the admitted images' surcharges. The
+as many images as the profile. This module makes each image cost what its encoder computes (its
+scheduler wrappers are in :mod:`.patches`): the processor writes the unpruned count
+(``FIELD_ENCODED``), ``Scheduler.add_request`` turns it into a per-image surcharge, and during
+``_try_schedule_encoder_inputs`` the cache manager's compute check sees the budget less the
+surcharges of the images admitted so far and of the image asked about; the budget the step
+carries on to the next request is lowered by the admitted images' surcharges. The
 encoder *cache* is still charged at the pruned count (it holds the pruned rows). An image that fits
 vLLM's budget unpruned fits it here, so no request starves: each step admits at least the first image.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -37,46 +40,45 @@ def encoder_surcharges(mm_features: Any) -> dict[int, int]:
     return out
 
 
-def install_encoder_budget_hook() -> None:
-    """Wrap ``Scheduler.add_request`` and ``Scheduler._try_schedule_encoder_inputs`` (engine-core
-    process; every route); idempotent. Requests without surcharges go through untouched."""
-    from vllm.v1.core.sched.scheduler import Scheduler
+CHARGE_UNPRUNED = True
+"""False only to measure what happens without the charge (``bench/encoder_memory.py``, in the
+engine's own process, before the engine starts)."""
 
-    if getattr(Scheduler, "_vlmprune_encoder_budget", False):  # on the class: other hooks wrap these too
+
+def mark_request(request: Any) -> None:
+    """Engine core, as a request arrives (``Scheduler.add_request``, :mod:`.patches`): its pruned
+    images' surcharges. Requests without any go through vLLM's scheduling untouched."""
+    surcharges = encoder_surcharges(request.mm_features) if CHARGE_UNPRUNED else {}
+    if surcharges:
+        request.vlmprune_encoder_surcharges = surcharges
+
+
+@contextmanager
+def charged(manager: Any, request: Any, surcharges: dict[int, int] | None) -> Iterator[None]:
+    """During one ``_try_schedule_encoder_inputs`` call for ``request``: the cache manager's compute
+    check sees the budget less the surcharges of the images admitted so far and of the image asked
+    about (an instance attribute over ``can_allocate``, removed afterwards)."""
+    if not surcharges:
+        yield
         return
-    original_add = Scheduler.add_request
-    original_schedule = Scheduler._try_schedule_encoder_inputs
+    original_can = manager.can_allocate
+    admitted: list[int] = []
 
-    def add_request(self, request: Any) -> None:
-        surcharges = encoder_surcharges(request.mm_features)
-        if surcharges:
-            request.vlmprune_encoder_surcharges = surcharges
-        return original_add(self, request)
+    def can_allocate(req: Any, input_id: int, budget: int, num_embeds_to_schedule: int) -> bool:
+        extra = surcharges.get(input_id, 0) if req is request else 0
+        spent = sum(surcharges.get(i, 0) for i in admitted)
+        if not original_can(req, input_id, budget - spent - extra, num_embeds_to_schedule):
+            return False
+        admitted.append(input_id)
+        return True
 
-    def _try_schedule_encoder_inputs(self, request: Any, *args: Any, **kwargs: Any):
-        surcharges = getattr(request, "vlmprune_encoder_surcharges", None)
-        if not surcharges:
-            return original_schedule(self, request, *args, **kwargs)
-        manager = self.encoder_cache_manager
-        original_can = manager.can_allocate
-        admitted: list[int] = []
+    manager.can_allocate = can_allocate
+    try:
+        yield
+    finally:
+        del manager.can_allocate
 
-        def can_allocate(req: Any, input_id: int, budget: int, num_embeds_to_schedule: int) -> bool:
-            extra = surcharges.get(input_id, 0) if req is request else 0
-            spent = sum(surcharges.get(i, 0) for i in admitted)
-            if not original_can(req, input_id, budget - spent - extra, num_embeds_to_schedule):
-                return False
-            admitted.append(input_id)
-            return True
 
-        manager.can_allocate = can_allocate  # this call only (an instance attribute over the method)
-        try:
-            inputs, new_tokens, budget, *rest = original_schedule(self, request, *args, **kwargs)
-        finally:
-            del manager.can_allocate
-        budget -= sum(surcharges.get(i, 0) for i in inputs)
-        return (inputs, new_tokens, budget, *rest)
-
-    Scheduler._vlmprune_encoder_budget = True  # type: ignore[attr-defined]
-    Scheduler.add_request = add_request  # type: ignore[method-assign]
-    Scheduler._try_schedule_encoder_inputs = _try_schedule_encoder_inputs  # type: ignore[method-assign]
+def admitted_surcharge(surcharges: dict[int, int] | None, inputs: list[int]) -> int:
+    """What the step's encoder budget, carried on to later requests, loses beyond vLLM's own count."""
+    return sum(surcharges.get(i, 0) for i in inputs) if surcharges else 0

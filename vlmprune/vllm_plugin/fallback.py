@@ -10,8 +10,8 @@ point), chosen evenly spaced over the image's prunable tokens in raster order, p
 trace (when one was asked for) records ``"fallback": "<error>"``, and every request served with that
 image's rows gets a fallback report (:func:`vlmprune.trace.write_fallback_report`, in the engine's
 trace folder) that the gateway turns into ``fallback=`` in ``X-VLMPrune-Applied``: vLLM's response
-itself has no field the worker could fill. To name the request, the runner hooks of
-:func:`install_report_hooks` give each encoded item its encoder-cache hash (the items reach
+itself has no field the worker could fill. To name the request, the runner hooks
+(:func:`start_encoding`, :func:`end_encoding`) give each encoded item its encoder-cache hash (the items reach
 ``embed_multimodal`` in the order vLLM batched them) and map failed hashes to the requests that use
 them, also to later ones that read the same encoder output from vLLM's cache.
 
@@ -132,37 +132,23 @@ def _report(request_id: str, key: str, failure: dict[str, Any]) -> None:
         logger.exception("vlmprune: cannot write the fallback report of request %s", request_id)
 
 
-def install_report_hooks() -> None:
-    """Wrap the V1 runner's ``_batch_mm_inputs_from_scheduler`` (each item's hash, in encoding order)
-    and ``_execute_mm_encoder`` (after the pass, report the requests whose images fell back: those
-    that encoded them now and new ones that read them from the encoder cache). Idempotent; costs a
-    deque fill per encoder pass and, until some image has fallen back, one test per step."""
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+def start_encoding(hashes: list[str]) -> None:
+    """Worker, as vLLM batches a step's encoder items (``_batch_mm_inputs_from_scheduler``,
+    :mod:`.patches`): their encoder-cache hashes, in the order ``embed_multimodal`` reads them."""
+    _ENCODING.clear()
+    _ENCODING.extend(hashes)
 
-    if getattr(GPUModelRunner._execute_mm_encoder, "_vlmprune_fallback", False):
+
+def end_encoding(runner: Any, scheduler_output: Any) -> None:
+    """Worker, after a step's encoder pass (``_execute_mm_encoder``): report the requests whose
+    images fell back, those that encoded them now and new ones that read them from the encoder
+    cache. Until some image has fallen back, one test per step."""
+    _ENCODING.clear()
+    if not _FALLEN:
         return
-    original_batch = GPUModelRunner._batch_mm_inputs_from_scheduler
-    original_encode = GPUModelRunner._execute_mm_encoder
-
-    def _batch_mm_inputs_from_scheduler(self, scheduler_output: Any):
-        hashes, *rest = original_batch(self, scheduler_output)
-        _ENCODING.clear()
-        _ENCODING.extend(hashes)
-        return (hashes, *rest)
-
-    def _execute_mm_encoder(self, scheduler_output: Any):
-        try:
-            return original_encode(self, scheduler_output)
-        finally:
-            _ENCODING.clear()
-            if _FALLEN:
-                new = [r.req_id for r in scheduler_output.scheduled_new_reqs]
-                for req_id in dict.fromkeys([*scheduler_output.scheduled_encoder_inputs, *new]):
-                    state = self.requests.get(req_id)
-                    for feature in getattr(state, "mm_features", None) or []:
-                        if feature.identifier in _FALLEN:
-                            _report(req_id, feature.identifier, _FALLEN[feature.identifier])
-
-    _execute_mm_encoder._vlmprune_fallback = True  # type: ignore[attr-defined]
-    GPUModelRunner._batch_mm_inputs_from_scheduler = _batch_mm_inputs_from_scheduler  # type: ignore[method-assign]
-    GPUModelRunner._execute_mm_encoder = _execute_mm_encoder  # type: ignore[method-assign]
+    new = [r.req_id for r in scheduler_output.scheduled_new_reqs]
+    for req_id in dict.fromkeys([*scheduler_output.scheduled_encoder_inputs, *new]):
+        state = runner.requests.get(req_id)
+        for feature in getattr(state, "mm_features", None) or []:
+            if feature.identifier in _FALLEN:
+                _report(req_id, feature.identifier, _FALLEN[feature.identifier])

@@ -47,7 +47,7 @@ Conditions (:func:`check_engine_in_llm`, refused at start with the flag named, o
 eager mode (``enforce_eager``), pipeline parallel size 1, the CPU platform's V1 runner (the only one
 hooked), an unquantized KV cache. Tensor parallelism is served: each rank runs its heads, and the
 stage scores are reduced across ranks (:mod:`.tensor_parallel`), so every rank keeps the same rows. vLLM's chunked prefill and prefix caching stay on
-(:func:`install_scheduler_hook`): an in-LLM request's rows from its first image to the end of its
+(:func:`mark_request`, :mod:`.patches`): an in-LLM request's rows from its first image to the end of its
 prompt are prefilled in one step (the rows before may come in earlier chunks: a stage then reads
 their keys from the KV cache, :func:`_cached_keys`, and its attention scores are the reference's over
 the whole prompt); it never reads a prefix-cache hit (a hit would skip rows its stages must see, or
@@ -96,7 +96,7 @@ from vlmprune.vllm_plugin.tensor_parallel import attention_shards, gather_heads,
 def check_engine_in_llm(vllm_config: Any, model_name: str) -> None:
     """Refuse to start an engine on the in-LLM route whose settings would give wrong answers; the
     message names the flag, or the probe route. Chunked prefill and prefix caching stay on
-    (:func:`install_scheduler_hook`)."""
+    (:func:`mark_request`, :mod:`.patches`)."""
     if route() != "in_llm":
         return
     from vllm.platforms import current_platform
@@ -255,16 +255,15 @@ def request_plan(
 # --- Scheduler hook: prefix caching stays on for everyone ------------------------------------------
 
 
-def install_scheduler_hook() -> None:
-    """Two wraps in the engine-core process (``AsyncScheduler`` inherits both); idempotent. They act
-    only on the in-LLM route, read when a request arrives (one process may run engines of both routes).
-
-    ``Scheduler.add_request``: a request served in-LLM never *reads* prefix-cache hits (vLLM's
+def mark_request(request: Any) -> None:
+    """Engine core, as a request arrives (``Scheduler.add_request``, :mod:`.patches`); acts only on
+    the in-LLM route (one process may run engines of both routes). A request served in-LLM never
+    *reads* prefix-cache hits (vLLM's
     per-request ``Request.skip_reading_prefix_cache``, the switch prompt-logprob requests use), so
     its stages always see the whole prompt; it is marked with the row of its first image.
 
-    ``Scheduler._try_schedule_encoder_inputs`` (called with the step's token count on the running
-    and the waiting path, before slots are allocated): chunked prefill stays on, but a step of a
+    Then, in ``Scheduler._try_schedule_encoder_inputs`` (called with the step's token count on the
+    running and the waiting path, before slots are allocated): chunked prefill stays on, but a step of a
     marked request that would end inside the span from its first image to the end of its prompt is
     rolled back to before the image (:func:`in_llm_step`), as vLLM's own ``disable_chunked_mm_input``
     rolls back to before an item; the span is then prefilled in one later step, with a stage's
@@ -279,42 +278,13 @@ def install_scheduler_hook() -> None:
     from the first image of an in-LLM request on can only match a request with the same policy,
     image and prefix, which is in-LLM too and does not read. Blocks wholly before the first image
     hold rows no stage removes, at unchanged slots and positions: stock KV, safe to share both ways."""
-    from vllm.v1.core.sched.scheduler import Scheduler
+    policy = feature_policy(request.mm_features) if route() == "in_llm" else None
+    if policy is not None and policy.ratio > 0.0 and policy.method in _IN_LLM_METHODS:
+        request.skip_reading_prefix_cache = True
+        request.vlmprune_span_start = first_image_row(request.mm_features)
 
-    if getattr(Scheduler.add_request, "_vlmprune_inllm", False):
-        return
-    original_add = Scheduler.add_request
-    original_encoder = Scheduler._try_schedule_encoder_inputs
-    in_llm_methods = method_names("in_llm")
 
-    def add_request(self, request: Any) -> None:
-        policy = feature_policy(request.mm_features) if route() == "in_llm" else None
-        if policy is not None and policy.ratio > 0.0 and policy.method in in_llm_methods:
-            request.skip_reading_prefix_cache = True
-            request.vlmprune_span_start = first_image_row(request.mm_features)
-        return original_add(self, request)
-
-    def _try_schedule_encoder_inputs(self, request: Any, num_computed_tokens: int, num_new_tokens: int,
-                                     encoder_compute_budget: int, *args, **kwargs):
-        start = getattr(request, "vlmprune_span_start", None)
-        if start is None:
-            return original_encoder(self, request, num_computed_tokens, num_new_tokens, encoder_compute_budget,
-                                    *args, **kwargs)
-        prompt_len = request.num_prompt_tokens
-        num_new_tokens = in_llm_step(start, prompt_len, num_computed_tokens, num_new_tokens)
-        inputs, new_tokens, budget, *rest = original_encoder(self, request, num_computed_tokens, num_new_tokens,
-                                                             encoder_compute_budget, *args, **kwargs)
-        held = in_llm_step(start, prompt_len, num_computed_tokens, new_tokens)
-        if held != new_tokens:
-            # vLLM cut the step before an image it could not encode in this step (the encoder budget
-            # spent by other requests): all of the span's images wait for a later step together. Nothing
-            # is scheduled for them (``can_allocate`` only reserved, and the step allocates what is returned).
-            return [], held, encoder_compute_budget, *([] for _ in rest)
-        return (inputs, new_tokens, budget, *rest)
-
-    add_request._vlmprune_inllm = True  # type: ignore[attr-defined]
-    Scheduler.add_request = add_request  # type: ignore[method-assign]
-    Scheduler._try_schedule_encoder_inputs = _try_schedule_encoder_inputs  # type: ignore[method-assign]
+_IN_LLM_METHODS = method_names("in_llm")
 
 
 def in_llm_step(span_start: int, prompt_len: int, computed: int, new: int) -> int:
@@ -330,33 +300,21 @@ def in_llm_step(span_start: int, prompt_len: int, computed: int, new: int) -> in
 # --- Runner hooks --------------------------------------------------------------------------------
 
 
-def install_runner_hooks() -> None:
-    """Wrap ``CPUModelRunner._model_forward`` (batch rows -> request ids) and ``_update_states``
-    (drop finished requests). Idempotent; installed on every CPU engine (the in-LLM forward reads
-    them only on its route)."""
-    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+def begin_batch(runner: Any) -> None:
+    """Worker, before the model's forward (``CPUModelRunner._model_forward``, :mod:`.patches`): the
+    batch's rows -> request ids, for :class:`InLLMForward`."""
+    n = runner.input_batch.num_reqs
+    _BATCH.update(runner=runner, req_ids=list(runner.input_batch.req_ids[:n]))
 
-    if getattr(CPUModelRunner._model_forward, "_vlmprune_inllm", False):
-        return
-    original_forward = CPUModelRunner._model_forward
-    original_update = CPUModelRunner._update_states
 
-    def _model_forward(self, *args: Any, **kwargs: Any):
-        n = self.input_batch.num_reqs
-        _BATCH.update(runner=self, req_ids=list(self.input_batch.req_ids[:n]))
-        try:
-            return original_forward(self, *args, **kwargs)
-        finally:
-            _BATCH.update(req_ids=None)
+def end_batch() -> None:
+    _BATCH.update(req_ids=None)
 
-    def _update_states(self, scheduler_output: Any):
-        for rid in scheduler_output.finished_req_ids:
-            STATES.pop(rid, None)
-        return original_update(self, scheduler_output)
 
-    _model_forward._vlmprune_inllm = True  # type: ignore[attr-defined]
-    CPUModelRunner._model_forward = _model_forward  # type: ignore[method-assign]
-    CPUModelRunner._update_states = _update_states  # type: ignore[method-assign]
+def forget_requests(request_ids: Any) -> None:
+    """Drop the state of finished requests (``CPUModelRunner._update_states``)."""
+    for rid in request_ids:
+        STATES.pop(rid, None)
 
 
 def _builders(runner: Any) -> dict[str, Any]:

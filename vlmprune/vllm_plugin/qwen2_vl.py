@@ -54,9 +54,9 @@ Runner switches (vLLM 0.32). The V1 GPU runner and the V2 runner enable the reco
 ``supports_multimodal_pruning(model) and mm_config.is_multimodal_pruning_enabled()``; the latter
 is EVS's ``video_pruning_rate > 0``. Without touching ``video_pruning_rate``, the model marks *its
 own* ``MultiModalConfig`` instance (attribute ``_vlmprune_mrope_pruning``) before the stock
-``__init__`` runs, and :func:`install_config_hook` makes ``is_multimodal_pruning_enabled`` also
-return True for a marked instance (other models and engines are unaffected). The CPU runner never
-sets its flag at all; :func:`vlmprune.vllm_plugin.common.install_cpu_runner_hook` (called from
+``__init__`` runs, and :func:`vlmprune.vllm_plugin.patches.patch_multimodal_config` makes
+``is_multimodal_pruning_enabled`` also return True for a marked instance (other models and engines are unaffected). The CPU runner never
+sets its flag at all; :func:`vlmprune.vllm_plugin.patches.patch_cpu_runner` (called from
 ``register()``) sets it after loading, for vlmprune models only.
 
 Limits: an engine with ``video_pruning_rate > 0`` (EVS) is refused (the two position protocols
@@ -114,6 +114,7 @@ from vlmprune.vllm_plugin.inllm import InLLMForward, check_engine_in_llm
 from vlmprune.vllm_plugin.llava import needed_signals
 from vlmprune.vllm_plugin.probe import ModelProbe
 from vlmprune.vllm_plugin.fallback import guarded
+from vlmprune.vllm_plugin.patches import patch_multimodal_config
 from vlmprune.vllm_plugin.tensor_parallel import data_parallel_images, gather_image_scores, mean_over_shards
 from vlmprune.vllm_plugin.tracing import record_kept
 
@@ -238,29 +239,6 @@ def recompute_positions(
     return positions, int(positions.max()) + 1 - positions.shape[1]
 
 
-# --- Runner / config switches ---------------------------------------------------------------------
-
-
-def install_config_hook() -> None:
-    """Make ``MultiModalConfig.is_multimodal_pruning_enabled`` also true for a marked instance.
-
-    Idempotent. Only instances carrying :data:`CONFIG_MARK` (set by a vlmprune Qwen model on its
-    own engine's config) change; every other engine keeps vLLM's rule (``video_pruning_rate > 0``).
-    """
-    from vllm.config.multimodal import MultiModalConfig
-
-    current = MultiModalConfig.is_multimodal_pruning_enabled
-    if getattr(current, "_vlmprune_hook", False):
-        return
-
-    def is_multimodal_pruning_enabled(self) -> bool:
-        return bool(getattr(self, CONFIG_MARK, False)) or current(self)
-
-    is_multimodal_pruning_enabled._vlmprune_hook = True  # type: ignore[attr-defined]
-    is_multimodal_pruning_enabled.__doc__ = current.__doc__
-    MultiModalConfig.is_multimodal_pruning_enabled = is_multimodal_pruning_enabled  # type: ignore[method-assign]
-
-
 # --- Vision-side score ----------------------------------------------------------------------------
 
 
@@ -379,7 +357,7 @@ class QwenPruningMixin:
                 f"vlmprune cannot serve {model_name} with video_pruning_rate={mm_config.video_pruning_rate} "
                 "(EVS): its position channels differ from vlmprune's; unset --video-pruning-rate"
             )
-        install_config_hook()
+        patch_multimodal_config(CONFIG_MARK)
         setattr(mm_config, CONFIG_MARK, True)  # before the stock __init__ reads the flag
         super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
         self._vlmprune_layers = int(self.config.text_config.num_hidden_layers)  # type: ignore[attr-defined]
@@ -643,7 +621,6 @@ __all__ = [
     "decode_position_channels",
     "encode_position_channels",
     "grid_positions",
-    "install_config_hook",
     "mrope_input_positions",
     "position_log",
     "recompute_positions",
