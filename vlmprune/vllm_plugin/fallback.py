@@ -65,7 +65,7 @@ def guarded(item: Any, family: str, prunable: torch.Tensor, reduce: Callable[[],
     the image's (n,) mask of rows a pruner may drop, on the features' device.
     """
     try:
-        return reduce(), None
+        reduction = reduce()
     except Exception as exc:  # one image's failure must not stop the engine for every request
         error = f"{type(exc).__name__}: {exc}"
         logger.exception("vlmprune: %s scoring failed for one image (%s, %s, trace %s); serving it with the "
@@ -79,6 +79,9 @@ def guarded(item: Any, family: str, prunable: torch.Tensor, reduce: Callable[[],
             while len(_FALLEN) > _FALLEN_KEPT:
                 _FALLEN.popitem(last=False)
         return evenly_spaced(prunable, item.count), error
+    if _FALLEN and getattr(item, "identifier", None) is not None:
+        _FALLEN.pop(item.identifier, None)  # encoded again (evicted from the cache), and scored this time
+    return reduction, None
 
 
 def evenly_spaced_choice(rows: torch.Tensor, count: int) -> torch.Tensor:
