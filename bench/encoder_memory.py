@@ -80,7 +80,7 @@ def run_one(model_dir: str, name: str, method: str, requests: int, budget: int) 
 
     from speedbench.runs import ENGINE_KWARGS
     from vlmprune.testbed.tiny import make_image
-    from vlmprune.vllm_plugin.common import encoder_calls
+    from vlmprune.vllm_plugin.fields import encoder_calls
 
     kwargs = {**ENGINE_KWARGS, "max_num_batched_tokens": budget, "max_num_seqs": requests}
     llm = LLM(model=model_dir, **kwargs)

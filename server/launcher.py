@@ -392,7 +392,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"vlmprune serve: starting vLLM ({'GPU' if gpu else 'CPU, float32, eager'}) for {model_dir}\n"
                   f"  log: {log_path}\n  command: {' '.join(cmd)}", flush=True)
             traces = Path(tempfile.mkdtemp(prefix="vlmprune-traces-"))  # shared by the child and the gateway
-            # vLLM and the gateway's accounting (ServedModel.in_llm) read the same route.
+            # vLLM and the gateway's accounting (ServedModel.plan) read the same route.
             os.environ[ROUTE_ENV] = serving_route(args, gpu)
             print(f"vlmprune serve: route {os.environ[ROUTE_ENV]} for transprune/aim/fastv", flush=True)
             child = start_vllm(cmd, log_path, gpu, traces)

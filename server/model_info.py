@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmprune.geometry import ImageTokenCounts, ModelVisionSpec
-from vlmprune.methods import policy_in_llm
+from vlmprune.reduction.plan import ImagePlan, plan_image
 
 
 @dataclass(frozen=True)
@@ -39,47 +39,27 @@ class ServedModel:
     def image_tokens(self, width: int, height: int) -> ImageTokenCounts:
         return self.spec.image_tokens(width, height)
 
-    def kept(self, policy: Any, image: ImageTokenCounts) -> int:
-        """Prunable tokens of ``image`` that reach the LLM input in vLLM (the placeholders its processor
-        reserves). Single-count methods and the shallow probe: ``kept_count(n, ratio)`` (the
-        progressive ones pruned once at the LLM input to the count with the same LLM FLOPs as their
-        layer-averaged ratio, ``vlmprune.vllm_plugin.common.prunable_keep``). In-LLM route
-        (:func:`vlmprune.methods.policy_in_llm`): TransPrune keeps every token at the input, AIM its merge count; the
-        stages inside the LLM are :meth:`stages`."""
-        if policy_in_llm(policy, self.family):
-            from vlmprune.reduction.stages import served_input_count
-
-            return served_input_count(policy, image.prunable, self.lm.layers)
-        return image.kept(policy.ratio)
-
-    def stages(self, policy: Any, image: ImageTokenCounts) -> list[tuple[int, int]]:
-        """``(after_layer, prunable tokens kept)`` per in-LLM stage of ``image`` ([] when not in-LLM)."""
-        if not policy_in_llm(policy, self.family):
-            return []
-        from vlmprune.reduction.stages import served_in_llm_stages
-
-        return [(layer, counts[0]) for layer, counts in served_in_llm_stages(policy, [image.prunable], self.lm.layers)]
+    def plan(self, policy: Any, image: ImageTokenCounts) -> ImagePlan:
+        """How the engine behind the gateway serves ``image`` under ``policy``: the same plan its
+        processor computes (:func:`vlmprune.reduction.plan.plan_image`, on the route
+        :func:`vlmprune.methods.served_route` gives in this process)."""
+        return plan_image(policy, self.family, image.view_sizes or (image.prunable,), self.lm.layers,
+                          fixed=image.newline)
 
     def cost(self, images: list[ImageTokenCounts], policy: Any, n_text: int, n_instruction: int = 0) -> RequestCost:
-        """Visual tokens in/kept and analytic prefill FLOPs at ratio 0 and under ``policy`` (pruned
-        at the LLM input, as in vLLM: every decoder layer sees the kept tokens; probe costs
-        included, ``in_llm=False``)."""
+        """Visual tokens in/kept (entering the LLM) and analytic prefill FLOPs at ratio 0 and under
+        ``policy``, each decoder layer counted with the tokens the images' plans give it (probe costs
+        included on the probe route)."""
         from vlmprune.flops import method_probe_flops, prefill_flops, projector_flops, vision_tower_flops
 
         ratio = policy.ratio
+        plans = [self.plan(policy, t) for t in images]
         visual_in = sum(t.prunable for t in images)
-        kept = sum(self.kept(policy, t) for t in images)
+        kept = sum(p.entering for p in plans)
         total0 = sum(t.total for t in images)
-        total1 = kept + sum(t.newline for t in images)
-        in_llm = policy_in_llm(policy, self.family)
-        if in_llm:  # per-layer counts of the schedule, no probe term (scores come from the LLM's own layers)
-            from vlmprune.flops import method_visual_per_layer
-
-            per_layer = [0] * self.lm.layers
-            for t in images:
-                counts = method_visual_per_layer(policy.method, ratio, t.prunable, self.lm.layers, policy)
-                per_layer = [a + b + t.newline for a, b in zip(per_layer, counts)]
-            total1 = per_layer
+        in_llm = any(p.route == "in_llm" for p in plans)
+        # per-layer counts of the plans (in-LLM: no probe term, the scores come from the LLM's own layers)
+        total1 = [sum(col) for col in zip(*([c + p.fixed for c in p.per_layer()] for p in plans))] or 0
         tower = probe = 0.0
         for t in images:
             vision = self.vision.with_grid(t.grid_thw) if t.grid_thw is not None else self.vision

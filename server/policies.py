@@ -31,7 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from server.validation import shorten
 from vlmprune.methods import METHODS, require_support
 from vlmprune.policy import PolicyError, PolicyT, bucket_ratio, parse_policy
-from vlmprune.trace import TRACE_KEY, check_trace_id
+from vlmprune.trace import check_trace_id
+from vlmprune.wire import INSTRUCTION_KEY, request_value
 
 HEADER_POLICY = "X-VLMPrune-Policy"
 HEADER_METHOD = "X-VLMPrune-Method"
@@ -39,7 +40,6 @@ HEADER_RATIO = "X-VLMPrune-Ratio"
 HEADER_APPLIED = "X-VLMPrune-Applied"
 HEADER_TRACE = "X-VLMPrune-Trace"
 """Optional trace id: the engine records the kept token indices (:mod:`vlmprune.trace`)."""
-INSTRUCTION_KEY = "instruction"
 
 
 class NamedPolicy(BaseModel):
@@ -143,13 +143,8 @@ class ResolvedPolicy:
         return self.policy.ratio
 
     def processor_kwargs(self) -> dict[str, Any]:
-        """The ``mm_processor_kwargs["vlmprune"]`` value the plugin reads."""
-        out = self.policy.model_dump()
-        if self.instruction is not None:
-            out[INSTRUCTION_KEY] = self.instruction
-        if self.trace is not None:
-            out[TRACE_KEY] = self.trace
-        return out
+        """The ``mm_processor_kwargs[POLICY_KEY]`` value the plugin reads (:mod:`vlmprune.wire`)."""
+        return request_value(self.policy, self.instruction, self.trace)
 
 
 def needs_instruction(method: str, family: str | None) -> bool:

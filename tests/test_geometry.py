@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vlmprune.geometry import ImageTokenCounts, ModelVisionSpec, crop_view_sizes
+from vlmprune.geometry import ImageTokenCounts, ModelVisionSpec
+from vlmprune.reduction.anyres import crop_view_sizes
 from vlmprune.policy import kept_count
 from vlmprune.testbed import tiny
 
@@ -47,11 +48,19 @@ def test_counts_match_the_transformers_processor(family, tmp_path):
             assert t == 1 and tokens.prunable == gh * gw // 4
 
 
+def _pre_llm(t: ImageTokenCounts, ratio: float):
+    from vlmprune.policy import parse_policy
+    from vlmprune.reduction.plan import plan_image
+
+    policy = parse_policy({"method": "fastervlm", "ratio": ratio})
+    return plan_image(policy, "llava_next", t.view_sizes or (t.prunable,), 32, fixed=t.newline, route="pre_llm")
+
+
 def test_llava_next_newlines_are_never_pruned():
-    """kept() applies the ratio to prunable tokens only; newlines are added back in placeholders."""
+    """The ratio applies to prunable tokens only; newlines are added back in the placeholders."""
     t = ImageTokenCounts(prunable=80, newline=8, views=5)
-    assert t.kept(0.9) == kept_count(80, 0.9) == 8
-    assert t.placeholders(0.9) == 16 and t.placeholders(0.0) == t.total == 88
+    assert _pre_llm(t, 0.9).entering == kept_count(80, 0.9) == 8
+    assert _pre_llm(t, 0.9).prompt_tokens == 16 and _pre_llm(t, 0.0).prompt_tokens == t.total == 88
 
 
 def test_llava_next_views_are_budgeted_one_by_one():
@@ -60,12 +69,12 @@ def test_llava_next_views_are_budgeted_one_by_one():
     spec = ModelVisionSpec(family="llava_next", patch_size=14, image_size=336, grid_pinpoints=((672, 672),))
     t = spec.image_tokens(672, 672)
     assert t.view_sizes == (576,) * 5 and t.newline == 48
-    assert [t.kept(r) for r in (0.75, 0.9, 0.95)] == [720, 290, 145]
+    assert [_pre_llm(t, r).entering for r in (0.75, 0.9, 0.95)] == [720, 290, 145]
     assert crop_view_sizes(24, (2, 2), (40, 48)) == (20 * 24,) * 4  # 4 rows cut at each end
     assert crop_view_sizes(24, (1, 3), (24, 40)) == (24 * 8, 24 * 24, 24 * 8)  # 16 columns cut at each end
     assert crop_view_sizes(24, (1, 3), (24, 20)) == (0, 24 * 20, 0)  # all-padding side crops
     tall = spec.image_tokens(300, 672)
-    assert sum(tall.view_sizes[1:]) == tall.prunable - 576 and tall.kept(0.9) == sum(kept_count(n, 0.9) for n in tall.view_sizes)
+    assert sum(tall.view_sizes[1:]) == tall.prunable - 576 and _pre_llm(tall, 0.9).entering == sum(kept_count(n, 0.9) for n in tall.view_sizes)
 
 
 def test_bad_sizes_and_model_types_are_value_errors(tmp_path):

@@ -125,8 +125,8 @@ def test_one_rule_for_where_the_instruction_starts():
 
     users = sorted(module for module, tree in _sources("vlmprune", "server")
                    if "instruction_start(" in ast_text(tree) and module != "vlmprune.reduction.stages")
-    assert users == ["vlmprune.backends.hf.llava", "vlmprune.backends.hf.qwen2_vl", "vlmprune.vllm_plugin.common",
-                     "vlmprune.vllm_plugin.inllm"]
+    assert users == ["vlmprune.backends.hf.llava", "vlmprune.backends.hf.qwen2_vl", "vlmprune.vllm_plugin.inllm",
+                     "vlmprune.vllm_plugin.request_policy"]
     assert instruction_start([5, 6, 7, 77, 9], 3, vision_end=77) == 4
     assert instruction_start([5, 6, 7, 8, 9], 3, vision_end=77) == 3
     assert instruction_start([5, 6, 7], 3, vision_end=77) == 3
@@ -137,3 +137,44 @@ def ast_text(tree) -> str:
     import ast
 
     return ast.unparse(tree)
+
+
+def test_one_wire_module_for_the_policy():
+    """The policy's key and its mapping and byte forms are defined in ``vlmprune.wire`` alone: no other
+    module assigns the key names, dumps a policy to JSON bytes or parses one from them."""
+    import ast
+
+    offenders = []
+    for module, tree in _sources("vlmprune", "server"):
+        if module == "vlmprune.wire":
+            continue
+        for node in tree.body:
+            targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+            for t in targets:
+                if isinstance(t, ast.Name) and t.id in ("POLICY_KEY", "INSTRUCTION_KEY"):
+                    offenders.append(f"{module}:{node.lineno}: defines {t.id}")
+        text = ast_text(tree)
+        for pattern in ("model_dump(), sort_keys=True", "parse_policy(json.loads("):
+            if pattern in text:
+                offenders.append(f"{module}: {pattern}")
+    assert offenders == []
+
+
+def test_one_plan_and_one_anyres_geometry():
+    """Visual-token counts come from ``vlmprune.reduction.plan`` (the former count helpers are gone),
+    and LLaVA-NeXT's packed-row geometry from ``vlmprune.reduction.anyres`` in both backends."""
+    gone = ("input_keep", "served_input_count", "served_in_llm_stages", "prunable_keep", "image_count",
+            "in_llm_stages")
+    defined = sorted(f"{module}.{node.name}" for module, tree in _sources("vlmprune", "server")
+                     for node in ast_walk(tree) if getattr(node, "name", None) in gone
+                     and module != "server.playground.serving")  # the playground's reads traces
+    assert defined == []
+    users = sorted(module for module, tree in _sources("vlmprune")
+                   if "packed_image_tokens(" in ast_text(tree) and module != "vlmprune.reduction.anyres")
+    assert users == ["vlmprune.backends.hf.llava_next", "vlmprune.vllm_plugin.llava_next"]
+
+
+def ast_walk(tree):
+    import ast
+
+    return [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.ClassDef))]

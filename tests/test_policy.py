@@ -121,7 +121,7 @@ def test_method_traits_give_each_route(monkeypatch):
     aim and fastv run between the decoder layers; on the probe route fastv (no at-input variant) is
     refused and transprune / aim / explain are probe-scored; the plugin's sets are the same traits."""
     from vlmprune.methods import served_route
-    from vlmprune.vllm_plugin.common import INLLM_ONLY_METHODS, PROBE_METHODS
+    from vlmprune.vllm_plugin.request_policy import INLLM_ONLY_METHODS, PROBE_METHODS
 
     monkeypatch.delenv("VLMPRUNE_ROUTE", raising=False)
     monkeypatch.delenv("VLMPRUNE_IN_LLM", raising=False)

@@ -169,7 +169,8 @@ def _evaluate_vllm(
         from vllm import LLM, SamplingParams
         from vllm.platforms import current_platform
 
-        from vlmprune.vllm_plugin.common import POLICY_KEY, PROBE_METHODS
+        from vlmprune.vllm_plugin.request_policy import PROBE_METHODS
+        from vlmprune.wire import INSTRUCTION_KEY, POLICY_KEY
     except ImportError as exc:
         raise ValueError(f"backend 'vllm' needs vLLM installed (pip install -e .[cpu] or .[gpu]): {exc}") from None
 
@@ -220,7 +221,7 @@ def _evaluate_vllm(
                     if policy.method == "random":
                         request_policy["seed"] = seed * 1_000_003 + s.index  # the reference backend's rule
                     if policy.method in PROBE_METHODS:
-                        request_policy["instruction"] = s.question
+                        request_policy[INSTRUCTION_KEY] = s.question
                     prompts.append({
                         "prompt": text,
                         "multi_modal_data": {"image": image},

@@ -2,7 +2,7 @@
 
 The gateway must report "visual tokens in / kept" and count FLOPs *before* the request reaches vLLM,
 and vLLM's processor must emit exactly ``kept`` placeholders; both use :func:`image_tokens` plus
-:func:`vlmprune.policy.kept_count`, so the two sides agree by construction. The formulas follow
+the image's plan (:func:`vlmprune.reduction.plan.plan_image`), so the two sides agree by construction. The formulas follow
 vLLM 0.32's ``get_num_image_tokens`` of each family (verified against the transformers processors
 in ``tests/test_geometry.py``):
 
@@ -14,9 +14,9 @@ in ``tests/test_geometry.py``):
 - Qwen2-VL / Qwen2.5-VL: ``smart_resize`` to multiples of ``patch * merge`` within
   ``[min_pixels, max_pixels]``, then ``(H/patch) * (W/patch) / merge**2`` tokens.
 
-Budget symbol: ``n`` = ``ImageTokenCounts.prunable``; kept = ``kept_count(n, ratio)``, per view on
-LLaVA-NeXT (``image_kept_count(view_sizes, ratio)``: the thumbnail and every crop keep their own
-share, as FasterVLM's official code does).
+Budget symbol: ``n`` = ``ImageTokenCounts.prunable``; at the LLM input kept = ``kept_count(n, ratio)``,
+per view on LLaVA-NeXT (``image_kept_count(view_sizes, ratio)``: the thumbnail and every crop keep
+their own share, as FasterVLM's official code does).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlmprune.policy import image_kept_count
+from vlmprune.reduction.anyres import crop_view_sizes
 
 FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 
@@ -53,14 +53,6 @@ class ImageTokenCounts:
     def total(self) -> int:
         """Placeholder tokens the stock model emits for this image."""
         return self.prunable + self.newline
-
-    def kept(self, ratio: float) -> int:
-        """Prunable tokens left at ``ratio`` (newlines not included), each view budgeted by itself."""
-        return image_kept_count(self.view_sizes or (self.prunable,), ratio)
-
-    def placeholders(self, ratio: float) -> int:
-        """Placeholder tokens emitted at ``ratio``: the kept tokens plus every newline token."""
-        return self.kept(ratio) + self.newline
 
 
 @dataclass(frozen=True)
@@ -163,24 +155,6 @@ class ModelVisionSpec:
         h, w = smart_resize(height, width, factor, self.min_pixels, self.max_pixels)
         grid = (1, h // self.patch_size, w // self.patch_size)
         return ImageTokenCounts(prunable=grid[1] * grid[2] // (self.merge_size**2), grid_thw=grid)
-
-
-def crop_view_sizes(side: int, crop_grid: tuple[int, int], unpadded_hw: tuple[int, int]) -> tuple[int, ...]:
-    """Tokens each AnyRes crop keeps after unpadding, row-major over ``crop_grid`` (rows, cols).
-
-    The crops tile a ``side*rows x side*cols`` feature grid; unpadding cuts the same number of rows
-    (or columns) from both ends down to ``unpadded_hw`` (``unpad_image`` / vLLM's arithmetic), so
-    a crop keeps the overlap of its tile with the centred ``unpadded_hw`` window.
-    """
-    rows, cols = crop_grid
-    cut_h, cut_w = (side * rows - unpadded_hw[0]) // 2, (side * cols - unpadded_hw[1]) // 2
-
-    def overlap(i: int, cut: int, length: int) -> int:
-        return max(0, min((i + 1) * side, cut + length) - max(i * side, cut))
-
-    return tuple(
-        overlap(r, cut_h, unpadded_hw[0]) * overlap(c, cut_w, unpadded_hw[1]) for r in range(rows) for c in range(cols)
-    )
 
 
 def read_image_processor_config(path: str | Path) -> dict[str, Any]:

@@ -147,9 +147,11 @@ def served_route(method: str, family: str) -> str:
     return "probe" if spec.probe else "pre_llm"
 
 
-def names(trait: str) -> frozenset[str]:
-    """The methods whose :class:`MethodSpec` has ``trait`` true (``"probe"``, ``"in_llm"``, ...)."""
-    return frozenset(name for name, spec in METHODS.items() if getattr(spec, trait))
+def names(trait: str, family: str | None = None) -> frozenset[str]:
+    """The methods whose :class:`MethodSpec` has ``trait`` true (``"probe"``, ``"in_llm"``, ...),
+    among those that fit ``family`` when one is given."""
+    return frozenset(name for name, spec in METHODS.items()
+                     if getattr(spec, trait) and (family is None or family in spec.models))
 
 
 def require_support(method: str, family: str) -> MethodSpec:

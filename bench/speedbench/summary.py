@@ -23,7 +23,7 @@ def expected_kept(config: Config, n_visual: int, lm_layers: int) -> int:
     """Visual tokens the served prompt should hold under ``config``: on the plugin engine the FLOPs
     model's count for a pruning done at the LLM input (``in_llm=False``: ``kept_count(n, ratio)``);
     on the in-LLM engine every token for transprune and fastv (pruned between layers), AIM's merge
-    count (``vlmprune.reduction.stages.served_input_count``)."""
+    count (the image's plan on the in-LLM route, ``vlmprune.reduction.plan.plan_image``)."""
     if config.text_only:
         from vlmprune.policy import kept_count
 
@@ -34,9 +34,10 @@ def expected_kept(config: Config, n_visual: int, lm_layers: int) -> int:
 
     if config.engine == "inllm":
         from vlmprune.policy import parse_policy
-        from vlmprune.reduction.stages import served_input_count
+        from vlmprune.reduction.plan import plan_image
 
-        return served_input_count(parse_policy({"method": config.method}, ratio=config.ratio), n_visual, lm_layers)
+        policy = parse_policy({"method": config.method}, ratio=config.ratio)
+        return plan_image(policy, "llava", n_visual, lm_layers, route="in_llm").entering
     return flops.method_visual_per_layer(config.method, config.ratio, n_visual, lm_layers, in_llm=False)[0]
 
 

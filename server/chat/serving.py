@@ -56,6 +56,7 @@ from vlmprune.geometry import ImageTokenCounts
 from vlmprune.methods import served_route
 from vlmprune.policy import PolicyError
 from vlmprune.trace import TRACE_KEY, pop_fallback_reports
+from vlmprune.wire import POLICY_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class Prepared:
     sizes: list[tuple[int, int]] = field(default_factory=list)
     """(width, height) per image, for the playground's overlay."""
     stages: list[list[tuple[int, int]]] = field(default_factory=list)
-    """Per image, ``(after_layer, kept)`` of each in-LLM stage (:meth:`ServedModel.stages`)."""
+    """Per image, ``(after_layer, kept)`` of each in-LLM stage (:attr:`vlmprune.reduction.plan.ImagePlan.stages`)."""
     route: str = ""
     """How the engine serves the policy (:func:`vlmprune.methods.served_route`); empty without a model."""
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -229,7 +230,7 @@ class ChatServing:
                 part["image_url"] = {**part["image_url"], "url": image.data_url}
             sizes.append((image.width, image.height))
 
-        body_policy = (mm_kwargs or {}).get("vlmprune")
+        body_policy = (mm_kwargs or {}).get(POLICY_KEY)
         model = await self.state.served_model(required=bool(parts))
         family = model.family if model is not None else None
         try:
@@ -239,19 +240,20 @@ class ChatServing:
                 instruction=instruction_text(messages) if parts else None,
             )
         except PolicyError as exc:
-            raise GatewayError(400, str(exc), param="vlmprune") from None
+            raise GatewayError(400, str(exc), param=POLICY_KEY) from None
         images, kept, stages = [], [], []
         if parts and model is not None:
             try:
                 images = [model.image_tokens(w, h) for w, h in sizes]
             except ValueError as exc:
                 raise GatewayError(400, f"image cannot be served: {exc}", param="messages") from None
-            kept = [model.kept(resolved.policy, t) for t in images]
-            stages = [model.stages(resolved.policy, t) for t in images]
+            plans = [model.plan(resolved.policy, t) for t in images]
+            kept = [p.entering for p in plans]
+            stages = [list(p.stages) for p in plans]  # empty but on the in-LLM route
             vlmprune = resolved.processor_kwargs()
             if s.trace_dir is None:  # the engines would refuse it; the run still gets its costs
                 vlmprune.pop(TRACE_KEY, None)
-            body["mm_processor_kwargs"] = {**(mm_kwargs or {}), "vlmprune": vlmprune}
+            body["mm_processor_kwargs"] = {**(mm_kwargs or {}), POLICY_KEY: vlmprune}
         route = served_route(resolved.method, family) if family is not None else ""
         return Prepared(payload=json.dumps(body).encode(), stream=stream, resolved=resolved, images=images,
                         kept=kept, sizes=sizes, stages=stages, route=route)

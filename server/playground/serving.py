@@ -207,7 +207,7 @@ async def trace_of(state: Any, trace_id: str, wait_s: float = 3.0) -> TraceRespo
         stages = in_llm_stages(records, sum(run.visual_tokens))
     else:
         # The probe methods prune once, at the LLM input, the count with the FLOPs of their
-        # layer-averaged schedule (vlmprune.vllm_plugin.common.prunable_keep).
+        # layer-averaged schedule (the image's plan on the probe route, vlmprune.reduction.plan).
         where = "LLM input, every layer (in-LLM schedule as its layer average)" if METHODS[run.method].stage == "in_llm" \
             else "LLM input"
         stages = [Stage(where=where, kept=sum(run.kept), of=sum(run.visual_tokens))]

@@ -129,7 +129,8 @@ def test_llava_aim_merges_clip_features_then_projects(llava, ratio):
     """AIM on LLaVA, as its official code: ToMe merges the selected CLIP layer's patch features
     (metric: the last ViT layer's keys) and the projector runs on the merged tokens. Merging the
     projected features instead (the same groups) gives other values."""
-    from vlmprune.reduction.reduce import input_keep, reduce_image, signals_needed
+    from vlmprune.reduction.plan import plan_image
+    from vlmprune.reduction.reduce import reduce_image, signals_needed
     from vlmprune.core import aim
     from vlmprune.policy import parse_policy
 
@@ -146,7 +147,7 @@ def test_llava_aim_merges_clip_features_then_projects(llava, ratio):
         clip = out.hidden_states[model.config.vision_feature_layer][0, 1:]  # (P, C)
         last = vit_layers(model.model.vision_tower)[-1]
         keys = last.self_attn.k_proj(last.layer_norm1(out.hidden_states[-2]))[0, 1:]  # (P, C)
-        keep = input_keep(policy, im.view_sizes, layers)
+        keep = plan_image(policy, "llava", im.view_sizes, layers, route="reference").entering
         official = aim.merge_to_count(clip, keys, keep)
         expected = model.model.multi_modal_projector(official.features)  # merge, then project
         after = aim.merge_to_count(im.features, keys, keep)  # project, then merge

@@ -11,8 +11,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vlmprune.policy import PolicyError, kept_count, parse_policy
-from vlmprune.vllm_plugin import common
+from vlmprune.policy import PolicyError, parse_policy
+from vlmprune.vllm_plugin import engine_checks, fields, processor, request_policy
+from vlmprune import wire
 
 
 def test_importing_the_plugin_package_pulls_in_no_vllm():
@@ -68,7 +69,7 @@ def test_every_registered_target_subclasses_the_stock_model():
 )
 def test_parse_request(raw, expected):
     """None = no pruning; a mapping or a JSON string is validated by parse_policy."""
-    request = common.parse_request(raw)
+    request = wire.parse_request(raw)
     if expected is None:
         assert request.policy is None and not request.active
     else:
@@ -78,32 +79,23 @@ def test_parse_request(raw, expected):
 def test_instruction_is_split_from_the_policy_and_tokenized(llava):
     """``instruction`` is not a policy option: it is kept apart and tokenized without special tokens."""
     _, processor = llava
-    request = common.parse_request({"method": "fastervlm", "ratio": 0.5, "instruction": "what colour is the box"})
+    request = wire.parse_request({"method": "fastervlm", "ratio": 0.5, "instruction": "what colour is the box"})
     assert request.instruction == "what colour is the box"
-    ids = common.instruction_ids(processor.tokenizer, request)
+    ids = request_policy.instruction_ids(processor.tokenizer, request)
     assert ids == processor.tokenizer("what colour is the box", add_special_tokens=False)["input_ids"]
     with pytest.raises(PolicyError, match="field 'instruction'"):
-        common.parse_request({"method": "fastervlm", "instruction": 3})
+        wire.parse_request({"method": "fastervlm", "instruction": 3})
 
 
 def test_check_method_names_method_and_model():
     """Unsupported pairings and not-yet-available methods fail with the method and model named."""
-    req = common.parse_request({"method": "globalcom2", "ratio": 0.0})
+    req = wire.parse_request({"method": "globalcom2", "ratio": 0.0})
     with pytest.raises(PolicyError, match=r"'globalcom2' does not apply to model family 'llava'.*served model: m"):
-        common.check_method(req, "llava", common.PRE_LLM_METHODS, "m")
-    common.check_method(req, "llava_next", common.PRE_LLM_METHODS, "m")
-    req = common.parse_request({"method": "explain", "ratio": 0.5})
+        request_policy.check_method(req, "llava", request_policy.PRE_LLM_METHODS, "m")
+    request_policy.check_method(req, "llava_next", request_policy.PRE_LLM_METHODS, "m")
+    req = wire.parse_request({"method": "explain", "ratio": 0.5})
     with pytest.raises(PolicyError, match=r"'explain' needs the instruction probe.*available here: fastervlm, pool, random"):
-        common.check_method(req, "llava", common.PRE_LLM_METHODS, "m")
-
-
-def test_image_count_is_kept_count_plus_fixed_tokens():
-    """Pre-LLM counts are kept_count of the prunable tokens plus the always-kept ones."""
-    for ratio in (0.0, 0.25, 0.5, 0.9, 0.995):
-        policy = parse_policy({"method": "fastervlm", "ratio": ratio})
-        assert common.image_count(policy, 576, 0, 32) == kept_count(576, ratio)
-        assert common.image_count(policy, 100, 8, 32) == kept_count(100, ratio) + 8
-    assert common.image_count(None, 100, 8, 32) == 108
+        request_policy.check_method(req, "llava", request_policy.PRE_LLM_METHODS, "m")
 
 
 def test_fields_roundtrip_through_vllm_batching():
@@ -111,29 +103,29 @@ def test_fields_roundtrip_through_vllm_batching():
     policy (and trace id with the image's place in its request)."""
     from vllm.multimodal.inputs import MultiModalBatchedField, MultiModalFieldElem
 
-    a = common.RequestPolicy(parse_policy({"method": "random", "ratio": 0.5, "seed": 7}), "what is this", "run-0001")
-    b = common.RequestPolicy(None)
-    fa = common.encode_fields(a, [18, 18], [5, 6, 7])
-    fb = common.encode_fields(b, [36], [])
+    a = wire.RequestPolicy(parse_policy({"method": "random", "ratio": 0.5, "seed": 7}), "what is this", "run-0001")
+    b = wire.RequestPolicy(None)
+    fa = fields.encode_fields(a, [18, 18], [5, 6, 7])
+    fb = fields.encode_fields(b, [36], [])
     items = []
-    for fields in (fa, fb):
-        n = fields[common.FIELD_COUNT].shape[0]
+    for encoded in (fa, fb):
+        n = encoded[fields.FIELD_COUNT].shape[0]
         for i in range(n):
-            items.append({k: v[i] for k, v in fields.items()})
+            items.append({k: v[i] for k, v in encoded.items()})
     field = MultiModalBatchedField(keep_on_cpu=True)
     kwargs = {
         name: field.reduce_data([MultiModalFieldElem(data=item[name], field=field) for item in items], pin_memory=False)
-        for name in common.FIELDS
+        for name in fields.FIELDS
     }
     kwargs["pixel_values"] = torch.zeros(3)
-    got = common.pop_item_policies(kwargs)
+    got = fields.pop_item_policies(kwargs)
     assert set(kwargs) == {"pixel_values"}
     assert [g.count for g in got] == [18, 18, 36]
     assert [g.active for g in got] == [True, True, False]
     assert got[0].policy == a.policy and got[2].policy is None
     assert got[1].instruction_ids.tolist() == [5, 6, 7] and got[2].instruction_ids.numel() == 0
     assert [g.trace for g in got] == [("run-0001", 0), ("run-0001", 1), None]
-    assert common.pop_item_policies({"pixel_values": 1}) is None
+    assert fields.pop_item_policies({"pixel_values": 1}) is None
 
 
 def test_policy_free_context_drops_the_key_from_every_merge():
@@ -143,13 +135,13 @@ def test_policy_free_context_drops_the_key_from_every_merge():
 
     mm_config = MultiModalConfig(mm_processor_kwargs={"vlmprune": {"method": "pool", "ratio": 0.5}, "do_resize": True})
     model_config = SimpleNamespace(get_multimodal_config=lambda: mm_config, multimodal_config=mm_config)
-    ctx = common.policy_free_context(InputProcessingContext(model_config, None))
+    ctx = processor.policy_free_context(InputProcessingContext(model_config, None))
     merged = ctx.get_merged_mm_kwargs({"vlmprune": {"ratio": 0.9}, "size": 3})
     assert "vlmprune" not in merged and merged["do_resize"] is True and merged["size"] == 3
     # ... while the plugin itself sees the request merged recursively over the engine default.
-    request = common.merged_request(mm_config, {"vlmprune": {"ratio": 0.9}})
+    request = request_policy.merged_request(mm_config, {"vlmprune": {"ratio": 0.9}})
     assert (request.policy.method, request.policy.ratio) == ("pool", 0.9)
-    assert common.merged_request(mm_config, {"vlmprune": None}).policy is None
+    assert request_policy.merged_request(mm_config, {"vlmprune": None}).policy is None
 
 
 def _vllm_config(**overrides):
@@ -168,26 +160,26 @@ def test_check_engine_refuses_unsafe_configurations(monkeypatch):
     """Compiled / graph-captured encoders, bad defaults and untested versions refuse to start."""
     import vllm
 
-    assert common.check_engine(_vllm_config(), "m", "llava").policy is None
+    assert engine_checks.check_engine(_vllm_config(), "m", "llava").policy is None
     for flag in ("compile_mm_encoder", "cudagraph_mm_encoder"):
         with pytest.raises(RuntimeError, match=flag):
-            common.check_engine(_vllm_config(**{flag: True}), "m")
+            engine_checks.check_engine(_vllm_config(**{flag: True}), "m")
     # A tensor-parallel tower is served in either encoder mode (the scores are reduced across ranks;
     # the TP=2 engines of tests/vllm/test_plugin_tp.py check the answers).
-    common.check_engine(_vllm_config(tp=2), "m")
-    common.check_engine(_vllm_config(tp=2, tp_mode="data"), "m")
+    engine_checks.check_engine(_vllm_config(tp=2), "m")
+    engine_checks.check_engine(_vllm_config(tp=2, tp_mode="data"), "m")
     with pytest.raises(RuntimeError, match="engine default.*'globalcom2' does not apply"):
-        common.check_engine(_vllm_config(defaults={"vlmprune": {"method": "globalcom2"}}), "m", "llava")
-    default = common.check_engine(_vllm_config(defaults={"vlmprune": {"method": "pool", "ratio": 0.5}}), "m", "llava")
+        engine_checks.check_engine(_vllm_config(defaults={"vlmprune": {"method": "globalcom2"}}), "m", "llava")
+    default = engine_checks.check_engine(_vllm_config(defaults={"vlmprune": {"method": "pool", "ratio": 0.5}}), "m", "llava")
     assert default.policy.method == "pool"
-    monkeypatch.delenv(common.ALLOW_UNTESTED_ENV, raising=False)
+    monkeypatch.delenv(engine_checks.ALLOW_UNTESTED_ENV, raising=False)
     for version in ("0.34.0", "0.31.2", "1.0.0", "0.320.0"):
         monkeypatch.setattr(vllm, "__version__", version)
         with pytest.raises(RuntimeError, match=rf"supports vLLM 0.32.x \(engine-tested\) and 0.33.x "
                                                rf"\(source-checked\) only, found {re.escape(version)}"):
-            common.check_engine(_vllm_config(), "m")
-    monkeypatch.setenv(common.ALLOW_UNTESTED_ENV, "1")
-    common.check_engine(_vllm_config(), "m")
+            engine_checks.check_engine(_vllm_config(), "m")
+    monkeypatch.setenv(engine_checks.ALLOW_UNTESTED_ENV, "1")
+    engine_checks.check_engine(_vllm_config(), "m")
 
 
 @pytest.mark.parametrize("version", ["0.32.0", "0.32.3", "0.33.0", "0.33.2rc1"])
@@ -195,9 +187,9 @@ def test_check_engine_accepts_engine_tested_and_source_checked_versions(monkeypa
     """0.32.x (engine-tested) and 0.33.x (source-checked) start without the override."""
     import vllm
 
-    monkeypatch.delenv(common.ALLOW_UNTESTED_ENV, raising=False)
+    monkeypatch.delenv(engine_checks.ALLOW_UNTESTED_ENV, raising=False)
     monkeypatch.setattr(vllm, "__version__", version)
-    assert common.check_engine(_vllm_config(), "m", "llava").policy is None
+    assert engine_checks.check_engine(_vllm_config(), "m", "llava").policy is None
 
 
 def test_gpu_extra_installs_only_versions_the_plugin_accepts():
@@ -209,7 +201,7 @@ def test_gpu_extra_installs_only_versions_the_plugin_accepts():
     extras = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]
     (gpu,) = [Requirement(r) for r in extras["optional-dependencies"]["gpu"] if r.startswith("vllm")]
     for version in ("0.31.9", "0.32.0", "0.32.4", "0.33.0", "0.33.5", "0.34.0", "1.0.0"):
-        assert gpu.specifier.contains(version) == version.startswith(common.SUPPORTED_VLLM), version
+        assert gpu.specifier.contains(version) == version.startswith(engine_checks.SUPPORTED_VLLM), version
 
 
 def test_hub_layout_keys():
@@ -236,13 +228,15 @@ def next_model(tmp_path_factory):
 
 @pytest.mark.parametrize("size", [(64, 96), (96, 64), (90, 90), (30, 112)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_next_layout_reproduces_vllm_packing_and_reference_geometry(next_model, size):
-    """packed_sources gathers exactly vLLM's packed rows, and image_tokens' geometry (view, crop,
-    coords, shapes) equals the transformers backend's for the same image."""
+    """packed_sources gathers exactly vLLM's packed rows; the geometry read from them (view, crop,
+    coords, shapes) equals the transformers backend's, whose source indices its own packing laid
+    out, and each crop holds what ``crop_view_sizes`` (the gateway's and processor's count) says."""
     from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration
 
     from vlmprune.backends.hf.llava_next import LlavaNextAdapter
     from vlmprune.testbed.tiny import make_image
-    from vlmprune.vllm_plugin.llava_next import image_tokens, packed_sources
+    from vlmprune.reduction.anyres import crop_view_sizes, packed_image_tokens
+    from vlmprune.vllm_plugin.llava_next import packed_sources
 
     model, processor = next_model
     width, height = size
@@ -258,19 +252,21 @@ def test_next_layout_reproduces_vllm_packing_and_reference_geometry(next_model, 
 
     ref = LlavaNextAdapter(model, processor).encode_images(inputs, frozenset())[0]
     gh, gw = LlavaNextAdapter(model, processor)._crop_grid(image_size)
-    mine = image_tokens(ref.features, sources, {}, (4, 4), (gh, gw))
+    mine = packed_image_tokens(ref.features, sources, {}, (4, 4), (gh, gw))
     assert ref.n_tokens == sources.shape[0]
     for name in ("prunable", "view", "crop", "coords"):
         assert torch.equal(getattr(mine, name).cpu(), getattr(ref, name).cpu()), name
     assert mine.view_shape == ref.view_shape and mine.crop_grid == ref.crop_grid
+    per_crop = tuple(int((mine.crop == c).sum()) for c in range(gh * gw))
+    assert int((mine.view == 0).sum()) == 16 and per_crop == crop_view_sizes(4, (gh, gw), mine.view_shape[1])
 
 
 def test_trace_id_is_split_from_the_policy_and_checked():
     """``trace`` is not a policy option: it is split off the mapping, and only a plain file name passes."""
-    request = common.parse_request({"method": "pool", "ratio": 0.5, "trace": "run-0001"})
+    request = wire.parse_request({"method": "pool", "ratio": 0.5, "trace": "run-0001"})
     assert request.trace == "run-0001" and request.policy.method == "pool"
     with pytest.raises(PolicyError, match="'trace'"):
-        common.parse_request({"method": "pool", "ratio": 0.5, "trace": "../../x"})
+        wire.parse_request({"method": "pool", "ratio": 0.5, "trace": "../../x"})
 
 
 def test_fastv_is_served_in_llm_and_refused_on_the_probe_route(monkeypatch):
@@ -278,22 +274,22 @@ def test_fastv_is_served_in_llm_and_refused_on_the_probe_route(monkeypatch):
     probe route (for every family, any ratio)."""
     monkeypatch.delenv("VLMPRUNE_ROUTE", raising=False)
     for ratio in (0.0, 0.5):
-        req = common.parse_request({"method": "fastv", "ratio": ratio})
-        common.check_method(req, "qwen2_vl", common.PLUGIN_METHODS, "m")
+        req = wire.parse_request({"method": "fastv", "ratio": ratio})
+        request_policy.check_method(req, "qwen2_vl", request_policy.PLUGIN_METHODS, "m")
     monkeypatch.setenv("VLMPRUNE_ROUTE", "probe")
     for ratio in (0.0, 0.5):
-        req = common.parse_request({"method": "fastv", "ratio": ratio})
+        req = wire.parse_request({"method": "fastv", "ratio": ratio})
         with pytest.raises(PolicyError, match=r"'fastv' runs only between the served LLM's decoder layers.*"
                                               r"VLMPRUNE_ROUTE=probe.*served model: m"):
-            common.check_method(req, "qwen2_vl", common.PLUGIN_METHODS, "m")
+            request_policy.check_method(req, "qwen2_vl", request_policy.PLUGIN_METHODS, "m")
 
 
 def test_in_llm_prompt_check_refuses_what_the_stages_cannot_serve(monkeypatch):
-    """``common.check_in_llm_prompt`` (run by the processor, so a bad prompt is a 400 for that request, not an
+    """``request_policy.check_in_llm_prompt`` (run by the processor, so a bad prompt is a 400 for that request, not an
     engine stop in the forward): a video after the last image (its rows would count as instruction),
     TransPrune without instruction rows (Qwen's ``<|vision_end|>`` is not one); fine prompts pass,
     and nothing is checked off in-LLM mode or for other methods."""
-    check = common.check_in_llm_prompt
+    check = request_policy.check_in_llm_prompt
 
     def ranges(*pairs):
         return [SimpleNamespace(offset=o, length=n) for o, n in pairs]
@@ -320,7 +316,7 @@ def test_in_llm_span_must_fit_the_step_budget(monkeypatch):
     """The rows from the first image to the prompt's end are prefilled in one step: a span longer than
     the engine's step budget is refused (naming the limit); the text before the image does not count;
     an unknown budget, pre-LLM methods and the probe route are not checked."""
-    check = common.check_in_llm_prompt
+    check = request_policy.check_in_llm_prompt
     monkeypatch.delenv("VLMPRUNE_ROUTE", raising=False)
     tp = parse_policy({"method": "transprune", "ratio": 0.5})
     images = {"image": [SimpleNamespace(offset=100, length=36), SimpleNamespace(offset=140, length=36)]}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from engine_helpers import IN_LLM_ENV_VARS, Engine, build_model, chat_spec, saved_env
-from vlmprune.vllm_plugin.common import encoder_calls
+from vlmprune.vllm_plugin.fields import encoder_calls
 from vllm_stock_runner import vllm_request
 
 pytestmark = pytest.mark.slow

@@ -31,7 +31,7 @@ from engine_helpers import (
 from test_plugin_inllm import LOGPROB_ATOL, QUESTION, make_spec, reference, run
 
 from vlmprune.policy import parse_policy
-from vlmprune.reduction.stages import served_input_count
+from vlmprune.reduction.plan import plan_image
 from vlmprune.vllm_plugin import inllm
 
 pytestmark = pytest.mark.slow
@@ -78,7 +78,7 @@ def test_kept_rows_and_greedy_tokens_equal_the_reference(env):
         policy = {"method": method, "ratio": ratio}
         want_tokens, want_stages, want_lps = reference(env, spec, policy)
         assert record is not None, f"{what}: the request ran no in-LLM stage"
-        want_input = [served_input_count(parse_policy(policy), n, LAYERS) for n in n_prunable]
+        want_input = [plan_image(parse_policy(policy), "llava_next", n, LAYERS, route="in_llm").entering for n in n_prunable]
         assert [len(s) for s in record["spans"]] == want_input, f"{what}: prunable rows per image at the input"
         assert [length - len(s) for (_, length), s in zip(record["runs"], record["spans"])] == newlines, (
             f"{what}: every newline row is outside the prunable spans"

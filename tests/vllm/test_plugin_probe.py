@@ -26,12 +26,12 @@ from vlmprune.backends.hf import progressive
 from vlmprune.core import aim, transprune
 from vlmprune.core.explain import RelevanceCNN, RelevanceCNNConfig
 from vlmprune.core.select import topk_sorted
-from vlmprune.policy import PolicyError, image_kept_count, kept_count, parse_policy
+from vlmprune.policy import PolicyError, image_kept_count, parse_policy
 from vlmprune.reduction.ttv_capture import SubBlockCapture
 from vlmprune.signals.attention import attention_logits, instruction_attention
-from vlmprune.vllm_plugin import common
+from vlmprune.vllm_plugin import request_policy
 from vlmprune.vllm_plugin.probe import EXPLAIN_CHECKPOINT, probe_log, start_probe_log
-from vlmprune.vllm_plugin.qwen2_vl import grid_positions
+from vlmprune.vllm_plugin.mrope import grid_positions
 
 pytestmark = pytest.mark.slow
 
@@ -59,39 +59,26 @@ def test_request_naming_another_method_drops_the_defaults_options():
     from vllm.config.multimodal import MultiModalConfig
 
     mm = MultiModalConfig(mm_processor_kwargs={"vlmprune": {"method": "aim", "ratio": 0.3, "merge_keep": 0.5, "probe_layers": 3}})
-    got = common.merged_request(mm, {"vlmprune": {"method": "transprune", "instruction": "x"}})
+    got = request_policy.merged_request(mm, {"vlmprune": {"method": "transprune", "instruction": "x"}})
     assert got.policy == parse_policy({"method": "transprune", "ratio": 0.3, "probe_layers": 3})
     assert got.instruction == "x"
-    got = common.merged_request(mm, {"vlmprune": {"method": "fastervlm", "ratio": 0.9}})
+    got = request_policy.merged_request(mm, {"vlmprune": {"method": "fastervlm", "ratio": 0.9}})
     assert got.policy == parse_policy({"method": "fastervlm", "ratio": 0.9})
     # Same method (named or not): vLLM's recursive merge, the default's options stay.
-    got = common.merged_request(mm, {"vlmprune": {"ratio": 0.9}})
+    got = request_policy.merged_request(mm, {"vlmprune": {"ratio": 0.9}})
     assert (got.policy.method, got.policy.merge_keep, got.policy.ratio) == ("aim", 0.5, 0.9)
-    got = common.merged_request(mm, {"vlmprune": {"method": "aim", "pagerank_iterations": 2}})
+    got = request_policy.merged_request(mm, {"vlmprune": {"method": "aim", "pagerank_iterations": 2}})
     assert (got.policy.merge_keep, got.policy.pagerank_iterations, got.policy.ratio) == (0.5, 2, 0.3)
-    assert common.merged_request(mm, {"vlmprune": None}).policy is None
-    assert common.merged_request(mm, {}).policy.method == "aim"
+    assert request_policy.merged_request(mm, {"vlmprune": None}).policy is None
+    assert request_policy.merged_request(mm, {}).policy.method == "aim"
     # A default given as a JSON string (command line) and a default naming no method (fastervlm).
     mm = MultiModalConfig(mm_processor_kwargs={"vlmprune": '{"method": "random", "seed": 4, "ratio": 0.5}'})
-    assert common.merged_request(mm, {"vlmprune": {"method": "pool"}}).policy == parse_policy({"method": "pool", "ratio": 0.5})
+    assert request_policy.merged_request(mm, {"vlmprune": {"method": "pool"}}).policy == parse_policy({"method": "pool", "ratio": 0.5})
     mm = MultiModalConfig(mm_processor_kwargs={"vlmprune": {"ratio": 0.5}})
-    assert common.merged_request(mm, {"vlmprune": {"method": "random", "seed": 1}}).policy.seed == 1
+    assert request_policy.merged_request(mm, {"vlmprune": {"method": "random", "seed": 1}}).policy.seed == 1
     # A bad option of the request's own method is still an error.
     with pytest.raises(PolicyError, match="unknown option 'seed' for method 'pool'"):
-        common.merged_request(mm, {"vlmprune": {"method": "pool", "seed": 1}})
-
-
-def test_every_method_keeps_kept_count_in_vllm():
-    """vLLM counts: kept_count(n, ratio) for every method, the progressive ones included; a
-    multi-view image (LLaVA-NeXT) keeps kept_count of every view (an all-padding crop keeps 0)."""
-    for method in ("fastervlm", "transprune", "aim", "explain", "random"):
-        for ratio in (0.25, 0.5, 0.75, 0.9):
-            policy = parse_policy({"method": method, "ratio": ratio})
-            assert common.image_count(policy, 576, 0, 32) == kept_count(576, ratio)
-            assert common.image_count(policy, 100, 8, 4) == kept_count(100, ratio) + 8
-            views = (576, 576, 192, 0)
-            assert common.image_count(policy, views, 24, 32) == sum(kept_count(n, ratio) for n in views) + 24
-    assert common.image_count(None, (16, 20), 3, 4) == 39
+        request_policy.merged_request(mm, {"vlmprune": {"method": "pool", "seed": 1}})
 
 
 # --- Engines ------------------------------------------------------------------------------------
@@ -210,7 +197,7 @@ def test_exact_kept_counts(env):
         assert [t for t in ids if t != env.image_id] == text
         policy = parse_policy({k: v for k, v in s["vlmprune"].items() if k != "instruction"})
         tokens = [served.image_tokens(w, h) for w, h, _ in s["images"]]
-        gateway = sum(served.kept(policy, t) + t.newline for t in tokens)
+        gateway = sum(served.plan(policy, t).prompt_tokens for t in tokens)
         assert gateway == ids.count(env.image_id), s["vlmprune"]
     read_log(env)  # clear
 
@@ -356,7 +343,7 @@ def test_ratio0_equals_no_policy(env):
 def test_engine_default_method_applies_with_its_options(env):
     """A request giving only a ratio (+ instruction) gets the default's method and options (AIM with
     merge_keep 0.5, 3 PageRank iterations); one naming fastervlm runs fastervlm."""
-    from vlmprune.reduction.reduce import input_keep
+    from vlmprune.reduction.plan import plan_image
 
     image = fresh_image(env, 11)
     s = make_spec(env, images=(image,), policy={"ratio": 0.75, "instruction": QUESTION})
@@ -366,7 +353,7 @@ def test_engine_default_method_applies_with_its_options(env):
     assert record["method"] == "aim"
     n, fixed = parts(env, image)
     policy = parse_policy({**DEFAULT, "ratio": 0.75})
-    assert record["rows"].shape[0] == input_keep(policy, n, 4) + fixed  # merged with merge_keep 0.5
+    assert record["rows"].shape[0] == plan_image(policy, env.family, n, 4, route="reference").entering + fixed  # merge_keep 0.5
     out = env.engine.run_one(make_spec(env, policy={"method": "fastervlm", "ratio": 0.75}))
     assert out["prompt_token_ids"].count(env.image_id) == count(env, env.images[0], 0.75)
     assert read_log(env) == []

@@ -25,18 +25,15 @@ from engine_helpers import ROUTE_PROBE
 
 from vlmprune.policy import PolicyError, kept_count, parse_policy
 from vlmprune.trace import TRACE_DIR_ENV, pop_trace
-from vlmprune.vllm_plugin.qwen2_vl import (
+from vlmprune.vllm_plugin.mrope import (
     POSITION_CHANNELS,
-    PrunedQwen2_5_VL,
-    PrunedQwen2VL,
     decode_position_channels,
     encode_position_channels,
     grid_positions,
     mrope_input_positions,
-    position_log,
     recompute_positions,
-    start_position_log,
 )
+from vlmprune.vllm_plugin.qwen2_vl import PrunedQwen2_5_VL, PrunedQwen2VL, position_log, start_position_log
 
 IMG_P = (112, 168, 1)  # portrait: h 6 x w 4 merged tokens
 IMG_L = (168, 112, 2)  # landscape: 4 x 6

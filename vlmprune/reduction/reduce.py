@@ -1,9 +1,9 @@
 """One image's reduction at the LLM input: policy + signals -> :class:`TokenReduction`.
 
-Counts: ``keep`` prunable tokens survive, ``keep = image_kept_count(view_sizes, ratio)``
-(``kept_count`` of every view, summed: one view except on LLaVA-NeXT) for pre-LLM and
-instruction-aware methods; for the progressive methods (TransPrune, AIM, FastV) ``keep`` is the count of
-the scaled schedule's stage at the LLM input (:func:`vlmprune.reduction.stages.stage_plan`).
+Counts: ``keep`` prunable tokens survive, what the image's plan on the reference route says enters
+the LLM (:func:`vlmprune.reduction.plan.plan_image`): ``image_kept_count(view_sizes, ratio)`` for
+pre-LLM and instruction-aware methods; for the progressive methods (TransPrune, AIM, FastV) the
+scaled schedule's stage at the LLM input.
 Non-prunable tokens (LLaVA-NeXT's image_newline tokens) always survive, so
 ``count == keep + n_non_prunable``. Ratio 0 (or a stage that keeps everything) returns the identity.
 
@@ -22,9 +22,9 @@ import torch
 from vlmprune.core import aim, baselines, explain, fastervlm, globalcom2, transprune
 from vlmprune.core.select import TokenReduction, allocate_exact
 from vlmprune.methods import require_support
-from vlmprune.policy import PolicyError, image_kept_count, view_kept_counts
+from vlmprune.policy import PolicyError, view_kept_counts
 from vlmprune.reduction.image_tokens import CLS_ATTENTION, CLS_LOGITS, MERGE_METRIC, VISION_FEATURES, ImageTokens
-from vlmprune.reduction.stages import stage_plan
+from vlmprune.reduction.plan import plan_image
 
 _SIGNALS: dict[str, frozenset[str]] = {
     "fastervlm": frozenset({CLS_ATTENTION}),
@@ -43,32 +43,12 @@ def signals_needed(method: str, family: str | None = None) -> frozenset[str]:
     return needs
 
 
-def input_keep(policy: Any, view_sizes: int | Sequence[int], num_layers: int | None = None) -> int:
-    """Prunable tokens of one image that reach the LLM input under ``policy``.
-
-    ``view_sizes``: the image's prunable tokens per view (:attr:`ImageTokens.view_sizes`; an int
-    is one view). Single-count methods keep ``kept_count`` of every view (summed); the progressive
-    ones the first stage of their schedule over the whole image.
-    """
-    sizes = (view_sizes,) if isinstance(view_sizes, int) else tuple(view_sizes)
-    n_prunable = sum(sizes)
-    if policy.ratio == 0.0:
-        return n_prunable
-    if policy.method in ("transprune", "aim", "fastv"):
-        if num_layers is None:
-            raise ValueError(f"num_layers is required for the progressive method {policy.method!r}")
-        return stage_plan(policy, n_prunable, num_layers)[0][1]
-    return image_kept_count(sizes, policy.ratio)
-
-
-def needs_instruction_attention(policy: Any, view_sizes: int | Sequence[int], num_layers: int) -> bool:
+def needs_instruction_attention(policy: Any, family: str, view_sizes: int | Sequence[int], num_layers: int) -> bool:
     """Whether reducing an image with these prunable tokens per view reads layer-0 instruction attention."""
-    n_prunable = view_sizes if isinstance(view_sizes, int) else sum(view_sizes)
-    if policy.method == "explain":
-        return input_keep(policy, view_sizes) < n_prunable
-    if policy.method == "transprune":
-        return input_keep(policy, view_sizes, num_layers) < n_prunable
-    return False
+    if policy.method not in ("explain", "transprune"):
+        return False
+    plan = plan_image(policy, family, view_sizes, num_layers, route="reference")
+    return plan.entering < plan.prunable
 
 
 def reduce_image(
@@ -86,9 +66,11 @@ def reduce_image(
     (explain, TransPrune's stage 0). ``explain_model``: a :class:`vlmprune.core.explain.RelevanceCNN`.
     ``num_layers``: decoder depth, for the progressive methods' schedules.
     """
-    require_support(policy.method, family)
+    spec = require_support(policy.method, family)
     n_prunable = image.n_prunable
-    keep = input_keep(policy, image.view_sizes, num_layers)
+    if num_layers is None and spec.stage == "in_llm":
+        raise ValueError(f"num_layers is required for the progressive method {policy.method!r}")
+    keep = plan_image(policy, family, image.view_sizes, num_layers or 0, route="reference").entering
     if keep >= n_prunable:
         return TokenReduction.identity(image.n_tokens, device=image.features.device)
     prunable = image.prunable.bool()

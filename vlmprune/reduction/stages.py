@@ -1,8 +1,8 @@
 """Stage plans of the progressive methods (TransPrune, AIM, FastV): how many tokens each stage keeps.
 
 The paper schedules and their scaling to a layer-averaged ``ratio`` are :mod:`vlmprune.core.schedule`;
-this module applies them to one policy and one image, for the reduction at the LLM input
-(:func:`vlmprune.reduction.reduce.input_keep`) and for the reference backend's in-LLM stages.
+this module applies them to one policy and one image (:func:`stage_plan`, read by
+:func:`vlmprune.reduction.plan.plan_image`), and holds the row bookkeeping both backends' stages share.
 """
 
 from __future__ import annotations
@@ -96,48 +96,6 @@ def remap_rows(keep, rows):
     if bool((where >= keep.numel()).any()) or not torch.equal(keep[where.clamp_max(keep.numel() - 1)], rows):
         raise ValueError("instruction tokens must never be pruned; an instruction index lies in a visual span")
     return where
-
-
-def in_llm_stages(policy: Any, n_prunable: list[int], num_layers: int) -> list[tuple[int, list[int]]]:
-    """The reference backend's in-LLM stages of one request, ``(after_layer, counts per image)``:
-    the schedule without its LLM-input stage (where the reference reduces the image before the
-    LLM); ``[]`` at ratio 0 or when no stage removes a token."""
-    if policy.ratio <= 0 or not n_prunable:
-        return []
-    plans = [stage_plan(policy, n, num_layers) for n in n_prunable]
-    layers = [layer for layer, _ in plans[0][1:]]
-    stages = [(layer, [plan[j + 1][1] for plan in plans]) for j, layer in enumerate(layers)]
-    inputs = [plan[0][1] for plan in plans]
-    if all(c >= k for _, counts in stages for c, k in zip(counts, inputs)):
-        return []
-    return stages
-
-
-def served_in_llm_stages(policy: Any, n_prunable: list[int], num_layers: int) -> list[tuple[int, list[int]]]:
-    """The stages vLLM's in-LLM mode runs for one request, ``(after_layer, counts per image)``.
-
-    TransPrune's placeholders keep every visual token, so its LLM-input reduction (schedule stage
-    0, the reference's ``reduce_image``) runs inside the LLM at layer 0, before the reference's
-    in-LLM stages; AIM merges before the LLM (:func:`served_input_count`), so only those remain.
-    """
-    later = in_llm_stages(policy, n_prunable, num_layers)
-    if policy.method != "transprune" or policy.ratio <= 0:
-        return later
-    first = [stage_plan(policy, n, num_layers)[0][1] for n in n_prunable]
-    return ([(0, first)] if any(c < n for c, n in zip(first, n_prunable)) else []) + later
-
-
-def served_input_count(policy: Any, n_prunable: int | Sequence[int], num_layers: int) -> int:
-    """Prunable tokens of one image in the prompt under vLLM's in-LLM mode: every one for
-    TransPrune (pruned inside the LLM from layer 0 on), AIM's merge count (its schedule's first stage).
-
-    ``n_prunable``: the image's prunable tokens, or their count per view (LLaVA-NeXT's base view and
-    crops): the schedule runs on the whole image, as the reference's ``input_keep``."""
-    if not isinstance(n_prunable, int):
-        n_prunable = sum(int(n) for n in n_prunable)
-    if policy.ratio <= 0 or policy.method == "transprune":
-        return n_prunable
-    return stage_plan(policy, n_prunable, num_layers)[0][1]
 
 
 def check_policy_depth(policy: Any, num_layers: int) -> None:

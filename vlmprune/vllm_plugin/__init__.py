@@ -2,7 +2,7 @@
 
 Versions: 0.32.x is engine-tested (the CPU build, every test here); 0.33.x is source-checked (the
 modules the plugin uses are unchanged from 0.32, ``../shared/design/INLLM_VLLM.md``); any other
-version refuses to start (:func:`vlmprune.vllm_plugin.common.check_engine`).
+version refuses to start (:func:`vlmprune.vllm_plugin.engine_checks.check_engine`).
 
 Entry point (``pyproject.toml``)::
 
@@ -25,7 +25,7 @@ Usage (the policy is :mod:`vlmprune.policy`'s: ``method``, ``ratio`` and the met
     # engine-wide default:  vllm serve MODEL --mm-processor-kwargs '{"vlmprune": {"method": "pool", "ratio": 0.5}}'
 
 Requests merge over the default recursively (``{"vlmprune": {"ratio": 0.9}}`` keeps the default's
-method; ``{"vlmprune": null}`` disables pruning); see :mod:`vlmprune.vllm_plugin.common`.
+method; ``{"vlmprune": null}`` disables pruning); see :mod:`vlmprune.vllm_plugin.request_policy`.
 Routes (:data:`vlmprune.methods.ROUTE_ENV`): on every engine whose model runner the plugin hooks
 (vLLM's V1 runner: every CPU engine), ``transprune``, ``aim`` and ``fastv`` run **between the served
 LLM's decoder layers** by default (the in-LLM route, :mod:`vlmprune.vllm_plugin.inllm`), exactly as the
@@ -38,12 +38,11 @@ request's instruction in the policy (``{"vlmprune": {..., "instruction": "..."}}
 refused. Always at the LLM input: ``fastervlm``, ``globalcom2`` (LLaVA-NeXT), ``random``, ``pool`` and
 the probe-scored ``explain``.
 
-Counts: the pre-LLM methods keep ``kept_count(n, ratio)`` tokens per image at the LLM input; so do
-the probe-route ``transprune`` / ``aim``, whose ``ratio`` is the layer-averaged removed fraction
-(the count with the same LLM FLOPs as the reference's in-LLM schedule). On the in-LLM route the
-placeholders hold what enters the first layer
-(:func:`vlmprune.reduction.stages.served_input_count`: every token for TransPrune and FastV, the
-merge count for AIM) and the stages prune inside.
+Counts: each image's plan (:func:`vlmprune.reduction.plan.plan_image`). The pre-LLM methods keep
+``kept_count(n, ratio)`` tokens per image at the LLM input; so do the probe-route ``transprune`` /
+``aim``, whose ``ratio`` is the layer-averaged removed fraction (the count with the same LLM FLOPs as
+the reference's in-LLM schedule). On the in-LLM route the placeholders hold what enters the first
+layer (every token for TransPrune and FastV, the merge count for AIM) and the stages prune inside.
 The explain method's CNN weights are ``checkpoint`` or ``vlmprune_explain_cnn.pt`` beside the model.
 
 Kept-token traces (the gateway's playground): with ``VLMPRUNE_TRACE_DIR`` set on the engine, a

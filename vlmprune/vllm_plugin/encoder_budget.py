@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from vlmprune.vllm_plugin.common import FIELD_ENCODED
+from vlmprune.vllm_plugin.fields import FIELD_ENCODED
 
 
 def encoder_surcharges(mm_features: Any) -> dict[int, int]:

@@ -59,7 +59,7 @@ rows only (newline rows always stay), as the reference (``request_plan``'s ``lay
 :mod:`vlmprune.vllm_plugin.llava_next`). Qwen: the layout gives each image's merged-grid count
 (AIM's merged placeholders do not show it).
 
-Refused per request by the processor (:func:`vlmprune.vllm_plugin.common.check_in_llm_prompt`): a
+Refused per request by the processor (:func:`vlmprune.vllm_plugin.request_policy.check_in_llm_prompt`): a
 video after the last image, TransPrune with no instruction rows. Traced requests get each stage's
 kept tokens added to their images' records (:func:`vlmprune.vllm_plugin.tracing.record_stages`).
 Not done here: prompt logprobs of pruned rows (meaningless), speculative decoding.
@@ -68,7 +68,6 @@ Not done here: prompt logprobs of pruned rows (meaningless), speculative decodin
 from __future__ import annotations
 
 import copy
-import json
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,19 +77,13 @@ import torch
 from vlmprune.core import aim, fastv, transprune
 from vlmprune.methods import ROUTE_ENV, policy_in_llm, route
 from vlmprune.methods import names as method_names
-from vlmprune.policy import parse_policy
-from vlmprune.reduction.stages import (
-    in_llm_stages,
-    instruction_start,
-    remap_rows,
-    select_rows,
-    served_in_llm_stages,
-    transprune_window,
-)
+from vlmprune.reduction.plan import plan_image, request_stages
+from vlmprune.reduction.stages import instruction_start, remap_rows, select_rows
 from vlmprune.reduction.ttv_capture import SubBlockCapture
 from vlmprune.signals.attention import attention_rows
 from vlmprune.vllm_plugin.fallback import evenly_spaced_choice, guarded_stage
 from vlmprune.vllm_plugin.tensor_parallel import attention_shards, gather_heads, mean_over_shards
+from vlmprune.wire import policy_from_bytes
 
 
 def check_engine_in_llm(vllm_config: Any, model_name: str) -> None:
@@ -189,17 +182,17 @@ def read_log() -> list[dict]:
 def feature_policy(mm_features: Any) -> Any | None:
     """The policy a request's images carry (vLLM's ``mm_features``, scheduler or runner side);
     None when an image has none or the images disagree."""
-    from vlmprune.vllm_plugin.common import FIELD_POLICY
+    from vlmprune.vllm_plugin.fields import FIELD_POLICY, field_bytes
 
     feats = [f for f in (mm_features or []) if f.modality == "image"]
     raws = set()
     for f in feats:
         if f.data is None or FIELD_POLICY not in f.data:
             return None
-        raws.add(bytes(f.data[FIELD_POLICY].data.to(torch.uint8).cpu().numpy().tobytes()))
+        raws.add(field_bytes(f.data[FIELD_POLICY].data))
     if len(raws) != 1 or not next(iter(raws)):
         return None
-    return parse_policy(json.loads(next(iter(raws))))
+    return policy_from_bytes(next(iter(raws)))
 
 
 def first_image_row(mm_features: Any, default: int = 0) -> int:
@@ -229,12 +222,11 @@ def request_plan(
         parts = [layout(f, _BATCH["runner"]) for f in feats]
         sizes = [n for n, _ in parts]
         spans = [run[mask] for run, (_, mask) in zip(runs, parts)]
-    stages = served_in_llm_stages(policy, sizes, num_layers)
-    window = (0, -1)
-    if policy.method == "transprune":  # the reference's window: its own in-LLM stages only
-        window = transprune_window([layer for layer, _ in in_llm_stages(policy, sizes, num_layers)], num_layers)
+    plans = [plan_image(policy, family, n, num_layers, route="in_llm") for n in sizes]
+    stages = request_stages(plans)
     if not stages:
         return None
+    window = next((plan.window for plan in plans if plan.window != (0, -1)), (0, -1))  # same layers for all
     for f in feats:
         if f.mm_position.is_embed is not None and not bool(f.mm_position.is_embed.all()):
             raise RuntimeError("vlmprune: in-LLM pruning expects every placeholder row to be an image row")
@@ -245,7 +237,7 @@ def request_plan(
     # M-RoPE families keep the original (t, h, w) ids whatever ``positions`` says, as the
     # reference's Qwen adapters (``reindex_after_pruning = False``).
     reindex = policy.method == "transprune" and policy.positions == "reindex" and family not in MROPE_FAMILIES
-    from vlmprune.vllm_plugin.common import FIELD_TRACE, _trace_of
+    from vlmprune.vllm_plugin.fields import FIELD_TRACE, _trace_of
 
     traces = [_trace_of(f.data[FIELD_TRACE].data) if FIELD_TRACE in f.data else None for f in feats]
     return RequestPlan(policy, stages, spans, instruction, reindex, window, prompt_len,
@@ -271,7 +263,7 @@ def mark_request(request: Any) -> None:
     budget spent by other requests): such a cut inside the span is rolled back the same way, so all
     of the span's images are encoded in one step. The rows before the first image may come in
     earlier chunks (stock rows, which no stage removes). The processor refuses spans longer than the step budget
-    (:func:`vlmprune.vllm_plugin.common.check_in_llm_prompt`), so every marked request is scheduled.
+    (:func:`vlmprune.vllm_plugin.request_policy.check_in_llm_prompt`), so every marked request is scheduled.
 
     Why prefix caching can stay on for every other request: a block's hash chains every block
     before it and each image's hash includes its ``mm_processor_kwargs`` (the policy), so a block

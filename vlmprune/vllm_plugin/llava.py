@@ -1,6 +1,6 @@
 """LLaVA-1.5 in vLLM with per-request visual-token pruning (``LlavaForConditionalGeneration``).
 
-Processor: the stock one plus the policy fields (:mod:`vlmprune.vllm_plugin.common`); each image's
+Processor: the stock one plus the policy fields (:mod:`vlmprune.vllm_plugin.processor`, :mod:`vlmprune.vllm_plugin.fields`); each image's
 placeholder run shrinks to ``kept_count(576, ratio)`` (any prunable count: the rule is the
 reference backend's). Model: the stock one; ``embed_multimodal`` runs the stock vision tower and
 projector once, with a forward hook on the last *loaded* ViT layer's ``qkv_proj``, and keeps or
@@ -53,17 +53,11 @@ from vlmprune.vllm_plugin.probe import ModelProbe
 from vlmprune.vllm_plugin.fallback import guarded
 from vlmprune.vllm_plugin.tensor_parallel import gather_heads, head_shards, mean_over_shards
 from vlmprune.vllm_plugin.tracing import record_kept
-from vlmprune.vllm_plugin.common import (
-    PLUGIN_METHODS,
-    POLICY_KEY,
-    PROBE_METHODS,
-    ItemPolicy,
-    PolicyProcessorMixin,
-    check_engine,
-    item_count,
-    policy_free_context,
-    pop_item_policies,
-)
+from vlmprune.vllm_plugin.engine_checks import check_engine
+from vlmprune.vllm_plugin.fields import item_count, ItemPolicy, pop_item_policies
+from vlmprune.vllm_plugin.processor import policy_free_context, PolicyProcessorMixin
+from vlmprune.vllm_plugin.request_policy import PLUGIN_METHODS, PROBE_METHODS
+from vlmprune.wire import POLICY_KEY
 
 # --- Vision-side signals ------------------------------------------------------------------------
 

@@ -9,9 +9,10 @@ after unpadding; FasterVLM's official code budgets every view by itself), each p
 Selection: the stock tower runs once over every view (hooked as in :mod:`vlmprune.vllm_plugin.llava`);
 the stock ``_merge_image_patch_embeddings`` packs the features. To know which view, crop and grid
 cell each packed row came from, the same vLLM function packs a one-channel tensor of source
-indices (newline = -1) - so the layout matches the features by construction - and the result
-becomes the :class:`~vlmprune.reduction.image_tokens.ImageTokens` geometry that the transformers
-backend builds for the same model. ``reduce_image`` then decides (FasterVLM per view, GlobalCom2's
+indices (newline = -1) - so the layout matches the features by construction - and
+:func:`vlmprune.reduction.anyres.packed_image_tokens` turns it into the
+:class:`~vlmprune.reduction.image_tokens.ImageTokens` geometry, as the transformers backend does.
+``reduce_image`` then decides (FasterVLM per view, GlobalCom2's
 thumbnail-guided crop budgets, ``random``, ``pool`` per view, AIM's merge per view).
 
 GlobalCom2's [CLS] logits and AIM's merge keys are the *last* ViT layer's, as in the transformers
@@ -35,15 +36,12 @@ from vllm.model_executor.models.llava_next import (
 from vllm.model_executor.models.vision import get_num_selected_vision_tokens
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from vlmprune.geometry import crop_view_sizes
+from vlmprune.reduction.anyres import crop_view_sizes, packed_image_tokens, source_indices
 from vlmprune.reduction.image_tokens import ImageTokens
 from vlmprune.reduction.projector import projection, projector_input_capture
-from vlmprune.vllm_plugin.common import (
-    PLUGIN_METHODS,
-    POLICY_KEY,
-    PolicyProcessorMixin,
-    policy_free_context,
-)
+from vlmprune.vllm_plugin.processor import policy_free_context, PolicyProcessorMixin
+from vlmprune.vllm_plugin.request_policy import PLUGIN_METHODS
+from vlmprune.wire import POLICY_KEY
 from vlmprune.vllm_plugin.llava import (
     LlavaFamilyPromptMixin,
     LlavaPruningMixin,
@@ -68,7 +66,7 @@ class PrunedLlavaNextProcessingInfo(LlavaNextProcessingInfo):
         tokens left after unpadding (row-major), and one newline per unpadded row.
 
         The same terms, from the same functions, as the stock ``get_num_image_tokens``; the crops
-        split the unpadded grid as :func:`vlmprune.geometry.crop_view_sizes` says.
+        split the unpadded grid as :func:`vlmprune.reduction.anyres.crop_view_sizes` says.
         """
         hf_config = self.get_hf_config()
         encoder = self.get_vision_encoder_info()
@@ -129,64 +127,12 @@ def packed_sources(model: LlavaNextForConditionalGeneration, image_size: torch.T
     newline "embedding" of -1, so the mapping follows exactly the stock stitching and unpadding.
     """
     vc = model.config.vision_config
-    patches = (vc.image_size // vc.patch_size) ** 2
-    index = torch.arange(views * patches, dtype=torch.float64).view(views, patches, 1)
+    index = source_indices(views, (vc.image_size // vc.patch_size) ** 2)
     shim = SimpleNamespace(config=model.config, image_newline=torch.tensor([-1.0], dtype=torch.float64))
     packed = LlavaNextForConditionalGeneration._merge_image_patch_embeddings(
         shim, image_size, index, strategy="spatial_unpad"
     )  # (n, 1)
     return packed[:, 0].round().long()
-
-
-def image_tokens(
-    features: torch.Tensor,
-    sources: torch.Tensor,
-    signals: dict[str, torch.Tensor],
-    grid: tuple[int, int],
-    crop_grid: tuple[int, int],
-) -> ImageTokens:
-    """One image's :class:`ImageTokens` (the transformers backend's LLaVA-NeXT conventions).
-
-    ``features`` (n, d) packed rows; ``sources`` (n,) from :func:`packed_sources`; ``signals`` per
-    view of this image, ``(views, P)`` or ``(views, P, C)``; ``grid`` (h, w) patches per view.
-    """
-    h, w = grid
-    patches = h * w
-    device = features.device
-    newline = sources < 0  # (n,)
-    src = sources.clamp_min(0)
-    view_idx = src // patches  # 0 = base view, k >= 1 = crop k - 1
-    patch = src % patches
-    crop = torch.where(newline | (view_idx == 0), -1, view_idx - 1)  # (n,)
-    view = torch.where(newline, -1, (view_idx > 0).long())  # (n,)
-    gw = crop_grid[1]
-    rows = torch.where(view == 1, crop.clamp_min(0) // gw * h, 0) + patch // w
-    cols = torch.where(view == 1, crop.clamp_min(0) % gw * w, 0) + patch % w
-    coords = torch.stack([rows, cols], dim=-1)  # (n, 2), stitched grid before unpadding
-    coords[newline] = -1
-    in_crops = view == 1
-    rows1 = cols1 = 0
-    if in_crops.any():
-        # Unpadding cut leading rows (or columns): shift the crop grid to start at 0.
-        coords[in_crops] -= coords[in_crops].min(dim=0).values
-        rows1, cols1 = (int(x) + 1 for x in coords[in_crops].max(dim=0).values)
-    token_signals = {}
-    for name, value in signals.items():
-        flat = value.reshape(-1, *value.shape[2:])  # (views * P,) or (views * P, C)
-        picked = flat[src.to(flat.device)]
-        picked[newline.to(flat.device)] = 0
-        token_signals[name] = picked.to(device)
-    return ImageTokens(
-        features=features,
-        prunable=(~newline).to(device),
-        grid=grid,
-        signals=token_signals,
-        view=view.to(device),
-        crop=crop.to(device),
-        coords=coords.to(device),
-        view_shape=[(h, w), (rows1, cols1)],
-        crop_grid=crop_grid,
-    )
 
 
 # --- Model --------------------------------------------------------------------------------------
@@ -269,7 +215,7 @@ class PrunedLlavaNext(LlavaPruningMixin, LlavaNextForConditionalGeneration):
             gh, gw = get_anyres_image_grid_shape(
                 tuple(int(x) for x in size.tolist()), self.config.image_grid_pinpoints, vc.image_size
             )
-            image = image_tokens(feats, sources, per_view, (side, side), (int(gh), int(gw)))
-            image.project = projection(self.multi_modal_projector)
+            image = packed_image_tokens(feats, sources, per_view, (side, side), (int(gh), int(gw)),
+                                        project=projection(self.multi_modal_projector))
             out.append(reduce_rows(item, image, self.vlmprune_family, self._vlmprune_layers, i, self._vlmprune_probe))
         return out

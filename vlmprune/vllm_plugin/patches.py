@@ -3,7 +3,7 @@
 The plugin adds model subclasses through vLLM's registry; everything else it needs from vLLM's
 front end, scheduler and model runner is a wrapped method, listed here with the process it acts
 in. The logic each wrapper runs lives with its concern (:mod:`.inllm`, :mod:`.encoder_budget`,
-:mod:`.fallback`, :mod:`.common`); this module only says *where* it hooks in. Every patch is
+:mod:`.fallback`, :mod:`.processor`); this module only says *where* it hooks in. Every patch is
 idempotent (``register()`` runs in every vLLM process, sometimes twice) and leaves requests and
 engines without a vlmprune policy on vLLM's own path.
 
@@ -49,7 +49,7 @@ def install(cpu: bool) -> None:
 def patch_renderer() -> None:
     from vllm.renderers.base import BaseRenderer
 
-    from vlmprune.vllm_plugin.common import PolicyProcessorMixin
+    from vlmprune.vllm_plugin.processor import PolicyProcessorMixin
 
     def make(original):
         def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:

@@ -27,7 +27,7 @@ Scores (per image; only the image's prunable rows compete, text and newline rows
 
 Counts: every method keeps ``kept_count(n, ratio)`` prunable tokens, the count with the same LLM
 FLOPs as the layer-averaged ``ratio`` of the progressive schedules (see
-:func:`vlmprune.vllm_plugin.common.prunable_keep`).
+:func:`vlmprune.reduction.plan.plan_image` on the probe route).
 
 Positions of the probe sequence: LLaVA rows get ``0..m-1`` (the re-indexed prompt vLLM runs) and
 the instruction continues at ``m``; Qwen rows keep their (t, h, w) ids relative to the image start
@@ -393,7 +393,7 @@ class ModelProbe:
         num_layers: int,
         grid_positions: torch.Tensor | None = None,
     ) -> TokenReduction:
-        """:func:`reduce_with_probe` for one image's :class:`~vlmprune.vllm_plugin.common.ItemPolicy`."""
+        """:func:`reduce_with_probe` for one image's :class:`~vlmprune.vllm_plugin.fields.ItemPolicy`."""
         policy = item.policy
         device = image.features.device
         cnn = self.explain_model(policy, device) if policy.method == "explain" else None

@@ -3,9 +3,9 @@
 Each image is a base (thumbnail) view plus a ``gh x gw`` grid of crops, each its own ViT pass; the
 crops are stitched into one grid, the padding rows/cols are cut away (``unpad_image``) and an
 ``image_newline`` token ends every row (``spatial_unpad``). Features are the model's own
-``get_image_features`` output. The per-token geometry and signals are laid out by running the
-model's own ``pack_image_features`` a second time on a small side tensor of
-[view, crop, row, col, signals...] channels, so they line up with the features by construction.
+``get_image_features`` output. The per-token geometry is read from a tensor of source indices that the
+model's own ``pack_image_features`` lays out a second time, so it lines up with the features by
+construction (:func:`vlmprune.reduction.anyres.packed_image_tokens`, shared with the vLLM plugin).
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ import torch
 
 from vlmprune.backends.hf.llava import LlavaFamilyAdapter
 from vlmprune.backends.hf.vision_hooks import cls_signal_capture
+from vlmprune.reduction.anyres import packed_image_tokens, source_indices
 from vlmprune.reduction.image_tokens import ImageTokens
 from vlmprune.reduction.projector import projection, projector_input_capture
-
-_GEOMETRY = 4  # side channels: view, crop, row, col
 
 
 class LlavaNextAdapter(LlavaFamilyAdapter):
@@ -67,87 +66,29 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
             signals = {**read_signals(), **read_inputs()}  # name -> (V, P) or (V, P, C), V = all views
         features = out.pooler_output  # list of (n_i, d), packed
 
-        # 2. Side tensor per view: geometry + signals, (V, P, 4 + S).
+        # 2. Each view's patches numbered, laid out like the features (stitch, unpad, newline = -1).
         views_per_image = [
             image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
             for size in image_sizes
         ]
-        names = sorted(signals)
-        widths = [1 if signals[k].ndim == 2 else signals[k].shape[-1] for k in names]
-        patch = torch.arange(h * w)
-        side_list = []
-        for i, size in enumerate(image_sizes):
-            gh, gw = self._crop_grid(size)
-            v = views_per_image[i]
-            crop = torch.arange(v) - 1  # (v,): -1 = base view, else the crop id (row-major)
-            view = (crop >= 0).float()
-            crop_row = torch.where(crop >= 0, crop.div(gw, rounding_mode="floor"), 0)
-            crop_col = torch.where(crop >= 0, crop % gw, 0)
-            rows = crop_row[:, None] * h + patch[None] // w  # (v, P) row in the stitched grid
-            cols = crop_col[:, None] * w + patch[None] % w  # (v, P)
-            geometry = torch.stack(
-                [view[:, None].expand(v, h * w), crop[:, None].expand(v, h * w).float(), rows.float(), cols.float()],
-                dim=-1,
-            )  # (v, P, 4)
-            side_list.append(geometry)
-        side = torch.cat(side_list)  # (V, P, 4)
-        if names:
-            sig = torch.cat(
-                [signals[k].float().cpu().reshape(side.shape[0], h * w, -1) for k in names], dim=-1
-            )  # (V, P, S)
-            side = torch.cat([side, sig], dim=-1)
-        newline = torch.cat([torch.full((_GEOMETRY,), -1.0), torch.zeros(side.shape[-1] - _GEOMETRY)])
-
-        # 3. Lay the side channels out exactly like the features (stitch, unpad, newlines).
+        index = source_indices(sum(views_per_image), h * w, torch.float32)  # (V, P, 1)
         packed, _ = self.model.model.pack_image_features(
-            list(torch.split(side, views_per_image)),
+            list(torch.split(index, views_per_image)),
             image_sizes,
             vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-            image_newline=newline,
+            image_newline=torch.tensor([-1.0]),
         )
 
-        images = []
+        # 3. Every row's view, crop and grid cell, and its signals (anyres: the vLLM plugin's rule too).
+        images, start = [], 0
+        project = projection(self.model.model.multi_modal_projector)
         for i, (feats, lay) in enumerate(zip(features, packed)):
             if lay.shape[0] != feats.shape[0]:
-                raise ValueError(f"image {i}: side layout has {lay.shape[0]} tokens, features {feats.shape[0]}")
-            images.append(self._image_tokens(feats, lay, names, widths, self._crop_grid(image_sizes[i])))
+                raise ValueError(f"image {i}: source layout has {lay.shape[0]} tokens, features {feats.shape[0]}")
+            per_view = {name: value[start : start + views_per_image[i]].float() for name, value in signals.items()}
+            sources = lay[:, 0].round().long() - start * h * w  # this image's views count from 0
+            sources[lay[:, 0] < 0] = -1
+            start += views_per_image[i]
+            images.append(packed_image_tokens(feats, sources.to(feats.device), per_view, (h, w),
+                                              self._crop_grid(image_sizes[i]), project=project))
         return images
-
-    def _image_tokens(
-        self,
-        feats: torch.Tensor,
-        lay: torch.Tensor,
-        names: list[str],
-        widths: list[int],
-        crop_grid: tuple[int, int],
-    ) -> ImageTokens:
-        """ImageTokens from one image's features (n, d) and packed side channels (n, 4 + S)."""
-        device = feats.device
-        view = lay[:, 0].round().long()  # (n,)
-        crop = lay[:, 1].round().long()
-        coords = lay[:, 2:4].round().long()  # (n, 2), stitched-grid coordinates before unpadding
-        in_crops = view == 1
-        rows1 = cols1 = 0
-        if in_crops.any():
-            # Unpadding cut leading rows (or cols): shift view-1 coords to start at 0.
-            top = coords[in_crops].min(dim=0).values
-            coords[in_crops] -= top
-            rows1, cols1 = (int(x) + 1 for x in coords[in_crops].max(dim=0).values)
-        h, w = self._vision_grid()
-        signals, offset = {}, _GEOMETRY
-        for name, width in zip(names, widths):
-            value = lay[:, offset : offset + width]
-            signals[name] = (value[:, 0] if width == 1 else value).to(device)
-            offset += width
-        return ImageTokens(
-            features=feats,
-            prunable=(view >= 0).to(device),
-            grid=(h, w),
-            signals=signals,
-            view=view.to(device),
-            crop=crop.to(device),
-            coords=coords.to(device),
-            view_shape=[(h, w), (rows1, cols1)],
-            crop_grid=crop_grid,
-            project=projection(self.model.model.multi_modal_projector),
-        )

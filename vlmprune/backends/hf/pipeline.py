@@ -34,7 +34,6 @@ from vlmprune.backends.hf.base import ModelAdapter, Sequence
 from vlmprune.core import explain
 from vlmprune.core.select import TokenReduction
 from vlmprune.methods import require_support
-from vlmprune.methods import METHODS
 from vlmprune.policy import PolicyError, PolicyT, parse_policy
 from vlmprune.reduction.image_tokens import ImageTokens
 from vlmprune.reduction.reduce import (
@@ -43,7 +42,8 @@ from vlmprune.reduction.reduce import (
     reduce_image,
     signals_needed,
 )
-from vlmprune.reduction.stages import check_policy_depth, in_llm_stages
+from vlmprune.reduction.plan import plan_image, request_stages
+from vlmprune.reduction.stages import check_policy_depth
 from vlmprune.signals.attention import instruction_attention
 
 # Family (config.model_type) -> "module:Class", imported on first use so that a family whose
@@ -302,7 +302,7 @@ class ReferenceBackend:
 
         # 1. Reduce every image at the LLM input.
         iattn = None
-        if any(needs_instruction_attention(policy, im.view_sizes, num_layers) for im in images):
+        if any(needs_instruction_attention(policy, self.family, im.view_sizes, num_layers) for im in images):
             iattn = self._instruction_attention(seq)  # (L,)
         reductions = [
             reduce_image(
@@ -315,7 +315,6 @@ class ReferenceBackend:
             )
             for im, span in zip(images, seq.image_spans)
         ]
-        progressive = METHODS[policy.method].stage == "in_llm"
         reindex_input = self.adapter.reindex_after_pruning and not (
             policy.method == "transprune" and policy.positions == "original"
         )
@@ -326,7 +325,8 @@ class ReferenceBackend:
         fixed = sum(im.n_tokens - im.n_prunable for im in images)
 
         # 2. Progressive methods: later stages inside the LLM (only when one of them removes tokens).
-        stages = in_llm_stages(policy, [im.n_prunable for im in images], num_layers) if progressive else []
+        stages = request_stages([plan_image(policy, self.family, im.view_sizes, num_layers, route="reference")
+                                 for im in images])
         if stages:
             from vlmprune.backends.hf.progressive import progressive_prefill
 
