@@ -61,17 +61,33 @@ def parse_request(raw: Any) -> RequestPolicy:
     """Validate the value of ``mm_processor_kwargs[POLICY_KEY]`` (already merged over the default).
 
     ``None`` (or absent) means no pruning. Raises :class:`PolicyError` naming the field and value.
+    A JSON-able value is validated once per distinct value in this process (vLLM's processor reads
+    a request's policy more than once; the result is frozen, so it is shared safely).
     """
+    if raw is None or isinstance(raw, str):
+        return _parse_text(raw)
+    try:
+        text = json.dumps(raw, sort_keys=True)
+    except (TypeError, ValueError):  # not JSON-able: validated as is (and refused if it is not a mapping)
+        return _parse_value(raw)
+    return _parse_text(text)
+
+
+@lru_cache(maxsize=1024)
+def _parse_text(text: str | None) -> RequestPolicy:
+    if text is None:
+        return RequestPolicy()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        # An engine default given on the command line arrives as a JSON string.
+        raise PolicyError(f"mm_processor_kwargs[{POLICY_KEY!r}] must be a mapping, got {text!r}") from None
+    return _parse_value(value)
+
+
+def _parse_value(raw: Any) -> RequestPolicy:
     if raw is None:
         return RequestPolicy()
-    if isinstance(raw, str):
-        # An engine default given on the command line may arrive as a JSON string.
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError:
-            raise PolicyError(f"mm_processor_kwargs[{POLICY_KEY!r}] must be a mapping, got {raw!r}") from None
-        if raw is None:
-            return RequestPolicy()
     if not isinstance(raw, Mapping):
         raise PolicyError(f"mm_processor_kwargs[{POLICY_KEY!r}] must be a mapping, got {type(raw).__name__}")
     data = dict(raw)

@@ -32,6 +32,7 @@ from vlmprune.vllm_plugin.request_policy import (
 )
 from vlmprune.wire import POLICY_KEY, RequestPolicy
 
+
 @dataclass(frozen=True)
 class PolicyFreeContext(InputProcessingContext):
     """vLLM's ``InputProcessingContext`` whose merged processor kwargs never hold ``vlmprune``."""

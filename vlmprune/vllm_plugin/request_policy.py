@@ -11,16 +11,19 @@ How a policy travels (vLLM 0.32, see ``../shared/design/VLLM_INTEGRATION.md`` §
    pruning off for that request. (Consequence: a request cannot drop an option of the default's
    method; switching to a method that lacks that option is rejected as an unknown option.)
 2. The multimodal processor (front end) validates the merged policy with
-   :func:`vlmprune.policy.parse_policy`, checks the method against the model
+   :func:`vlmprune.wire.parse_request` (once per distinct value), checks the method against the model
    (:func:`check_method`), computes each image's plan (:func:`vlmprune.reduction.plan.plan_image`:
-   its placeholders are the only count the scheduler and the model ever use) and attaches per-image tensor
-   fields (:func:`encode_fields`): the policy as JSON bytes, the count, and the instruction ids.
+   its placeholders are the only count the scheduler and the model ever use) and attaches per-image
+   tensor fields (:func:`vlmprune.vllm_plugin.fields.encode_fields`): the policy as JSON bytes
+   (:func:`vlmprune.wire.policy_bytes`), the count, and the instruction ids.
    The fields are ``MultiModalFieldConfig.batched("image")``; the request's
    ``mm_processor_kwargs`` are part of the multimodal hash, so processor, encoder and prefix
    caches never mix ratios.
-3. The plugin's key never reaches the Hugging Face processor: :class:`PolicyFreeContext` drops it
+3. The plugin's key never reaches the Hugging Face processor:
+   :class:`vlmprune.vllm_plugin.processor.PolicyFreeContext` drops it
    from every merge vLLM does on the processor's behalf, and the processors pop it as well.
-4. The model (worker) pops the fields in ``embed_multimodal`` (:func:`pop_item_policies`), decides
+4. The model (worker) pops the fields in ``embed_multimodal``
+   (:func:`vlmprune.vllm_plugin.fields.pop_item_policies`), decides
    with :mod:`vlmprune.core` (through :func:`vlmprune.reduction.reduce.reduce_image`, the same
    routing the transformers backend uses) and returns exactly ``count`` rows per image.
 
