@@ -652,8 +652,10 @@ def _keep_key_weights(attn) -> None:
     ``attn.vlmprune_key_proj``, taken when vLLM post-processes the loaded weights: on CPU it then packs
     them for oneDNN and drops the plain weight. A stage scores with the keys of every row but the
     queries of a few (TransPrune: the instruction rows; FastV: the last row), so it projects the keys
-    alone (:func:`_qk`) instead of q, k and v of every row. Memory: the k projection of every layer
-    (``kv heads x head dim x hidden`` weights each; a quarter of q/k/v at half as many KV as query heads)."""
+    alone (:func:`_qk`) instead of q, k and v of every row. On CPU the copy is packed the way vLLM packs
+    its own linear layers (:class:`_KeyProjection`): a plain ``F.linear`` is several times slower there
+    than vLLM's oneDNN GEMM. Memory: the k projection of every layer (``kv heads x head dim x hidden``
+    weights each; a quarter of q/k/v at half as many KV as query heads)."""
     proj = attn.qkv_proj
     method = proj.quant_method
     original = method.process_weights_after_loading
@@ -662,11 +664,36 @@ def _keep_key_weights(attn) -> None:
         if layer is proj and proj.weight.ndim == 2 and proj.weight.shape[0] == attn.q_size + 2 * attn.kv_size:
             rows = slice(attn.q_size, attn.q_size + attn.kv_size)
             bias = getattr(proj, "bias", None)
-            attn.vlmprune_key_proj = (proj.weight[rows].detach().clone(),
-                                      bias[rows].detach().clone() if bias is not None else None)
+            attn.vlmprune_key_proj = _KeyProjection(proj.weight[rows].detach().clone(),
+                                                    bias[rows].detach().clone() if bias is not None else None)
         original(layer)
 
     method.process_weights_after_loading = process_weights_after_loading
+
+
+class _KeyProjection:
+    """``x -> x @ W_k.T + b_k`` with vLLM's own CPU GEMM (oneDNN, packed once) where vLLM uses it,
+    ``F.linear`` elsewhere (GPU, or when vLLM's CPU dispatch is unavailable)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.weight, self.bias = weight, bias
+        self.linear = None
+        if weight.device.type == "cpu":
+            try:
+                from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+                holder = torch.nn.Module()
+                holder.weight = torch.nn.Parameter(weight, requires_grad=False)
+                holder.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+                dispatch_cpu_unquantized_gemm(holder, remove_weight=True)  # the packed copy only
+                self.linear, self.weight, self.bias = holder.cpu_linear, holder.weight, holder.bias
+            except Exception:  # an older/other vLLM: the plain GEMM
+                self.linear = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.linear is not None:
+            return self.linear(x, self.weight, self.bias)
+        return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
 def _qk(layer, h: torch.Tensor, pos: torch.Tensor, row: _Row,
@@ -686,7 +713,7 @@ def _qk(layer, h: torch.Tensor, pos: torch.Tensor, row: _Row,
         q = q if q_rows is None else q[q_rows]
     else:
         d = attn.head_dim
-        k = torch.nn.functional.linear(normed, *key_proj)  # (n, Hkv * D)
+        k = key_proj(normed)  # (n, Hkv * D)
         qkv, _ = attn.qkv_proj(normed[q_rows])
         q = qkv[:, : attn.q_size].contiguous()
         # vLLM's rotary kernels rotate a query and a key (in place): a throwaway partner for each.
