@@ -458,10 +458,10 @@ class InLLMForward:
         residual: torch.Tensor | None = None
         removed_ctx = [0] * len(rows)  # cached rows missing from the current layer group, per request
         group_fc, group_pos = None, positions
+        offsets = self._offsets(rows)  # each request's first row in `hidden`; changes only at a stage taken
         for idx, layer in enumerate(self.lm.layers):
             # 1. Stages after `idx` layers: prefill rows choose their kept rows from the layout of
             #    the previous group; decode rows see a shorter cache from here on.
-            offsets = self._offsets(rows)
             choices: dict[int, torch.Tensor] = {}
             changed = False
             for r, row in enumerate(rows):
@@ -482,12 +482,12 @@ class InLLMForward:
                 residual = residual[index] if residual is not None else None
                 for r, keep in choices.items():
                     self._apply(rows[r], keep)
+                offsets = self._offsets(rows)
                 changed = True  # every stage taken rebuilds the group (a no-op stage costs one rebuild)
             if changed:
                 group_fc, group_pos = self._group_context(fc, rows, removed_ctx, names[idx:])
             # 2. AIM and FastV score a stage from the attention of the layer that precedes it: its
             #    own rotated q and k, read as they enter its attention (nothing projected twice).
-            offsets = self._offsets(rows)
             score_rows = []
             for r, row in enumerate(rows):
                 if row.plan is None or row.plan.policy.method not in ("aim", "fastv") or row.replay is not None:
