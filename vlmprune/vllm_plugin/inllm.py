@@ -450,10 +450,10 @@ class InLLMForward:
         residual: torch.Tensor | None = None
         removed_ctx = [0] * len(rows)  # cached rows missing from the current layer group, per request
         group_fc, group_pos = None, positions
+        offsets = self._offsets(rows)  # each request's first row in `hidden`; changes only at a stage taken
         for idx, layer in enumerate(self.lm.layers):
             # 1. Stages after `idx` layers: prefill rows choose their kept rows from the layout of
             #    the previous group; decode rows see a shorter cache from here on.
-            offsets = self._offsets(rows)
             choices: dict[int, torch.Tensor] = {}
             changed = False
             for r, row in enumerate(rows):
@@ -474,31 +474,34 @@ class InLLMForward:
                 residual = residual[index] if residual is not None else None
                 for r, keep in choices.items():
                     self._apply(rows[r], keep)
+                offsets = self._offsets(rows)
                 changed = True  # every stage taken rebuilds the group (a no-op stage costs one rebuild)
             if changed:
                 group_fc, group_pos = self._group_context(fc, rows, removed_ctx, names[idx:])
-            # 2. AIM and FastV score a stage from the attention of the layer that precedes it.
-            offsets = self._offsets(rows)
+            # 2. AIM and FastV score a stage from the attention of the layer that precedes it: its
+            #    own rotated q and k, read as they enter its attention (nothing projected twice).
+            score_rows = []
             for r, row in enumerate(rows):
                 if row.plan is None or row.plan.policy.method not in ("aim", "fastv") or row.replay is not None:
                     continue
                 nxt = next((c for s, c in row.plan.stages if s == idx + 1), None)
                 if nxt is not None and any(c < s.numel() for c, s in zip(nxt, row.spans)):
-                    sl = slice(offsets[r], offsets[r] + int(row.rows.numel()))
-                    row.importance = _scores(layer, _stream(hidden, residual, sl), group_pos[..., sl], row)
+                    score_rows.append(r)
             # 3. The layer itself; TransPrune's TTV read from hooks inside its window.
             ttv_rows = [r for r, row in enumerate(rows) if row.plan is not None and row.replay is None
                         and row.plan.window[0] <= idx <= row.plan.window[1]]
-            with override_context(group_fc) if group_fc is not None else nullcontext():
-                if ttv_rows:
-                    with SubBlockCapture(layer) as cap:
-                        hidden, residual = layer(group_pos, hidden, residual, **extra)
-                    for r in ttv_rows:
-                        row = rows[r]
-                        ttv = cap.ttv(row.plan.policy.direction, slice(offsets[r], offsets[r] + int(row.rows.numel())))
-                        row.ttv = ttv if row.ttv is None else row.ttv + ttv
-                else:
-                    hidden, residual = layer(group_pos, hidden, residual, **extra)
+            with override_context(group_fc) if group_fc is not None else nullcontext(), \
+                    SubBlockCapture(layer) if ttv_rows else nullcontext() as cap, \
+                    _AttentionInputs(layer.self_attn.attn) if score_rows else nullcontext() as qk:
+                hidden, residual = layer(group_pos, hidden, residual, **extra)
+            for r in ttv_rows:
+                row = rows[r]
+                ttv = cap.ttv(row.plan.policy.direction, slice(offsets[r], offsets[r] + int(row.rows.numel())))
+                row.ttv = ttv if row.ttv is None else row.ttv + ttv
+            for r in score_rows:
+                row = rows[r]
+                q, k = qk.rows(slice(offsets[r], offsets[r] + int(row.rows.numel())), layer.self_attn.head_dim)
+                row.importance = _layer_scores(layer, q, k, row)
         hidden, _ = self.lm.norm(hidden, residual)
         self._finish(rows)
         out = hidden.new_zeros(num_tokens, hidden.shape[-1])
@@ -527,19 +530,20 @@ class InLLMForward:
         if not any(c < s.numel() for c, s in zip(counts, row.spans)):
             row.importance = None
             return torch.arange(n, device=device)
-        h = _stream(hidden, residual, sl)
         policy = row.plan.policy
 
         def scored():
             if policy.method == "transprune":
-                iga = _instruction_attention(layer, h, pos, row)  # (n,)
+                iga = _instruction_attention(layer, _stream(hidden, residual, sl), pos, row)  # (n,)
                 ttv_acc = row.ttv
 
                 def choose(span_rows, count):
                     ttv = ttv_acc[span_rows] if ttv_acc is not None else None
                     return transprune.reduce(transprune.combine(ttv, iga[span_rows]), count)
             else:  # AIM / FastV: scores of the layer before the stage (layer 0's own at the LLM input)
-                importance = row.importance if row.importance is not None else _scores(layer, h, pos, row)
+                importance = row.importance
+                if importance is None:
+                    importance = _scores(layer, _stream(hidden, residual, sl), pos, row)
                 pick = fastv.select if policy.method == "fastv" else aim.prune
 
                 def choose(span_rows, count):
@@ -644,8 +648,10 @@ def _keep_key_weights(attn) -> None:
     ``attn.vlmprune_key_proj``, taken when vLLM post-processes the loaded weights: on CPU it then packs
     them for oneDNN and drops the plain weight. A stage scores with the keys of every row but the
     queries of a few (TransPrune: the instruction rows; FastV: the last row), so it projects the keys
-    alone (:func:`_qk`) instead of q, k and v of every row. Memory: the k projection of every layer
-    (``kv heads x head dim x hidden`` weights each; a quarter of q/k/v at half as many KV as query heads)."""
+    alone (:func:`_qk`) instead of q, k and v of every row. On CPU the copy is packed the way vLLM packs
+    its own linear layers (:class:`_KeyProjection`): a plain ``F.linear`` is several times slower there
+    than vLLM's oneDNN GEMM. Memory: the k projection of every layer (``kv heads x head dim x hidden``
+    weights each; a quarter of q/k/v at half as many KV as query heads)."""
     proj = attn.qkv_proj
     method = proj.quant_method
     original = method.process_weights_after_loading
@@ -654,11 +660,36 @@ def _keep_key_weights(attn) -> None:
         if layer is proj and proj.weight.ndim == 2 and proj.weight.shape[0] == attn.q_size + 2 * attn.kv_size:
             rows = slice(attn.q_size, attn.q_size + attn.kv_size)
             bias = getattr(proj, "bias", None)
-            attn.vlmprune_key_proj = (proj.weight[rows].detach().clone(),
-                                      bias[rows].detach().clone() if bias is not None else None)
+            attn.vlmprune_key_proj = _KeyProjection(proj.weight[rows].detach().clone(),
+                                                    bias[rows].detach().clone() if bias is not None else None)
         original(layer)
 
     method.process_weights_after_loading = process_weights_after_loading
+
+
+class _KeyProjection:
+    """``x -> x @ W_k.T + b_k`` with vLLM's own CPU GEMM (oneDNN, packed once) where vLLM uses it,
+    ``F.linear`` elsewhere (GPU, or when vLLM's CPU dispatch is unavailable)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.weight, self.bias = weight, bias
+        self.linear = None
+        if weight.device.type == "cpu":
+            try:
+                from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+                holder = torch.nn.Module()
+                holder.weight = torch.nn.Parameter(weight, requires_grad=False)
+                holder.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+                dispatch_cpu_unquantized_gemm(holder, remove_weight=True)  # the packed copy only
+                self.linear, self.weight, self.bias = holder.cpu_linear, holder.weight, holder.bias
+            except Exception:  # an older/other vLLM: the plain GEMM
+                self.linear = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.linear is not None:
+            return self.linear(x, self.weight, self.bias)
+        return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
 def _qk(layer, h: torch.Tensor, pos: torch.Tensor, row: _Row,
@@ -678,7 +709,7 @@ def _qk(layer, h: torch.Tensor, pos: torch.Tensor, row: _Row,
         q = q if q_rows is None else q[q_rows]
     else:
         d = attn.head_dim
-        k = torch.nn.functional.linear(normed, *key_proj)  # (n, Hkv * D)
+        k = key_proj(normed)  # (n, Hkv * D)
         qkv, _ = attn.qkv_proj(normed[q_rows])
         q = qkv[:, : attn.q_size].contiguous()
         # vLLM's rotary kernels rotate a query and a key (in place): a throwaway partner for each.
@@ -700,6 +731,51 @@ def _cached_keys(layer, table: torch.Tensor, n: int) -> torch.Tensor:
     j = torch.arange(n, device=cache.device)
     view = cache.view(blocks, heads, 2 * size, width // 2)
     return view[table[j // size].long().to(cache.device), :, j % size, :]
+
+
+class _AttentionInputs:
+    """Context manager: the rotated q (T, H * D) and k (T, Hkv * D) a decoder layer's attention module
+    (vLLM's ``Attention``, called ``attn(q, k, v)`` by ``LlamaAttention`` / ``Qwen2Attention``) receives
+    while the layer runs, i.e. after its input norm, q/k/v projection and RoPE."""
+
+    def __init__(self, attn) -> None:
+        self.attn = attn
+        self.q = self.k = None
+        self.handle = None
+
+    def __enter__(self) -> _AttentionInputs:
+        def hook(_module, args, kwargs):
+            self.q = args[0] if args else kwargs["query"]
+            self.k = args[1] if len(args) > 1 else kwargs["key"]
+
+        self.handle = self.attn.register_forward_pre_hook(hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.handle.remove()
+
+    def rows(self, sl: slice, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (n, H, D) and k (n, Hkv, D) of rows ``sl``."""
+        q, k = self.q[sl], self.k[sl]
+        return q.reshape(q.shape[0], -1, head_dim), k.reshape(k.shape[0], -1, head_dim)
+
+
+def _layer_scores(layer, q: torch.Tensor, k: torch.Tensor, row: _Row) -> torch.Tensor:
+    """(n,) AIM's PageRank importance or FastV's attention received, from the q (n, H, D) and k (n, Hkv, D)
+    of one request's current rows in ``layer`` (:class:`_AttentionInputs`); as :func:`_scores`."""
+    policy = row.plan.policy
+    if row.prefix:
+        k = torch.cat([_cached_keys(layer, row.table, row.prefix).to(k.dtype), k])
+    if policy.method == "aim":
+        from vlmprune.vllm_plugin.probe import causal_logits
+
+        logits = gather_heads(causal_logits(q, k), attention_shards(layer.self_attn), dim=0)  # every head, in order
+        return aim.pagerank_importance(
+            logits, temperature=policy.pagerank_temperature, iterations=policy.pagerank_iterations
+        )
+    rows = fastv.query_rows(policy.query, q.shape[0], row.instruction).to(q.device)
+    probs = attention_rows(q[rows], k, rows + row.prefix)  # (H, t, prefix + n)
+    return mean_over_shards(fastv.attention_scores(probs[..., row.prefix :]), attention_shards(layer.self_attn))  # (n,)
 
 
 def _scores(layer, h: torch.Tensor, pos: torch.Tensor, row: _Row) -> torch.Tensor:
