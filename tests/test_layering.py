@@ -125,7 +125,7 @@ def test_one_rule_for_where_the_instruction_starts():
 
     users = sorted(module for module, tree in _sources("vlmprune", "server")
                    if "instruction_start(" in ast_text(tree) and module != "vlmprune.reduction.stages")
-    assert users == ["vlmprune.backends.hf.llava", "vlmprune.backends.hf.qwen2_vl", "vlmprune.vllm_plugin.inllm",
+    assert users == ["vlmprune.backends.hf.llava", "vlmprune.backends.hf.qwen2_vl", "vlmprune.vllm_plugin.inllm_plan",
                      "vlmprune.vllm_plugin.request_policy"]
     assert instruction_start([5, 6, 7, 77, 9], 3, vision_end=77) == 4
     assert instruction_start([5, 6, 7, 8, 9], 3, vision_end=77) == 3

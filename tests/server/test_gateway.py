@@ -8,7 +8,6 @@ in test_vllm_e2e.py. The gateway counts tokens with the tiny LLaVA's real config
 from __future__ import annotations
 
 import base64
-import io
 import time
 
 import httpx

@@ -132,7 +132,7 @@ IN_LLM_ENGINE = dict(enable_prefix_caching=True, enable_chunked_prefill=True, ma
 """vLLM's defaults as the launcher leaves them (chunked prefill and prefix caching on), with a step
 budget shorter than the longest prompts: a prompt with a long text before its image is prefilled
 in chunks up to the image, then its span from the image to the end in one step
-(``inllm.mark_request``, wrapped in by ``patches``). In-LLM requests must never read a prefix-cache hit, the
+(``inllm_plan.mark_request``, wrapped in by ``patches``). In-LLM requests must never read a prefix-cache hit, the
 others still do. Blocks of 32 tokens (CPU attention needs a multiple of 32; its default, 128, is
 longer than these prompts): so hits do happen, and a compacted layer group's rows cross block
 boundaries."""
@@ -187,11 +187,11 @@ def inllm_sampling():
 def inllm_run(engine: "Engine", specs: list[dict[str, Any]]):
     """(outputs, in-LLM log records in request order, None where a request ran no stage) of one
     ``generate`` call."""
-    from vlmprune.vllm_plugin import inllm
+    from vlmprune.vllm_plugin import inllm_plan
 
-    engine.llm.apply_model(lambda _m: inllm.read_log())
+    engine.llm.apply_model(lambda _m: inllm_plan.read_log())
     outs = engine.llm.generate([vllm_request(s) for s in specs], inllm_sampling(), use_tqdm=False)
-    (log,) = engine.llm.apply_model(lambda _m: inllm.read_log())
+    (log,) = engine.llm.apply_model(lambda _m: inllm_plan.read_log())
 
     def record(request_id):  # the engine core suffixes the request id ("<id>-<random>")
         found = [rec for rec in log if rec["req_id"] == request_id or rec["req_id"].startswith(request_id + "-")]

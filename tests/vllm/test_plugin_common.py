@@ -342,6 +342,6 @@ def test_in_llm_span_must_fit_the_step_budget(monkeypatch):
     (10, 100, 0, 120, 120),  # resumed after preemption: prompt + outputs
 ])
 def test_scheduler_step_keeps_the_span_whole(span_start, prompt_len, computed, new, want):
-    from vlmprune.vllm_plugin.inllm import in_llm_step
+    from vlmprune.vllm_plugin.inllm_plan import in_llm_step
 
     assert in_llm_step(span_start, prompt_len, computed, new) == want

@@ -39,7 +39,7 @@ from engine_helpers import (
     vllm_request,
 )
 
-from vlmprune.vllm_plugin import inllm
+from vlmprune.vllm_plugin import engine_checks, inllm_plan, inllm_scoring
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +68,7 @@ def env(tmp_path_factory, timings):
     stock = StockRun(model_dir, stock_specs, root, max_model_len=IN_LLM_ENGINE["max_model_len"]).result(timeout=900)
     with saved_env(IN_LLM_ENV_VARS):
         engine = Engine(model_dir, **IN_LLM_ENGINE)
-        assert engine.llm.apply_model(lambda _m: inllm.start_log()) == [True]
+        assert engine.llm.apply_model(lambda _m: inllm_plan.start_log()) == [True]
         timings["inllm_engine_start_s"] = engine.start_s
         yield SimpleNamespace(engine=engine, ref=ReferenceBackend(model, processor), processor=processor,
                               stock=dict(zip(("one", "text", "two", "long_text"), stock["outputs"])), stock_specs=stock_specs)
@@ -234,7 +234,7 @@ def test_negative_control_without_the_cached_keys_the_stages_choose_otherwise(en
         j = torch.arange(n)
         return cache.view(blocks, heads, 2 * size, width // 2)[table[j // size].long(), :, size + j % size, :]
 
-    monkeypatch.setattr(inllm, "_cached_keys", values_instead)
+    monkeypatch.setattr(inllm_scoring, "cached_keys", values_instead)
     changed = []
     for policy in ({"method": "transprune", "ratio": 0.9}, {"method": "fastv", "ratio": 0.5}, {"method": "aim", "ratio": 0.9}):
         spec = make_spec(env.processor, images=IMAGES, policy=policy, preamble=PREAMBLE)
@@ -253,8 +253,8 @@ def test_stage_scoring_projects_the_keys_alone_and_equals_the_full_projection(en
         h = torch.randn(40, layer.self_attn.qkv_proj.input_size)
         pos, rows = torch.arange(40), torch.tensor([7, 39])
         row = SimpleNamespace(prefix=0)
-        q, k = inllm._qk(layer, h, pos, row, rows)
-        q_all, k_all = inllm._qk(layer, h, pos, row)
+        q, k = inllm_scoring.stage_qk(layer, h, pos, row, rows)
+        q_all, k_all = inllm_scoring.stage_qk(layer, h, pos, row)
         return (hasattr(layer.self_attn, "vlmprune_key_proj"), float((q - q_all[rows]).abs().max()),
                 float((k - k_all).abs().max()), float(k_all.abs().max()))
 
@@ -305,7 +305,7 @@ def test_traces_record_every_stage_of_the_in_llm_selection(env, tmp_path, monkey
 
 def test_unsafe_engine_settings_are_refused_naming_the_flag(env):
     config = env.engine.llm.llm_engine.vllm_config
-    inllm.check_engine_in_llm(config, "m")  # the engine's own settings are safe
+    engine_checks.check_engine_in_llm(config, "m")  # the engine's own settings are safe
     assert config.scheduler_config.enable_chunked_prefill and config.cache_config.enable_prefix_caching
     for attr, value, flag in (
         ("model_config.enforce_eager", False, "--enforce-eager.*VLMPRUNE_ROUTE=probe"),
@@ -318,7 +318,7 @@ def test_unsafe_engine_settings_are_refused_naming_the_flag(env):
         object.__setattr__(part, name, value)
         object.__setattr__(bad, section, part)
         with pytest.raises(RuntimeError, match=flag):
-            inllm.check_engine_in_llm(bad, "m")
+            engine_checks.check_engine_in_llm(bad, "m")
 
 
 def test_prompt_the_stages_cannot_serve_is_refused_for_that_request_only(env):

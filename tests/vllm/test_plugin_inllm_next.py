@@ -32,7 +32,7 @@ from test_plugin_inllm import LOGPROB_ATOL, QUESTION, make_spec, reference, run
 
 from vlmprune.policy import parse_policy
 from vlmprune.reduction.plan import plan_image
-from vlmprune.vllm_plugin import inllm
+from vlmprune.vllm_plugin import inllm_plan
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,7 @@ def env(tmp_path_factory, timings):
     stock = StockRun(model_dir, stock_specs, root).result(timeout=900)  # first: one engine at a time
     with saved_env(IN_LLM_ENV_VARS):
         engine = Engine(model_dir, **IN_LLM_ENGINE)
-        assert engine.llm.apply_model(lambda _m: inllm.start_log()) == [True]
+        assert engine.llm.apply_model(lambda _m: inllm_plan.start_log()) == [True]
         timings["inllm_next_engine_start_s"] = engine.start_s
         ref = ReferenceBackend(model, processor)
         yield SimpleNamespace(engine=engine, ref=ref, processor=processor, stock=stock["outputs"][0])

@@ -35,7 +35,7 @@ from engine_helpers import (
     vllm_kept,
 )
 
-from vlmprune.vllm_plugin import inllm
+from vlmprune.vllm_plugin import inllm_plan
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +59,7 @@ def env(request, tmp_path_factory, timings):
     stock = StockRun(model_dir, stock_specs, root).result(timeout=900)  # first: one engine at a time
     with saved_env(IN_LLM_ENV_VARS):
         engine = Engine(model_dir, **IN_LLM_ENGINE)
-        assert engine.llm.apply_model(lambda _m: inllm.start_log()) == [True]
+        assert engine.llm.apply_model(lambda _m: inllm_plan.start_log()) == [True]
         timings[f"inllm_{family}_engine_start_s"] = engine.start_s
         yield SimpleNamespace(family=family, engine=engine, ref=ReferenceBackend(model, processor),
                               processor=processor, stock=stock["outputs"][0], stock_text=stock["outputs"][1])

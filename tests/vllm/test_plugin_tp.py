@@ -16,7 +16,6 @@ and the top logprobs within ``ATOL`` (the ranks sum their partial results in ano
 from __future__ import annotations
 
 import json
-import os
 from types import SimpleNamespace
 
 import pytest

@@ -6,6 +6,7 @@ import logging
 import os
 from typing import Any
 
+from vlmprune.methods import ROUTE_ENV, route
 from vlmprune.policy import PolicyError
 from vlmprune.vllm_plugin.request_policy import PRE_LLM_METHODS, check_method
 from vlmprune.wire import POLICY_KEY, RequestPolicy, parse_request
@@ -72,3 +73,29 @@ def check_engine(
 
 def _versions(prefixes: tuple[str, ...]) -> str:
     return ", ".join(v + "x" for v in prefixes)
+
+
+def check_engine_in_llm(vllm_config: Any, model_name: str) -> None:
+    """Refuse to start an engine on the in-LLM route whose settings would give wrong answers; the
+    message names the flag, or the probe route. Chunked prefill and prefix caching stay on
+    (:func:`mark_request`, :mod:`.patches`)."""
+    if route() != "in_llm":
+        return
+    from vllm.platforms import current_platform
+
+    problems = []
+    if not current_platform.is_cpu():
+        problems.append("only vLLM's CPU V1 model runner is hooked (run on the CPU platform)")
+    if not vllm_config.model_config.enforce_eager:
+        problems.append("CUDA graphs / torch.compile cannot run a data-dependent gather: pass --enforce-eager")
+    if int(vllm_config.parallel_config.pipeline_parallel_size) > 1:
+        problems.append("a stage needs every decoder layer on one rank: pipeline parallel size must be 1")
+    if vllm_config.speculative_config is not None:
+        problems.append("speculative decoding is not supported")
+    if vllm_config.cache_config.cache_dtype != "auto":
+        problems.append("a stage reads the keys of earlier prefill chunks from the KV cache: use --kv-cache-dtype auto")
+    if problems:
+        raise RuntimeError(
+            f"vlmprune: the in-LLM route ({ROUTE_ENV}=in_llm, the default for transprune/aim/fastv) cannot serve "
+            f"{model_name}: " + "; ".join(problems) + f". Or serve them at the LLM input: {ROUTE_ENV}=probe"
+        )

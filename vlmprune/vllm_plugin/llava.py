@@ -48,7 +48,8 @@ from vlmprune.reduction.projector import projection, projector_input_capture
 from vlmprune.reduction.reduce import reduce_image, signals_needed
 from vlmprune.signals.attention import cls_attention_from_qk
 from vlmprune.methods import IN_LLM_FAMILIES, policy_in_llm, route
-from vlmprune.vllm_plugin.inllm import InLLMForward, check_engine_in_llm
+from vlmprune.vllm_plugin.engine_checks import check_engine_in_llm
+from vlmprune.vllm_plugin.inllm import InLLMForward
 from vlmprune.vllm_plugin.probe import ModelProbe
 from vlmprune.vllm_plugin.fallback import guarded
 from vlmprune.vllm_plugin.tensor_parallel import gather_heads, head_shards, mean_over_shards
@@ -349,7 +350,7 @@ class LlavaPruningMixin:
                          self._vlmprune_in_llm_layout()).install()
 
     def _vlmprune_in_llm_layout(self) -> Any:
-        """The in-LLM stages' per-image layout (:func:`vlmprune.vllm_plugin.inllm.request_plan`);
+        """The in-LLM stages' per-image layout (:func:`vlmprune.vllm_plugin.inllm_plan.request_plan`);
         None: one grid, every placeholder row prunable (LLaVA-1.5)."""
         return None
 

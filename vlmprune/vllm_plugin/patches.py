@@ -66,11 +66,11 @@ def patch_scheduler() -> None:
     """``AsyncScheduler`` inherits both wrappers."""
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    from vlmprune.vllm_plugin import encoder_budget, inllm
+    from vlmprune.vllm_plugin import encoder_budget, inllm_plan
 
     def make_add(original):
         def add_request(self, request: Any) -> None:
-            inllm.mark_request(request)
+            inllm_plan.mark_request(request)
             encoder_budget.mark_request(request)
             return original(self, request)
         return add_request
@@ -84,13 +84,13 @@ def patch_scheduler() -> None:
                 return original(self, request, num_computed_tokens, num_new_tokens, encoder_compute_budget,
                                 *args, **kwargs)
             prompt_len = request.num_prompt_tokens
-            if span_start is not None:  # never end the step inside the span (inllm.in_llm_step)
-                num_new_tokens = inllm.in_llm_step(span_start, prompt_len, num_computed_tokens, num_new_tokens)
+            if span_start is not None:  # never end the step inside the span (inllm_plan.in_llm_step)
+                num_new_tokens = inllm_plan.in_llm_step(span_start, prompt_len, num_computed_tokens, num_new_tokens)
             with encoder_budget.charged(self.encoder_cache_manager, request, surcharges):
                 inputs, new_tokens, budget, *rest = original(self, request, num_computed_tokens, num_new_tokens,
                                                              encoder_compute_budget, *args, **kwargs)
             if span_start is not None:
-                held = inllm.in_llm_step(span_start, prompt_len, num_computed_tokens, new_tokens)
+                held = inllm_plan.in_llm_step(span_start, prompt_len, num_computed_tokens, new_tokens)
                 if held != new_tokens:
                     # vLLM cut the step before an image it could not encode in this step (the encoder
                     # budget spent by other requests): all of the span's images wait for a later step
@@ -135,7 +135,7 @@ def patch_cpu_runner() -> None:
     from vllm.model_executor.models.interfaces import supports_multimodal_pruning
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
-    from vlmprune.vllm_plugin import inllm
+    from vlmprune.vllm_plugin import inllm_plan
 
     def make_load(original):
         def load_model(self, *args: Any, **kwargs: Any) -> None:
@@ -155,16 +155,16 @@ def patch_cpu_runner() -> None:
 
     def make_forward(original):
         def _model_forward(self, *args: Any, **kwargs: Any):
-            inllm.begin_batch(self)
+            inllm_plan.begin_batch(self)
             try:
                 return original(self, *args, **kwargs)
             finally:
-                inllm.end_batch()
+                inllm_plan.end_batch()
         return _model_forward
 
     def make_update(original):
         def _update_states(self, scheduler_output: Any):
-            inllm.forget_requests(scheduler_output.finished_req_ids)
+            inllm_plan.forget_requests(scheduler_output.finished_req_ids)
             return original(self, scheduler_output)
         return _update_states
 

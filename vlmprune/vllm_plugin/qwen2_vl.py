@@ -83,7 +83,8 @@ from vlmprune.vllm_plugin.processor import policy_free_context, PolicyProcessorM
 from vlmprune.vllm_plugin.request_policy import PROBE_METHODS
 from vlmprune.wire import POLICY_KEY
 from vlmprune.methods import IN_LLM_FAMILIES, names, policy_in_llm, route
-from vlmprune.vllm_plugin.inllm import InLLMForward, check_engine_in_llm
+from vlmprune.vllm_plugin.engine_checks import check_engine_in_llm
+from vlmprune.vllm_plugin.inllm import InLLMForward
 from vlmprune.vllm_plugin.llava import needed_signals
 from vlmprune.vllm_plugin.probe import ModelProbe
 from vlmprune.vllm_plugin.fallback import guarded
@@ -240,7 +241,7 @@ class QwenPruningMixin:
 
     def _vlmprune_image_layout(self, feature: Any, _runner: Any) -> tuple[int, torch.Tensor]:
         """(merged tokens of one image before any reduction, its run's prunable rows: all) for the
-        in-LLM stages (:func:`vlmprune.vllm_plugin.inllm.request_plan`): AIM's placeholders are
+        in-LLM stages (:func:`vlmprune.vllm_plugin.inllm_plan.request_plan`): AIM's placeholders are
         already merged, so the run length does not say the count."""
         merge = int(self.config.vision_config.spatial_merge_size)  # type: ignore[attr-defined]
         count = int(torch.as_tensor(feature.data["image_grid_thw"].data).prod()) // (merge * merge)

@@ -196,7 +196,7 @@ def check_in_llm_prompt(policy: Any, family: str, prompt_ids: list[int], placeho
     The stages read the instruction as the rows after the last image (the reference's rule): so no
     other modality's placeholders may follow it (a video's rows would count as instruction), and
     TransPrune needs at least one such row. The rows from the first image to the end of the prompt
-    are prefilled in one engine step (:func:`vlmprune.vllm_plugin.inllm.mark_request`),
+    are prefilled in one engine step (:func:`vlmprune.vllm_plugin.inllm_plan.mark_request`),
     so they must fit the engine's ``step_budget`` (``max_num_batched_tokens``; None: unknown here),
     and so must the images' unpruned tokens (``encoded``), which that step's encoder budget (at
     least the step budget) is charged (:mod:`.encoder_budget`). ``placeholders``: vLLM's per-modality ranges (``offset``, ``length``); ``vision_end``: Qwen's
