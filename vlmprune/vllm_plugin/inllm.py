@@ -1,4 +1,4 @@
-"""In-LLM visual-token pruning inside vLLM's served LLM: TransPrune, AIM and FastV between decoder layers.
+"""In-LLM visual-token pruning inside vLLM's served LLM: TransPrune, AIM, FastV (and explain) between decoder layers.
 
 What runs (the default route on every engine whose V1 model runner the plugin hooks, i.e. every CPU
 engine; ``VLMPRUNE_ROUTE=probe`` opts out; LLaVA-1.5, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL): the reference backend's progressive loop
@@ -19,6 +19,13 @@ and in every decode step.
 - ``fastv``: every visual token enters the LLM; after layer ``K`` the rows the last prompt token
   (or the instruction rows, ``query="instruction"``) attended to most in layer ``K-1`` stay
   (:mod:`vlmprune.core.fastv`), original positions.
+- ``explain`` (not progressive): every visual token enters the LLM; its one choice runs *at layer
+  0*, as TransPrune's input stage, with ``explain.reduce(cnn.relevance(layer 0's instruction
+  attention at the image's prunable rows), image_kept_count(view_sizes, ratio))``: the reference's
+  LLM-input reduction over the whole prompt (the shallow probe sees [image, instruction] only).
+  The CNN comes from the model's :class:`~vlmprune.vllm_plugin.probe.ModelProbe` loader (the
+  policy's ``checkpoint`` or the file shipped beside the model). Positions as the reference's:
+  re-indexed on LLaVA, the original M-RoPE ids on Qwen.
 
 Positions (FastV and AIM: original ids): TransPrune with ``positions="reindex"`` (the paper, the reference on LLaVA) gives the
 kept rows ``0..L'-1`` after every stage and decoded tokens continue from each layer group's own
@@ -60,7 +67,8 @@ rows only (newline rows always stay), as the reference (``request_plan``'s ``lay
 (AIM's merged placeholders do not show it).
 
 Refused per request by the processor (:func:`vlmprune.vllm_plugin.request_policy.check_in_llm_prompt`): a
-video after the last image, TransPrune with no instruction rows. Traced requests get each stage's
+video after the last image, TransPrune or explain with no instruction rows (explain: also missing CNN
+weights, :func:`vlmprune.vllm_plugin.request_policy.check_probe`). Traced requests get each stage's
 kept tokens added to their images' records (:func:`vlmprune.vllm_plugin.tracing.record_stages`).
 Not done here: prompt logprobs of pruned rows (meaningless), speculative decoding.
 """
@@ -74,7 +82,7 @@ from typing import Any
 
 import torch
 
-from vlmprune.core import aim, fastv, transprune
+from vlmprune.core import aim, explain, fastv, transprune
 from vlmprune.methods import ROUTE_ENV, policy_in_llm, route
 from vlmprune.methods import names as method_names
 from vlmprune.reduction.plan import plan_image, request_stages
@@ -107,7 +115,7 @@ def check_engine_in_llm(vllm_config: Any, model_name: str) -> None:
         problems.append("a stage reads the keys of earlier prefill chunks from the KV cache: use --kv-cache-dtype auto")
     if problems:
         raise RuntimeError(
-            f"vlmprune: the in-LLM route ({ROUTE_ENV}=in_llm, the default for transprune/aim/fastv) cannot serve "
+            f"vlmprune: the in-LLM route ({ROUTE_ENV}=in_llm, the default for transprune/aim/fastv/explain) cannot serve "
             f"{model_name}: " + "; ".join(problems) + f". Or serve them at the LLM input: {ROUTE_ENV}=probe"
         )
 
@@ -232,11 +240,13 @@ def request_plan(
             raise RuntimeError("vlmprune: in-LLM pruning expects every placeholder row to be an image row")
     prompt_len = len(req_state.prompt_token_ids)
     instruction = torch.arange(instruction_start(req_state.prompt_token_ids, int(runs[-1][-1]) + 1, vision_end), prompt_len)
-    if policy.method == "transprune" and instruction.numel() == 0:
-        raise RuntimeError("vlmprune: transprune needs instruction text after the last image, and the prompt has none")
+    if policy.method in ("transprune", "explain") and instruction.numel() == 0:
+        raise RuntimeError(f"vlmprune: {policy.method} needs instruction text after the last image, and the prompt has none")
     # M-RoPE families keep the original (t, h, w) ids whatever ``positions`` says, as the
-    # reference's Qwen adapters (``reindex_after_pruning = False``).
-    reindex = policy.method == "transprune" and policy.positions == "reindex" and family not in MROPE_FAMILIES
+    # reference's Qwen adapters (``reindex_after_pruning = False``); explain's reference re-indexes
+    # its pruned LLaVA input as TransPrune's default does.
+    reindex = family not in MROPE_FAMILIES and (
+        (policy.method == "transprune" and policy.positions == "reindex") or policy.method == "explain")
     from vlmprune.vllm_plugin.fields import FIELD_TRACE, _trace_of
 
     traces = [_trace_of(f.data[FIELD_TRACE].data) if FIELD_TRACE in f.data else None for f in feats]
@@ -356,9 +366,13 @@ class InLLMForward:
     ``Qwen2Model`` (set as an instance attribute)."""
 
     def __init__(
-        self, lm: Any, family: str, n_prunable: int, layout: Any = None, *, vision_end: int | None = None
+        self, lm: Any, family: str, n_prunable: int, layout: Any = None, *, vision_end: int | None = None,
+        explain_model: Any = None,
     ) -> None:
+        """``explain_model(policy, device)``: the explain policy's RelevanceCNN
+        (:meth:`vlmprune.vllm_plugin.probe.ModelProbe.explain_model`, the probe route's loader)."""
         self.lm = lm
+        self.explain_model = explain_model
         self.family = family
         self.n_prunable = n_prunable
         self.layout = layout  # request_plan's layout (LLaVA-NeXT, Qwen), None when every row is prunable
@@ -538,6 +552,14 @@ class InLLMForward:
                 def choose(span_rows, count):
                     ttv = ttv_acc[span_rows] if ttv_acc is not None else None
                     return transprune.reduce(transprune.combine(ttv, iga[span_rows]), count)
+            elif policy.method == "explain":  # at layer 0, over the image's prunable rows (the reference's input)
+                if self.explain_model is None:
+                    raise RuntimeError("vlmprune: method 'explain' reached the in-LLM stage without its RelevanceCNN")
+                iga = _instruction_attention(layer, h, pos, row)  # (n,)
+                cnn = self.explain_model(policy, iga.device)
+
+                def choose(span_rows, count):
+                    return explain.reduce(cnn.relevance(iga[span_rows].float()), count)
             else:  # AIM / FastV: scores of the layer before the stage (layer 0's own at the LLM input)
                 importance = row.importance if row.importance is not None else _scores(layer, h, pos, row)
                 pick = fastv.select if policy.method == "fastv" else aim.prune
