@@ -215,8 +215,9 @@ def request_plan(
 
     ``layout``: for images whose placeholder run is not ``n_prunable`` prunable rows (LLaVA-NeXT:
     newline rows and a prunable count that depends on the image size; Qwen: the merged grid, which
-    AIM's merged placeholders do not show), ``layout(feature, runner) -> (n_prunable, (run,) bool
-    prunable rows)``; None: every row is prunable and each image has ``n_prunable``.
+    AIM's merged placeholders do not show), ``layout(feature, runner) -> (n_prunable or its counts per
+    view, (run,) bool prunable rows)`` (LLaVA-NeXT gives per-view counts: explain budgets each view);
+    None: every row is prunable and each image has ``n_prunable``.
     ``vision_end``: a token id that closes an image run and is not instruction (Qwen's
     ``<|vision_end|>``, which the reference skips too)."""
     policy = feature_policy(req_state.mm_features)
@@ -228,7 +229,7 @@ def request_plan(
         sizes, spans = [n_prunable] * len(feats), runs
     else:  # the reference's spans: each image's prunable rows only (newlines are always kept)
         parts = [layout(f, _BATCH["runner"]) for f in feats]
-        sizes = [n for n, _ in parts]
+        sizes = [n for n, _ in parts]  # LLaVA-NeXT: per view (explain budgets each view)
         spans = [run[mask] for run, (_, mask) in zip(runs, parts)]
     plans = [plan_image(policy, family, n, num_layers, route="in_llm") for n in sizes]
     stages = request_stages(plans)
