@@ -92,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratios", type=_parse_floats, default=None, help="default 0,0.5,0.75,0.9,0.95 (quick: 0,0.9)")
     parser.add_argument("--methods", default=None,
                         help="comma-separated; default: every method the plugin serves for LLaVA, plus fastv "
-                             "(in-LLM names: transprune, aim, fastv)")
+                             "(in-LLM names: transprune, aim, fastv, explain)")
     parser.add_argument("--in-llm", choices=IN_LLM_CHOICES, default="both",
-                        help="in-LLM methods (transprune, aim, fastv): 'both' = rows 'M r=R' on an engine with "
+                        help="in-LLM methods (transprune, aim, fastv, explain): 'both' = rows 'M r=R' on an engine with "
                              "the default in-LLM route (pruned between decoder layers) and 'M (probe) r=R' on the plugin "
                              "engine (pruned at the LLM input; none for fastv); 'only' = in-LLM rows only; "
                              "'off' = probe rows only, named 'M r=R' (no in-LLM engine, no fastv). Default both")

@@ -62,7 +62,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="extra argument for vLLM (repeatable, e.g. --vllm-arg=--max-num-seqs=8)")
     p.add_argument("--vllm-log", metavar="FILE", help="vLLM's log file (default: a temporary file)")
     p.add_argument("--route", choices=ROUTES, default=os.environ.get(ROUTE_ENV),
-                   help="where vLLM serves transprune/aim/fastv: in_llm = between the LLM's decoder layers, "
+                   help="where vLLM serves transprune/aim/fastv/explain: in_llm = between the LLM's decoder layers, "
                         "with chunked prefill and prefix caching on (the default on CPU engines, every family); "
                         "probe = once at the LLM input, scored by a shallow probe (the default on GPU engines, "
                         f"whose model runner the plugin does not hook; fastv refused). Sets {ROUTE_ENV} for "
@@ -393,7 +393,7 @@ def run(args: argparse.Namespace) -> int:
             traces = Path(tempfile.mkdtemp(prefix="vlmprune-traces-"))  # shared by the child and the gateway
             # vLLM and the gateway's accounting (ServedModel.plan) read the same route.
             os.environ[ROUTE_ENV] = serving_route(args, gpu)
-            print(f"vlmprune serve: route {os.environ[ROUTE_ENV]} for transprune/aim/fastv", flush=True)
+            print(f"vlmprune serve: route {os.environ[ROUTE_ENV]} for transprune/aim/fastv/explain", flush=True)
             child = start_vllm(cmd, log_path, gpu, traces)
             upstreams = [f"http://127.0.0.1:{port}"]
             app = _make_app(create_app, GatewaySettings, upstreams, model_dir, args, traces)  # while vLLM boots

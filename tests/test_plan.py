@@ -3,7 +3,8 @@
 Expectations are computed from the layer below (``core.schedule``'s scaled schedules and
 ``policy.kept_count``), not from the plan: the pre-LLM routes keep ``kept_count`` of every view; the
 reference route enters the LLM with the schedule's first stage and prunes at the others; the in-LLM
-route gives every decoder layer the reference's count (TransPrune's input stage at layer 0)."""
+route gives every decoder layer the reference's count (TransPrune's input stage and explain's one
+choice at layer 0)."""
 
 from __future__ import annotations
 
@@ -56,6 +57,9 @@ def test_plan_counts_and_stages(method, family, ratio, route):
         return
     # reference and in-LLM: every decoder layer sees the reference's count
     assert plan.per_layer() == reference_per_layer(policy, views)
+    if spec.stage != "in_llm" and route == "in_llm":  # explain: all enter, its one choice at layer 0
+        assert plan.entering == n and plan.stages == ((0, per_view),) and plan.final == per_view
+        return
     if spec.stage != "in_llm":
         assert plan.entering == per_view and plan.stages == ()
         return
@@ -74,9 +78,10 @@ def test_plan_counts_and_stages(method, family, ratio, route):
 def test_the_route_is_how_this_process_serves_the_method(monkeypatch):
     """``route=None`` is ``methods.served_route``: in-LLM by default, the probe on request."""
     image = ((576,), 0)
-    for env, want in ((None, {"transprune": "in_llm", "aim": "in_llm", "fastv": "in_llm", "explain": "probe",
+    for env, want in ((None, {"transprune": "in_llm", "aim": "in_llm", "fastv": "in_llm", "explain": "in_llm",
                               "fastervlm": "pre_llm", "pool": "pre_llm"}),
-                      ("probe", {"transprune": "probe", "aim": "probe", "fastv": "refused", "fastervlm": "pre_llm"})):
+                      ("probe", {"transprune": "probe", "aim": "probe", "fastv": "refused", "explain": "probe",
+                                 "fastervlm": "pre_llm"})):
         if env is None:
             monkeypatch.delenv("VLMPRUNE_ROUTE", raising=False)
         else:
@@ -100,6 +105,23 @@ def test_request_stages_share_the_layers_and_fill_images_that_lose_nothing():
     got = request_stages(plans)
     assert [layer for layer, _ in got] == [layer for layer, _ in plans[0].stages]
     assert [counts for _, counts in got] == [[a, b] for (_, a), (_, b) in zip(plans[0].stages, plans[1].stages)]
+
+
+def test_explain_in_llm_enters_whole_and_keeps_the_reference_count_from_layer_0():
+    """Explain on the in-LLM route: every prunable token is a placeholder (the stage scores with layer
+    0's attention over the whole prompt), one stage at layer 0 keeps what the reference keeps at the
+    LLM input, per view budgeted; so every decoder layer sees the reference's count. A ratio too
+    small to remove a token plans no stage."""
+    policy = parse_policy({"method": "explain", "ratio": 0.75})
+    for family in MODEL_FAMILIES:
+        views = VIEWS[family]
+        plan = plan_image(policy, family, views, LAYERS, fixed=FIXED[family], route="in_llm")
+        ref = plan_image(policy, family, views, LAYERS, fixed=FIXED[family], route="reference")
+        assert plan.entering == sum(views) and plan.prompt_tokens == sum(views) + FIXED[family]
+        assert plan.stages == ((0, ref.entering),) and plan.per_layer() == ref.per_layer()
+    tiny = plan_image(parse_policy({"method": "explain", "ratio": 0.01}), "llava", 36, 4, route="in_llm")
+    assert tiny.route == "in_llm" and tiny.entering == 36 and tiny.stages == ()
+    assert request_stages([tiny]) == []
 
 
 def test_every_family_is_planned():

@@ -119,7 +119,8 @@ def test_fastv_policy_defaults_and_its_layer_checked_against_the_served_depth():
 def test_method_traits_give_each_route(monkeypatch):
     """The routes follow from MethodSpec's traits alone: on the in-LLM route (the default) transprune,
     aim and fastv run between the decoder layers; on the probe route fastv (no at-input variant) is
-    refused and transprune / aim / explain are probe-scored; the plugin's sets are the same traits."""
+    refused and transprune / aim / explain are probe-scored; the plugin's sets are the same traits.
+    explain on the in-LLM route: its one choice at layer 0 (``MethodSpec.in_llm``)."""
     from vlmprune.methods import served_route
     from vlmprune.vllm_plugin.request_policy import INLLM_ONLY_METHODS, PROBE_METHODS
 
@@ -128,11 +129,11 @@ def test_method_traits_give_each_route(monkeypatch):
     assert {name for name, spec in METHODS.items() if not spec.at_input} == {"fastv"} == set(INLLM_ONLY_METHODS)
     assert {name for name, spec in METHODS.items() if spec.probe} == {"transprune", "aim", "explain"} == set(PROBE_METHODS)
     assert {m: served_route(m, "llava") for m in ("transprune", "aim", "fastv", "explain", "fastervlm")} == {
-        "transprune": "in_llm", "aim": "in_llm", "fastv": "in_llm", "explain": "probe", "fastervlm": "pre_llm"}
+        "transprune": "in_llm", "aim": "in_llm", "fastv": "in_llm", "explain": "in_llm", "fastervlm": "pre_llm"}
     assert served_route("globalcom2", "llava") == "refused" and served_route("globalcom2", "llava_next") == "pre_llm"
     monkeypatch.setenv("VLMPRUNE_ROUTE", "probe")
-    assert {m: served_route(m, "qwen2_vl") for m in ("transprune", "aim", "fastv")} == {
-        "transprune": "probe", "aim": "probe", "fastv": "refused"}
+    assert {m: served_route(m, "qwen2_vl") for m in ("transprune", "aim", "fastv", "explain")} == {
+        "transprune": "probe", "aim": "probe", "fastv": "refused", "explain": "probe"}
     monkeypatch.setenv("VLMPRUNE_ROUTE", "sideways")
     with pytest.raises(ValueError, match="VLMPRUNE_ROUTE must be one of in_llm, probe, got 'sideways'"):
         served_route("aim", "llava")

@@ -41,7 +41,9 @@ class MethodSpec:
     paper: str
     in_llm: bool = False
     """vLLM serves it between the served LLM's decoder layers on the in-LLM route (the default on
-    every engine whose model runner the plugin hooks: :func:`served_in_llm`)."""
+    every engine whose model runner the plugin hooks: :func:`served_in_llm`). ``explain`` too: its
+    one LLM-input choice runs at layer 0 from layer 0's attention over the whole prompt (the
+    reference's input), instead of the shallow probe over [image, instruction]."""
     at_input: bool = True
     """vLLM can serve it once at the LLM input (pre-LLM, or scored by the shallow probe): the route
     of engines the plugin does not hook and of ``VLMPRUNE_ROUTE=probe``. False for ``fastv``."""
@@ -81,7 +83,7 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec(
             "explain", "llm_input", ALL_FAMILIES, ExplainPolicy,
             "a 1-D CNN maps layer-0 instruction->visual attention to learned relevance",
-            "arXiv 2506.01097", probe=True,
+            "arXiv 2506.01097", in_llm=True, probe=True,
         ),
         MethodSpec("random", "pre_llm", ALL_FAMILIES, RandomPolicy, "seeded uniform random subset (baseline)", "-"),
         MethodSpec("pool", "pre_llm", ALL_FAMILIES, PoolPolicy, "spatial average pooling to the same count (baseline)", "-"),

@@ -27,7 +27,7 @@ File ``<dir>/<id>.<image>.json``::
      "grid": [rows, cols] | null, "view": null | [per token], "coords": null | [[r, c], ...],
      "view_shape": null | [[r, c], [r, c]]}
 
-In-LLM requests (the in-LLM route: transprune, aim, fastv) add ``"input_kept"`` (the tokens
+In-LLM requests (the in-LLM route: transprune, aim, fastv, explain) add ``"input_kept"`` (the tokens
 entering the LLM) and ``"stages": [{"after_layer": k, "kept": [...]}, ...]``; their ``kept`` is the
 last stage's (:func:`vlmprune.vllm_plugin.tracing.record_stages`).
 

@@ -25,7 +25,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         "- engines: every one with the launcher's settings (`enforce_eager`, chunked prefill on, "
         "`max_num_batched_tokens=2048`) but no prefix caching (repeats are recomputed), so the one stock row is the baseline of every row; they differ "
         "only by environment: stock `VLLM_PLUGINS=none`, plugin (`VLMPRUNE_ROUTE=probe`: pre-LLM methods, `(probe)` rows), inllm "
-        "(the default route: transprune, aim, fastv between decoder layers)",
+        "(the default route: transprune, aim, fastv, explain between decoder layers)",
         f"- TTFT: {meta['reps']} interleaved repetitions per configuration (max_tokens=1, one request at a time), "
         f"each the fastest of {meta.get('tries', 1)} back-to-back tries; "
         f"throughput: {meta['rounds']} round(s) of {meta['batch']} requests at once (max_tokens=4)",

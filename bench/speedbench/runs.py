@@ -2,7 +2,7 @@
 
 A worker is ``python -m speedbench.runs ENGINE MODEL_DIR MAX_NUM_SEQS`` (``bench/`` on the path):
 it serves JSON-line commands with one engine (stock: ``VLLM_PLUGINS=none``; plugin; inllm: the
-plugin on the default in-LLM route, transprune/aim/fastv between decoder layers; the plugin engine runs ``VLMPRUNE_ROUTE=probe``) and times
+plugin on the default in-LLM route, transprune/aim/fastv/explain between decoder layers; the plugin engine runs ``VLMPRUNE_ROUTE=probe``) and times
 ``embed_multimodal`` inside its own process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
 
 Every engine gets the same :data:`ENGINE_KWARGS`: the in-LLM mode's required flags (eager, no

@@ -28,7 +28,7 @@ class Config:
         if self.method is None:
             return None
         out: dict[str, Any] = {"method": self.method, "ratio": self.ratio}
-        if self.method in INSTRUCTION_METHODS:
+        if self.method in INSTRUCTION_METHODS and self.engine != "inllm":  # in-LLM: the prompt's own rows
             out["instruction"] = instruction
         return out
 
@@ -71,7 +71,7 @@ def make_configs(methods: list[str], ratios: list[float], in_llm: str = "off") -
     """Stock, the plugin at ratio 0 (the same code path for every method), then method x ratio, then
     one ``engine ideal r=R`` row per ratio (:attr:`Config.text_only`).
 
-    An in-LLM method (transprune, aim, fastv) gets, unless ``in_llm == "off"``, a row ``M r=R`` on the
+    An in-LLM method (transprune, aim, fastv, explain) gets, unless ``in_llm == "off"``, a row ``M r=R`` on the
     in-LLM engine and (``both``, where the probe serves it) a row ``M (probe) r=R`` on the plugin
     engine; with ``off`` it keeps its old name ``M r=R`` on the plugin engine (probe). ``fastv`` has
     no probe variant: it needs in-LLM rows.

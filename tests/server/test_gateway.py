@@ -82,12 +82,14 @@ def test_body_policy_and_instruction_reach_upstream(gateway):
     assert sent["method"] == "transprune" and "instruction" not in sent
     applied = AppliedPolicy.parse(raw.headers["x-vlmprune-applied"])
     assert applied.visual_tokens == 2 * N_VISUAL and applied.route == "in_llm" and applied.stages
-    client.chat.completions.create(
+    raw = client.chat.completions.with_raw_response.create(
         model="fake", messages=image_message("how many boxes ?"), max_tokens=3,
         extra_headers={"X-VLMPrune-Method": "explain", "X-VLMPrune-Ratio": "0.5"},
     )
     sent = up.bodies[-1]["mm_processor_kwargs"]["vlmprune"]
-    assert sent["method"] == "explain" and sent["instruction"] == "how many boxes ?"
+    assert sent["method"] == "explain" and "instruction" not in sent  # in-LLM: the prompt's own rows
+    applied = AppliedPolicy.parse(raw.headers["x-vlmprune-applied"])
+    assert applied.route == "in_llm" and applied.visual_tokens == N_VISUAL and applied.stages
 
 
 def test_streaming_passes_chunks_through(gateway):

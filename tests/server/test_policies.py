@@ -26,14 +26,14 @@ def test_default_named_policy_applies_without_headers():
 
 def test_instruction_is_attached_only_for_the_probe_methods(monkeypatch):
     """Probe-scored methods get the chat's instruction; on the in-LLM route (the default) the
-    methods it runs between decoder layers do not (they read the prompt's own instruction rows), and
-    the methods it does not run that way (explain) still do."""
+    methods it runs between decoder layers (explain's layer-0 choice included) do not: they read the
+    prompt's own instruction rows."""
     monkeypatch.setenv("VLMPRUNE_ROUTE", "probe")
     for method in ("transprune", "aim", "explain"):
         r = resolve_policy({"X-VLMPrune-Method": method}, None, BUILTIN_POLICIES, "llava", instruction="q ?")
         assert r.instruction == "q ?", method
     monkeypatch.delenv("VLMPRUNE_ROUTE", raising=False)  # the default route: in-LLM
-    for method, want in (("transprune", None), ("aim", None), ("fastv", None), ("explain", "q ?")):
+    for method, want in (("transprune", None), ("aim", None), ("fastv", None), ("explain", None)):
         r = resolve_policy({"X-VLMPrune-Method": method}, None, BUILTIN_POLICIES, "llava", instruction="q ?")
         assert r.instruction == want, method
         r = resolve_policy({}, {"method": method, "instruction": "body"}, BUILTIN_POLICIES, "llava")

@@ -229,7 +229,8 @@ def inllm_reference(ref, spec: dict[str, Any], policy: dict[str, Any]):
         logits = pre.decoder.extend([token])[-1]
     spans = pre.sequence.image_spans  # rows of the LLM-input sequence
     stages = []
-    if policy["method"] == "transprune" and any(int(k.numel()) < im.n_tokens for k, im in zip(pre.kept_index, pre.images)):
+    if policy["method"] in ("transprune", "explain") and any(
+            int(k.numel()) < im.n_tokens for k, im in zip(pre.kept_index, pre.images)):
         stages.append([k.tolist() for k in pre.kept_index])  # its LLM-input stage = layer 0 in vLLM
     state = pre.decoder._state
     for decision in (state.decisions if state is not None else []):
@@ -239,6 +240,21 @@ def inllm_reference(ref, spec: dict[str, Any], policy: dict[str, Any]):
             per_image.append((pre.kept_index[i][pos] if policy["method"] == "transprune" else pos).tolist())
         stages.append(per_image)
     return tokens, stages, logprobs
+
+
+def ship_explain_cnn(model_dir: Path, model: Any) -> Path:
+    """A small seeded RelevanceCNN saved beside the served model (where vLLM's worker looks for it),
+    and the in-memory reference model pointed at the same folder (where the reference looks), so
+    ``{"method": "explain", ...}`` needs no ``checkpoint`` on either side."""
+    import torch
+
+    from vlmprune.core.explain import CHECKPOINT_NAME, RelevanceCNN, RelevanceCNNConfig
+
+    torch.manual_seed(0)
+    path = Path(model_dir) / CHECKPOINT_NAME
+    RelevanceCNN(RelevanceCNNConfig(channels=(8, 16), kernel_size=3)).eval().save(path)
+    model.name_or_path = str(model_dir)
+    return path
 
 
 def assert_batch_gives_solo_answers(engine: "Engine", specs: list[dict[str, Any]]) -> None:

@@ -87,13 +87,17 @@ def test_instruction_is_split_from_the_policy_and_tokenized(llava):
         wire.parse_request({"method": "fastervlm", "instruction": 3})
 
 
-def test_check_method_names_method_and_model():
-    """Unsupported pairings and not-yet-available methods fail with the method and model named."""
+def test_check_method_names_method_and_model(monkeypatch):
+    """Unsupported pairings and not-yet-available methods fail with the method and model named
+    (explain: on the probe route; the in-LLM route serves it whatever the input methods are)."""
     req = wire.parse_request({"method": "globalcom2", "ratio": 0.0})
     with pytest.raises(PolicyError, match=r"'globalcom2' does not apply to model family 'llava'.*served model: m"):
         request_policy.check_method(req, "llava", request_policy.PRE_LLM_METHODS, "m")
     request_policy.check_method(req, "llava_next", request_policy.PRE_LLM_METHODS, "m")
     req = wire.parse_request({"method": "explain", "ratio": 0.5})
+    monkeypatch.delenv("VLMPRUNE_ROUTE", raising=False)
+    request_policy.check_method(req, "llava", request_policy.PRE_LLM_METHODS, "m")
+    monkeypatch.setenv("VLMPRUNE_ROUTE", "probe")
     with pytest.raises(PolicyError, match=r"'explain' needs the instruction probe.*available here: fastervlm, pool, random"):
         request_policy.check_method(req, "llava", request_policy.PRE_LLM_METHODS, "m")
 

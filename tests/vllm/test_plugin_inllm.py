@@ -31,6 +31,7 @@ from engine_helpers import (
     assert_same_output,
     build_model,
     chat_spec,
+    ship_explain_cnn,
     inllm_reference,
     inllm_run,
     inllm_sampling,
@@ -63,6 +64,7 @@ def env(tmp_path_factory, timings):
 
     root = tmp_path_factory.mktemp("inllm_llava")
     model_dir, model, processor = build_model("llava", root)
+    ship_explain_cnn(model_dir, model)
     stock_specs = [make_spec(processor), make_spec(processor, images=()), make_spec(processor, images=IMAGES),
                    make_spec(processor, LONG_TEXT, images=())]
     stock = StockRun(model_dir, stock_specs, root, max_model_len=IN_LLM_ENGINE["max_model_len"]).result(timeout=900)
@@ -84,7 +86,7 @@ def reference(env, spec, policy):
     return inllm_reference(env.ref, spec, policy)
 
 
-LOGPROB_ATOL = {"transprune": 1e-3, "fastv": 1e-3, "aim": 1e-3}
+LOGPROB_ATOL = {"transprune": 1e-3, "fastv": 1e-3, "aim": 1e-3, "explain": 1e-3}
 """vLLM and transformers in float32 (the spike measured 5.5e-6 on a text-only model). AIM's ToMe merge
 before the LLM reads the last ViT layer's keys in both (vLLM: ``FinalLayerQK``, the layer vLLM's
 tower does not build); with the last *loaded* layer's keys instead, |dlogprob| was 8e-3 / 2e-3 at
@@ -93,7 +95,9 @@ ratio 0.5 / 0.9."""
 
 
 
-CASES = [(m, r) for m in ("transprune", "aim") for r in (0.5, 0.9)] + [("fastv", 0.5), ("fastv", 0.7)]
+CASES = [(m, r) for m in ("transprune", "aim", "explain") for r in (0.5, 0.9)] + [("fastv", 0.5), ("fastv", 0.7)]
+"""explain: its one choice at layer 0 (the CNN over layer 0's instruction attention on the whole
+prompt) equals the reference's LLM-input reduction."""
 
 
 @pytest.mark.parametrize("method,ratio", CASES)

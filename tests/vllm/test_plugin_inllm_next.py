@@ -1,4 +1,4 @@
-"""In-LLM TransPrune, AIM and FastV inside the served LLaVA-NeXT LM (the default route).
+"""In-LLM TransPrune, AIM, FastV and explain inside the served LLaVA-NeXT LM (the default route).
 
 The LLaVA-1.5 module's checks (``test_plugin_inllm.py``, whose helpers this one shares) on the tiny
 AnyRes model: one real vLLM CPU engine, run as the in-LLM mode requires. An image here is a base
@@ -26,6 +26,7 @@ from engine_helpers import (
     assert_same_output,
     build_model,
     saved_env,
+    ship_explain_cnn,
     vllm_kept,
 )
 from test_plugin_inllm import LOGPROB_ATOL, QUESTION, make_spec, reference, run
@@ -49,6 +50,7 @@ def env(tmp_path_factory, timings):
     # vision_feature_layer=-2, as LLaVA: vLLM's tower stops one layer short and AIM's merge keys come
     # from the plugin's FinalLayerQK, so the merged rows (newline rows included) equal the reference's.
     model_dir, model, processor = build_model("llava_next", root)
+    ship_explain_cnn(model_dir, model)
     stock_specs = [make_spec(processor, images=IMAGES)]
     stock = StockRun(model_dir, stock_specs, root).result(timeout=900)  # first: one engine at a time
     with saved_env(IN_LLM_ENV_VARS):
@@ -60,7 +62,7 @@ def env(tmp_path_factory, timings):
         engine.shutdown()
 
 
-CASES = [(m, r) for m in ("transprune", "aim") for r in (0.5, 0.9)] + [("fastv", 0.5), ("fastv", 0.7)]
+CASES = [(m, r) for m in ("transprune", "aim", "explain") for r in (0.5, 0.9)] + [("fastv", 0.5), ("fastv", 0.7)]
 """FastV at 0.9 on a 4-layer model keeps no visual token after its layer (its one stage solved
 for the ratio), so 0.7 is its high ratio here."""
 

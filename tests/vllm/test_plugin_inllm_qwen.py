@@ -1,4 +1,4 @@
-"""In-LLM TransPrune, AIM and FastV inside the served Qwen2-VL / Qwen2.5-VL LM (the default route).
+"""In-LLM TransPrune, AIM, FastV and explain inside the served Qwen2-VL / Qwen2.5-VL LM (the default route).
 
 One real vLLM CPU engine per family (module-scoped, one after the other; tiny models: 4 decoder
 layers, M-RoPE), run as the in-LLM mode requires (eager, no chunked prefill), prefix caching on.
@@ -32,6 +32,7 @@ from engine_helpers import (
     inllm_reference,
     inllm_run,
     saved_env,
+    ship_explain_cnn,
     vllm_kept,
 )
 
@@ -42,7 +43,7 @@ pytestmark = pytest.mark.slow
 QUESTION = "what colour is the box ?"
 IMAGES = ((112, 168, 1), (84, 112, 2))  # 6x4 = 24 and 4x3 = 12 merged tokens
 SIZES = (24, 12)
-CASES = [(m, r) for m in ("transprune", "aim") for r in (0.5, 0.9)] + [("fastv", 0.5), ("fastv", 0.7)]
+CASES = [(m, r) for m in ("transprune", "aim", "explain") for r in (0.5, 0.9)] + [("fastv", 0.5), ("fastv", 0.7)]
 LOGPROB_ATOL = 1e-3
 """vLLM and transformers in float32; the Qwen ViT (and AIM's merge metric, the merger output) is
 loaded whole in vLLM, so every method is held to the same bound."""
@@ -55,6 +56,7 @@ def env(request, tmp_path_factory, timings):
     family = request.param
     root = tmp_path_factory.mktemp(f"inllm_{family}")
     model_dir, model, processor = build_model(family, root)
+    ship_explain_cnn(model_dir, model)
     stock_specs = [chat_spec(processor, QUESTION, IMAGES), chat_spec(processor, QUESTION)]
     stock = StockRun(model_dir, stock_specs, root).result(timeout=900)  # first: one engine at a time
     with saved_env(IN_LLM_ENV_VARS):

@@ -106,20 +106,23 @@ def test_each_refusable_request_between_two_good_ones(env, case):
 
 def test_a_scorer_that_fails_in_the_worker_serves_the_fallback_and_the_engine_serves_on(env):
     """A relevance CNN with finite weights that overflow to NaN passes the processor's checks and
-    fails in the worker: the image gets the evenly spaced fallback (logged, in its trace), the
-    request is answered, and so is everything after it."""
+    fails in the worker (explain's stage at layer 0, the in-LLM route): the image gets the evenly
+    spaced fallback (logged, in its trace's stage), the request is answered, and so is everything
+    after it. (The probe route's at-input fallback: test_plugin_fallback.py / test_plugin_probe.py.)"""
     assert env.engine.llm.apply_model(read_failures) == [[]], "a fallback before this test"
-    policy = {"method": "explain", "ratio": 0.75, "instruction": QUESTION,
+    policy = {"method": "explain", "ratio": 0.75,
               "checkpoint": str(env.root / "overflowing_cnn.pt"), "trace": "survival-fallback"}
     out = env.engine.run_one(spec(env, policy))
     assert len(out["token_ids"]) > 0
     (failures,) = env.engine.llm.apply_model(read_failures)
-    assert [f["method"] for f in failures] == ["explain"] and "NonFiniteScoresError" in failures[0]["error"]
+    assert [(f["method"], f["stage"]) for f in failures] == [("explain", 0)]
+    assert "NonFiniteScoresError" in failures[0]["error"]
     record = json.loads((env.traces / "survival-fallback.0.json").read_text())
-    assert "NonFiniteScoresError" in record["fallback"]
-    kept = record["kept"]
     n_image = record["n_tokens"]
-    assert len(kept) == len(out["prompt_token_ids"]) - (len(env.answers[0]["prompt_token_ids"]) - n_image)
+    assert record["input_kept"] == list(range(n_image)), "every token enters the LLM"
+    assert len(out["prompt_token_ids"]) == len(env.answers[0]["prompt_token_ids"])
+    kept = record["kept"]
+    assert [st["kept"] for st in record["stages"]] == [kept]
     assert len(kept) == n_image // 4, "ratio 0.75 keeps a quarter of the tokens"
     gaps = {b - a for a, b in zip(kept, kept[1:])}
     assert len(gaps) <= 2, f"the fallback keeps evenly spaced tokens, got gaps {sorted(gaps)}"
@@ -132,11 +135,11 @@ def test_a_scorer_that_fails_in_the_worker_serves_the_fallback_and_the_engine_se
     (failure,) = json.loads(reports[0].read_text())["failures"].values()
     assert failure["method"] == "explain" and "NonFiniteScoresError" in failure["error"]
     reports[0].unlink()
-    # The same request again reads the image's rows from vLLM's encoder cache (no scoring, no new
-    # failure): it is served with the same fallback rows, and reported too.
+    # The same request again: its stage scores again (in the LLM, not cached), fails again, is
+    # served with the same fallback rows, and reported again.
     again = env.engine.run_one(spec(env, policy))
     assert again["token_ids"] == out["token_ids"]
-    assert env.engine.llm.apply_model(read_failures) == [[]], "the image was scored again"
+    assert [f["method"] for f in env.engine.llm.apply_model(read_failures)[0]] == ["explain"]
     (report,) = env.traces.glob("fallback-*.json")
     assert "NonFiniteScoresError" in next(iter(json.loads(report.read_text())["failures"].values()))["error"]
     report.unlink()

@@ -18,7 +18,9 @@ Routes and what enters the LLM (``n`` = prunable tokens of the image, summed ove
   the LLM input and the others between decoder layers; the other methods as ``pre_llm``;
 - ``in_llm`` (vLLM between the decoder layers): as ``reference``, except that TransPrune's input
   stage runs inside the LLM at layer 0 (its placeholders keep all ``n``: it scores with layer-0
-  attention over every row), so the rows entering each decoder layer equal the reference's.
+  attention over every row), so the rows entering each decoder layer equal the reference's;
+  explain (not progressive) likewise: all ``n`` enter, one stage at layer 0 keeps
+  ``image_kept_count(view_sizes, ratio)``.
 
 Stages that remove nothing are not planned. Fixed rows (LLaVA-NeXT's newlines) are never pruned.
 """
@@ -54,7 +56,7 @@ class ImagePlan:
     are ``entering + fixed``)."""
     stages: tuple[tuple[int, int], ...] = ()
     """``(layer, prunable tokens kept)`` inside the LLM, in order: from decoder layer ``layer`` on
-    (``0``: TransPrune's input stage on the ``in_llm`` route, scored at layer 0)."""
+    (``0``: TransPrune's input stage, or explain's choice, on the ``in_llm`` route, scored at layer 0)."""
     window: tuple[int, int] = (0, -1)
     """TransPrune: the 0-based decoder layers (first, last) whose token transitions it sums."""
 
@@ -98,6 +100,9 @@ def plan_image(
     if route is None:
         route = served_route(policy.method, family)
     progressive = METHODS[policy.method].stage == "in_llm"
+    if route == "in_llm" and not progressive:  # explain: its LLM-input choice runs at layer 0
+        keep = image_kept_count(sizes, policy.ratio)
+        return ImagePlan(route, entering=n, stages=((0, keep),) if keep < n else (), **base)
     if route in ("pre_llm", "probe", "refused") or (route == "reference" and not progressive):
         return ImagePlan(route, entering=image_kept_count(sizes, policy.ratio), **base)
     if route not in ("reference", "in_llm"):

@@ -96,6 +96,6 @@ def check_engine_in_llm(vllm_config: Any, model_name: str) -> None:
         problems.append("a stage reads the keys of earlier prefill chunks from the KV cache: use --kv-cache-dtype auto")
     if problems:
         raise RuntimeError(
-            f"vlmprune: the in-LLM route ({ROUTE_ENV}=in_llm, the default for transprune/aim/fastv) cannot serve "
+            f"vlmprune: the in-LLM route ({ROUTE_ENV}=in_llm, the default for transprune/aim/fastv/explain) cannot serve "
             f"{model_name}: " + "; ".join(problems) + f". Or serve them at the LLM input: {ROUTE_ENV}=probe"
         )

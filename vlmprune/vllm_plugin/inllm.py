@@ -1,4 +1,4 @@
-"""In-LLM visual-token pruning inside vLLM's served LLM: TransPrune, AIM and FastV between decoder layers.
+"""In-LLM visual-token pruning inside vLLM's served LLM: TransPrune, AIM, FastV (and explain) between decoder layers.
 
 What runs (the default route on every engine whose V1 model runner the plugin hooks, i.e. every CPU
 engine; ``VLMPRUNE_ROUTE=probe`` opts out; LLaVA-1.5, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL): the reference backend's progressive loop
@@ -19,6 +19,13 @@ and in every decode step.
 - ``fastv``: every visual token enters the LLM; after layer ``K`` the rows the last prompt token
   (or the instruction rows, ``query="instruction"``) attended to most in layer ``K-1`` stay
   (:mod:`vlmprune.core.fastv`), original positions.
+- ``explain`` (not progressive): every visual token enters the LLM; its one choice runs *at layer
+  0*, as TransPrune's input stage, with ``explain.reduce(cnn.relevance(layer 0's instruction
+  attention at the image's prunable rows), image_kept_count(view_sizes, ratio))``: the reference's
+  LLM-input reduction over the whole prompt (the shallow probe sees [image, instruction] only).
+  The CNN comes from the model's :class:`~vlmprune.vllm_plugin.probe.ModelProbe` loader (the
+  policy's ``checkpoint`` or the file shipped beside the model). Positions as the reference's:
+  re-indexed on LLaVA, the original M-RoPE ids on Qwen.
 
 Positions (FastV and AIM: original ids): TransPrune with ``positions="reindex"`` (the paper, the reference on LLaVA) gives the
 kept rows ``0..L'-1`` after every stage and decoded tokens continue from each layer group's own
@@ -60,7 +67,8 @@ rows only (newline rows always stay), as the reference (``request_plan``'s ``lay
 (AIM's merged placeholders do not show it).
 
 Refused per request by the processor (:func:`vlmprune.vllm_plugin.request_policy.check_in_llm_prompt`): a
-video after the last image, TransPrune with no instruction rows. Traced requests get each stage's
+video after the last image, TransPrune or explain with no instruction rows (explain: also missing CNN
+weights, :func:`vlmprune.vllm_plugin.request_policy.check_probe`). Traced requests get each stage's
 kept tokens added to their images' records (:func:`vlmprune.vllm_plugin.tracing.record_stages`).
 Not done here: prompt logprobs of pruned rows (meaningless), speculative decoding.
 """
@@ -73,7 +81,7 @@ from typing import Any
 
 import torch
 
-from vlmprune.core import aim, fastv, transprune
+from vlmprune.core import aim, explain, fastv, transprune
 from vlmprune.reduction.stages import remap_rows, select_rows
 from vlmprune.reduction.ttv_capture import SubBlockCapture
 from vlmprune.vllm_plugin.fallback import evenly_spaced_choice, guarded_stage
@@ -107,9 +115,13 @@ class InLLMForward:
     ``Qwen2Model`` (set as an instance attribute)."""
 
     def __init__(
-        self, lm: Any, family: str, n_prunable: int, layout: Any = None, *, vision_end: int | None = None
+        self, lm: Any, family: str, n_prunable: int, layout: Any = None, *, vision_end: int | None = None,
+        explain_model: Any = None,
     ) -> None:
+        """``explain_model(policy, device)``: the explain policy's RelevanceCNN
+        (:meth:`vlmprune.vllm_plugin.probe.ModelProbe.explain_model`, the probe route's loader)."""
         self.lm = lm
+        self.explain_model = explain_model
         self.family = family
         self.n_prunable = n_prunable
         self.layout = layout  # request_plan's layout (LLaVA-NeXT, Qwen), None when every row is prunable
@@ -291,6 +303,14 @@ class InLLMForward:
                 def choose(span_rows, count):
                     ttv = ttv_acc[span_rows] if ttv_acc is not None else None
                     return transprune.reduce(transprune.combine(ttv, iga[span_rows]), count)
+            elif policy.method == "explain":  # at layer 0, over the image's prunable rows (the reference's input)
+                if self.explain_model is None:
+                    raise RuntimeError("vlmprune: method 'explain' reached the in-LLM stage without its RelevanceCNN")
+                iga = instruction_attention_scores(layer, residual_stream(hidden, residual, sl), pos, row)  # (n,)
+                cnn = self.explain_model(policy, iga.device)
+
+                def choose(span_rows, count):
+                    return explain.reduce(cnn.relevance(iga[span_rows].float()), count)
             else:  # AIM / FastV: scores of the layer before the stage (layer 0's own at the LLM input)
                 importance = row.importance
                 if importance is None:

@@ -150,8 +150,9 @@ def request_plan(
 
     ``layout``: for images whose placeholder run is not ``n_prunable`` prunable rows (LLaVA-NeXT:
     newline rows and a prunable count that depends on the image size; Qwen: the merged grid, which
-    AIM's merged placeholders do not show), ``layout(feature, runner) -> (n_prunable, (run,) bool
-    prunable rows)``; None: every row is prunable and each image has ``n_prunable``.
+    AIM's merged placeholders do not show), ``layout(feature, runner) -> (n_prunable or its counts per
+    view, (run,) bool prunable rows)`` (LLaVA-NeXT gives per-view counts: explain budgets each view);
+    None: every row is prunable and each image has ``n_prunable``.
     ``vision_end``: a token id that closes an image run and is not instruction (Qwen's
     ``<|vision_end|>``, which the reference skips too)."""
     policy = feature_policy(req_state.mm_features)
@@ -163,7 +164,7 @@ def request_plan(
         sizes, spans = [n_prunable] * len(feats), runs
     else:  # the reference's spans: each image's prunable rows only (newlines are always kept)
         parts = [layout(f, BATCH["runner"]) for f in feats]
-        sizes = [n for n, _ in parts]
+        sizes = [n for n, _ in parts]  # LLaVA-NeXT: per view (explain budgets each view)
         spans = [run[mask] for run, (_, mask) in zip(runs, parts)]
     plans = [plan_image(policy, family, n, num_layers, route="in_llm") for n in sizes]
     stages = request_stages(plans)
@@ -175,11 +176,13 @@ def request_plan(
             raise RuntimeError("vlmprune: in-LLM pruning expects every placeholder row to be an image row")
     prompt_len = len(req_state.prompt_token_ids)
     instruction = torch.arange(instruction_start(req_state.prompt_token_ids, int(runs[-1][-1]) + 1, vision_end), prompt_len)
-    if policy.method == "transprune" and instruction.numel() == 0:
-        raise RuntimeError("vlmprune: transprune needs instruction text after the last image, and the prompt has none")
+    if policy.method in ("transprune", "explain") and instruction.numel() == 0:
+        raise RuntimeError(f"vlmprune: {policy.method} needs instruction text after the last image, and the prompt has none")
     # M-RoPE families keep the original (t, h, w) ids whatever ``positions`` says, as the
-    # reference's Qwen adapters (``reindex_after_pruning = False``).
-    reindex = policy.method == "transprune" and policy.positions == "reindex" and family not in MROPE_FAMILIES
+    # reference's Qwen adapters (``reindex_after_pruning = False``); explain's reference re-indexes
+    # its pruned LLaVA input as TransPrune's default does.
+    reindex = family not in MROPE_FAMILIES and (
+        (policy.method == "transprune" and policy.positions == "reindex") or policy.method == "explain")
     from vlmprune.vllm_plugin.fields import FIELD_TRACE, _trace_of
 
     traces = [_trace_of(f.data[FIELD_TRACE].data) if FIELD_TRACE in f.data else None for f in feats]

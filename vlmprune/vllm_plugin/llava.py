@@ -211,7 +211,7 @@ def reduce_rows(
         if not item.active:
             return None
         if policy_in_llm(item.policy, family):
-            # In-LLM stages (vlmprune.vllm_plugin.inllm): TransPrune keeps every row here, AIM merges
+            # In-LLM stages (vlmprune.vllm_plugin.inllm): TransPrune and explain keep every row here, AIM merges
             # to its schedule's LLM-input count (reduce_image's count for the progressive methods).
             if item.policy.method == "aim":
                 return reduce_image(item.policy, family, image, num_layers=num_layers, **extra)
@@ -347,7 +347,7 @@ class LlavaPruningMixin:
         if route() == "in_llm" and self.vlmprune_family in IN_LLM_FAMILIES:
             vc = self.config.vision_config
             InLLMForward(self.language_model.model, self.vlmprune_family, (vc.image_size // vc.patch_size) ** 2,
-                         self._vlmprune_in_llm_layout()).install()
+                         self._vlmprune_in_llm_layout(), explain_model=self._vlmprune_probe.explain_model).install()
 
     def _vlmprune_in_llm_layout(self) -> Any:
         """The in-LLM stages' per-image layout (:func:`vlmprune.vllm_plugin.inllm_plan.request_plan`);

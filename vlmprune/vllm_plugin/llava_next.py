@@ -149,9 +149,10 @@ class PrunedLlavaNext(LlavaPruningMixin, LlavaNextForConditionalGeneration):
     def _vlmprune_in_llm_layout(self):
         return self._vlmprune_image_layout
 
-    def _vlmprune_image_layout(self, feature: Any, runner: Any) -> tuple[int, torch.Tensor]:
-        """(prunable tokens, (run,) bool prunable rows) of one image's placeholder run, for the
-        in-LLM stages: the reference's spans hold an image's prunable rows only (newlines stay).
+    def _vlmprune_image_layout(self, feature: Any, runner: Any) -> tuple[tuple[int, ...], torch.Tensor]:
+        """(prunable tokens per view, (run,) bool prunable rows) of one image's placeholder run, for
+        the in-LLM stages: the reference's spans hold an image's prunable rows only (newlines stay);
+        the per-view counts give explain its per-view budget (``image_kept_count``), as the processor's.
 
         The prunable count and the stock run's newline rows follow from the image size through
         vLLM's own packing (:func:`packed_sources`). A run shorter than the stock one is AIM's merge
@@ -162,10 +163,14 @@ class PrunedLlavaNext(LlavaPruningMixin, LlavaNextForConditionalGeneration):
         size = feature.data["image_sizes"].data  # (2,) height, width
         vc = self.config.vision_config
         gh, gw = get_anyres_image_grid_shape(tuple(int(x) for x in size.tolist()), self.config.image_grid_pinpoints, vc.image_size)
-        stock = packed_sources(self, size, 1 + int(gh) * int(gw)) >= 0  # (n_stock,)
+        views = 1 + int(gh) * int(gw)
+        sources = packed_sources(self, size, views)  # (n_stock,), -1 = newline
+        stock = sources >= 0
+        per_view = tuple(torch.bincount(sources[stock] // ((vc.image_size // vc.patch_size) ** 2),
+                                        minlength=views).tolist())  # base view, then each crop
         length = int(feature.mm_position.length)
         if length == stock.numel():
-            return int(stock.sum()), stock
+            return per_view, stock
         rows = None if runner is None else runner.encoder_cache.get(feature.identifier)
         if rows is None or rows.shape[0] != length:
             raise RuntimeError(f"vlmprune: no encoder output of {length} rows for image {feature.identifier!r} "
@@ -174,7 +179,7 @@ class PrunedLlavaNext(LlavaPruningMixin, LlavaNextForConditionalGeneration):
         if int(newline.sum()) != int((~stock).sum()):
             raise RuntimeError(f"vlmprune: image {feature.identifier!r} has {int(newline.sum())} newline rows in its "
                                f"placeholder run, its geometry {int((~stock).sum())}")
-        return int(stock.sum()), (~newline).cpu()
+        return per_view, (~newline).cpu()
 
     def embed_multimodal(self, **kwargs: object):
         items, stock = self._vlmprune_items(kwargs)

@@ -237,6 +237,7 @@ class QwenPruningMixin:
                 0,  # per image: the layout's count
                 self._vlmprune_image_layout,
                 vision_end=int(self.config.vision_end_token_id),  # type: ignore[attr-defined]
+                explain_model=self._vlmprune_probe.explain_model,
             ).install()
 
     def _vlmprune_image_layout(self, feature: Any, _runner: Any) -> tuple[int, torch.Tensor]:
@@ -328,7 +329,7 @@ class QwenPruningMixin:
     def _vlmprune_reduce(self, item: ItemPolicy, image: ImageTokens, thw: torch.Tensor) -> TokenReduction | None:
         """One image's reduction at the LLM input (None: every row enters the LLM)."""
         if policy_in_llm(item.policy, self.vlmprune_family):
-            # In-LLM stages (vlmprune.vllm_plugin.inllm): TransPrune and FastV keep every row here,
+            # In-LLM stages (vlmprune.vllm_plugin.inllm): TransPrune, FastV and explain keep every row here,
             # AIM merges to its schedule's LLM-input count.
             if item.policy.method == "aim":
                 return reduce_image(item.policy, self.vlmprune_family, image, num_layers=self._vlmprune_layers)

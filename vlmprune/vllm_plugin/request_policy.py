@@ -28,7 +28,7 @@ How a policy travels (vLLM 0.32, see ``../shared/design/VLLM_INTEGRATION.md`` §
    routing the transformers backend uses) and returns exactly ``count`` rows per image.
 
 On the probe route (``VLMPRUNE_ROUTE=probe``, engines the plugin does not hook), the instruction-aware
-methods (``transprune``, ``explain``, AIM's prune stage; ``PROBE_METHODS``; ``explain`` on every route) need
+methods (``transprune``, ``explain``, AIM's prune stage; ``PROBE_METHODS``) need
 the request's instruction: pass it as ``{"vlmprune": {..., "instruction": "what colour ..."}}`` (the
 gateway fills it from the chat). It is tokenized in the processor (:func:`instruction_ids`), travels
 as the per-image field ``vlmprune_instruction_ids`` and feeds the shallow probe of
@@ -164,6 +164,8 @@ def check_probe(request: RequestPolicy, family: str, num_layers: int, model_dir:
     if policy is None or policy.ratio == 0.0 or policy.method not in PROBE_METHODS:
         return
     if served_in_llm(policy.method, family):  # in-LLM stages read the prompt's own instruction
+        if policy.method == "explain":  # ... and explain's CNN, whichever route scores with it
+            load_explain_model(explain_checkpoint(policy, model_dir))
         return
     method = policy.method
     if not request.instruction or not request.instruction.strip():
@@ -195,7 +197,7 @@ def check_in_llm_prompt(policy: Any, family: str, prompt_ids: list[int], placeho
 
     The stages read the instruction as the rows after the last image (the reference's rule): so no
     other modality's placeholders may follow it (a video's rows would count as instruction), and
-    TransPrune needs at least one such row. The rows from the first image to the end of the prompt
+    TransPrune and explain need at least one such row. The rows from the first image to the end of the prompt
     are prefilled in one engine step (:func:`vlmprune.vllm_plugin.inllm_plan.mark_request`),
     so they must fit the engine's ``step_budget`` (``max_num_batched_tokens``; None: unknown here),
     and so must the images' unpruned tokens (``encoded``), which that step's encoder budget (at
@@ -225,9 +227,9 @@ def check_in_llm_prompt(policy: Any, family: str, prompt_ids: list[int], placeho
                 f"method {policy.method!r} (in-LLM) reads the instruction after the last image, and this "
                 f"prompt has a {modality} after it: put the {modality} before the images, or use a pre-LLM method"
             )
-    if policy.method == "transprune" and instruction_start(prompt_ids, after_images, vision_end) >= len(prompt_ids):
+    if policy.method in ("transprune", "explain") and instruction_start(prompt_ids, after_images, vision_end) >= len(prompt_ids):
         raise PolicyError(
-            "method 'transprune' (in-LLM) needs instruction text after the last image, and the prompt has none"
+            f"method {policy.method!r} (in-LLM) needs instruction text after the last image, and the prompt has none"
         )
 
 
