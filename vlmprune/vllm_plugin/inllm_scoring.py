@@ -140,9 +140,29 @@ class AttentionInputs:
 def layer_scores(layer, q: torch.Tensor, k: torch.Tensor, row: BatchRow) -> torch.Tensor:
     """(n,) AIM's PageRank importance or FastV's attention received, from the q (n, H, D) and k (n, Hkv, D)
     of one request's current rows in ``layer`` (:class:`AttentionInputs`); as :func:`stage_scores`."""
-    policy = row.plan.policy
     if row.prefix:
         k = torch.cat([cached_keys(layer, row.table, row.prefix).to(k.dtype), k])
+    if row.plan.policy.method == "aim":
+        return _scores_from_qk(layer, q, k, row)
+    rows = fastv.query_rows(row.plan.policy.query, q.shape[0], row.instruction).to(q.device)
+    return _scores_from_qk(layer, q[rows], k, row, rows)
+
+
+def stage_scores(layer, h: torch.Tensor, pos: torch.Tensor, row: BatchRow) -> torch.Tensor:
+    """(n,) AIM's PageRank importance or FastV's attention received from its query rows, projecting
+    the layer's q/k from its input ``h`` (:func:`stage_qk`)."""
+    if row.plan.policy.method == "aim":  # PageRank of the full causal logits (H, n, prefix + n)
+        return _scores_from_qk(layer, *stage_qk(layer, h, pos, row), row)
+    rows = fastv.query_rows(row.plan.policy.query, h.shape[0], row.instruction).to(h.device)
+    return _scores_from_qk(layer, *stage_qk(layer, h, pos, row, rows), row, rows)
+
+
+def _scores_from_qk(layer, q: torch.Tensor, k: torch.Tensor, row: BatchRow,
+                    rows: torch.Tensor | None = None) -> torch.Tensor:
+    """(n,) the score of each current row: AIM's PageRank of the causal logits of every row's q
+    (``rows`` None), FastV's attention received from the query ``rows`` (q holds those rows only);
+    ``k`` (prefix + n, Hkv, D) holds the cached prefix's keys first."""
+    policy = row.plan.policy
     if policy.method == "aim":
         from vlmprune.vllm_plugin.probe import causal_logits
 
@@ -150,24 +170,6 @@ def layer_scores(layer, q: torch.Tensor, k: torch.Tensor, row: BatchRow) -> torc
         return aim.pagerank_importance(
             logits, temperature=policy.pagerank_temperature, iterations=policy.pagerank_iterations
         )
-    rows = fastv.query_rows(policy.query, q.shape[0], row.instruction).to(q.device)
-    probs = attention_rows(q[rows], k, rows + row.prefix)  # (H, t, prefix + n)
-    return mean_over_shards(fastv.attention_scores(probs[..., row.prefix :]), attention_shards(layer.self_attn))  # (n,)
-
-
-def stage_scores(layer, h: torch.Tensor, pos: torch.Tensor, row: BatchRow) -> torch.Tensor:
-    """(n,) AIM's PageRank importance or FastV's attention received from its query rows."""
-    policy = row.plan.policy
-    if policy.method == "aim":  # PageRank of the full causal logits (H, n, prefix + n)
-        q, k = stage_qk(layer, h, pos, row)
-        from vlmprune.vllm_plugin.probe import causal_logits
-
-        logits = gather_heads(causal_logits(q, k), attention_shards(layer.self_attn), dim=0)  # every head, in order
-        return aim.pagerank_importance(
-            logits, temperature=policy.pagerank_temperature, iterations=policy.pagerank_iterations
-        )
-    rows = fastv.query_rows(policy.query, h.shape[0], row.instruction).to(h.device)
-    q, k = stage_qk(layer, h, pos, row, rows)
     probs = attention_rows(q, k, rows + row.prefix)  # (H, t, prefix + n)
     return mean_over_shards(fastv.attention_scores(probs[..., row.prefix :]), attention_shards(layer.self_attn))  # (n,)
 
